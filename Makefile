@@ -1,0 +1,39 @@
+# medflow: `make run` (pipeline on the embedded data, offline) and `make test` (whole suite).
+SHELL := /bin/bash
+PY    := .venv/bin/python
+STAMP := .venv/.installed-stamp
+
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export MPLBACKEND := Agg
+
+.PHONY: setup run test test-fast browser-deps report clean help
+
+help:            ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+setup: $(STAMP)  ## create .venv with every dependency (idempotent)
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip uv
+	.venv/bin/uv pip install --python $(PY) -e '.[dev]'
+	.venv/bin/dvc config --local core.analytics false 2>/dev/null || true
+	touch $@
+
+browser-deps:    ## Debian chromium for the real-browser test (apt; needs root)
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+run: setup       ## ingest -> validate -> split -> preprocess -> train -> evaluate -> report (dvc repro)
+	.venv/bin/dvc repro
+	@echo "Report: $(CURDIR)/reports/index.html"
+
+test: setup browser-deps  ## the whole test suite
+	$(PY) -m pytest -n 2 --dist loadgroup tests
+
+test-fast: setup ## tests not marked slow
+	$(PY) -m pytest -n 2 -m "not slow and not browser" tests
+
+clean:           ## remove generated data (keeps .venv and the DVC cache)
+	rm -rf data/interim data/processed data/embeddings reports/eval reports/metrics reports/index.html

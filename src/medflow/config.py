@@ -1,0 +1,212 @@
+"""params.yaml -> typed, validated configuration (the only place params are parsed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing or invalid; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data / ingest
+class CsvSource(_Section):
+    image_column: str = "image"
+    label_column: str = "level"
+    group_column: str | None = None  # when None, group comes from data.group_pattern on the file stem
+    image_dir: str | None = None  # relative to the CSV's folder; None = the CSV's folder
+    extension: str = ""  # appended when the CSV names files without one, e.g. ".jpeg"
+
+
+class DicomSource(_Section):
+    window: Literal["lung", "mediastinum", "bone", "soft_tissue", "brain", "custom", "auto"] = "lung"
+    level: float | None = None  # only for window: custom
+    width: float | None = None  # only for window: custom
+    padding_hu: float = -1000.0  # value that pixel padding (e.g. -2000 outside the scan circle) becomes (air)
+
+    @model_validator(mode="after")
+    def _custom_needs_level(self) -> "DicomSource":
+        if self.window == "custom" and (self.level is None or self.width is None or self.width <= 0):
+            raise ValueError("dicom.window 'custom' needs dicom.level and a positive dicom.width")
+        return self
+
+
+class DataConfig(_Section):
+    source: str = "data/raw/malaria-cells-400"
+    format: Literal["auto", "folder", "csv", "npz", "dicom"] = "auto"
+    # Regex applied to the file stem; the named group 'group' (or group 1) is the patient/slide id.
+    # No match -> the image is its own group (and a warning counts how many).
+    group_pattern: str | None = r"^(?P<group>.+?)_?(?i:thin_?original|thinf)"
+    labels: list[str] | None = None  # fixed label order; required for ordered grades
+    ordered: bool = False  # labels are ordinal grades (quadratic weighted kappa is reported)
+    label_names: dict[str, str] | None = None  # npz: {"0": "basophil", ...}
+    csv: CsvSource = CsvSource()
+    dicom: DicomSource = DicomSource()
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _regex_compiles(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:  # pragma: no cover - message path tested via load_params
+                raise ValueError(f"data.group_pattern is not a valid regex: {e}") from e
+        return v
+
+    @model_validator(mode="after")
+    def _ordered_needs_labels(self) -> "DataConfig":
+        if self.ordered and not self.labels:
+            raise ValueError("data.ordered: true needs data.labels (the grades in order)")
+        return self
+
+
+class IngestConfig(_Section):
+    image_size: int = Field(64, ge=8, le=1024)  # processed square size (pixels)
+    channels: Literal[1, 3] = 3  # processed channel count (grey is replicated for 3)
+    workers: int = Field(2, ge=1, le=64)
+    min_side: int = Field(8, ge=1)
+    max_side: int = Field(20000, ge=1)
+    max_pixels: int = Field(80_000_000, ge=1)  # decompression-bomb guard (width*height)
+
+
+class ValidateConfig(_Section):
+    min_rows_per_class: int = Field(20, ge=1)
+    max_class_ratio: float = Field(10.0, ge=1.0)  # largest class / smallest class
+    max_quarantine_share: float = Field(0.05, ge=0.0, le=1.0)
+    min_side: int = Field(8, ge=1)
+    max_side: int = Field(20000, ge=1)
+    allowed_channels: list[int] = [1, 3, 4]
+    expected_labels: list[str] | None = None  # None = data.labels or whatever ingest found
+
+
+class SplitConfig(_Section):
+    train: float = Field(0.6, gt=0, lt=1)
+    val: float = Field(0.1, gt=0, lt=1)
+    test: float = Field(0.3, gt=0, lt=1)
+    seed: int = 42
+    respect_source_split: bool = True  # keep official splits (MedMNIST, train/val/test folders)
+    folds: int = Field(0, ge=0)  # >1: also write grouped stratified K-fold assignments
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split.train + split.val + split.test must be 1.0, got {total:.4f}")
+        return self
+
+
+class PreprocessConfig(_Section):
+    shard_size: int = Field(1024, ge=16)  # images per shard file
+
+
+# --------------------------------------------------------------------------- models / training
+class Augment(_Section):
+    flip: bool = True
+    rotation: float = Field(0.0, ge=0, le=1)  # fraction of a full turn
+    zoom: float = Field(0.0, ge=0, lt=1)
+    shift: float = Field(0.0, ge=0, lt=1)
+    brightness: float = Field(0.0, ge=0, lt=1)
+    contrast: float = Field(0.0, ge=0, lt=1)
+
+
+class ModelConfig(_Section):
+    architecture: Literal[
+        "basic_cnn", "vgg16", "vgg19", "resnet50", "inception_v3", "mobilenet_v2", "efficientnet_b0", "keras_file"
+    ]
+    weights: str | None = None  # None | "imagenet" | path to a .keras / .weights.h5 file
+    weights_sha256: str | None = None  # checked when weights is a file
+    trainable: Literal["none", "all"] | list[str] = "all"  # "none" = frozen feature extractor; list = layer-name prefixes
+    input_size: int | None = None  # None = ingest.image_size; backbone resizes in-graph
+    head_units: int = Field(256, ge=0)  # 0 = linear head on pooled features
+    dropout: float = Field(0.5, ge=0, lt=1)
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    augment: Augment = Augment()
+    class_weight: Literal["balanced", "none"] = "balanced"
+    use_embedding_cache: bool = True  # frozen backbones: train the head on cached embeddings
+
+
+class TrainConfig(_Section):
+    seed: int = 42
+    patience: int = Field(5, ge=1)  # EarlyStopping on val_loss
+    lr_patience: int = Field(2, ge=1)  # ReduceLROnPlateau
+    mixed_precision: Literal["auto", "on", "off"] = "auto"  # auto = on when a GPU is visible
+
+
+class EvaluateConfig(_Section):
+    champion_metric: str = "macro_f1"
+    bootstrap: int = Field(1000, ge=0)
+    calibration_bins: int = Field(10, ge=2)
+    gradcam_per_class: int = Field(3, ge=0)
+    misclassified_max: int = Field(24, ge=0)
+
+
+class Params(_Section):
+    data: DataConfig = DataConfig()
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    split: SplitConfig = SplitConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    train: TrainConfig = TrainConfig()
+    models: dict[str, ModelConfig] = {}
+    active_models: list[str] = []  # what `dvc repro` / `make run` trains; the rest on demand
+    evaluate: EvaluateConfig = EvaluateConfig()
+    monitor: dict[str, Any] = {}
+    retrain: dict[str, Any] = {}
+    serve: dict[str, Any] = {}
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _active_models_exist(self) -> "Params":
+        missing = [m for m in self.active_models if m not in self.models]
+        if missing:
+            raise ValueError(f"active_models names models not defined under 'models': {missing}")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        if name not in self.models:
+            raise ConfigError(f"unknown model {name!r}; defined in params.yaml: {sorted(self.models)}")
+        return self.models[name]
+
+
+def _format_errors(err: ValidationError, path: Path) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  - {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], path: Path = DEFAULT_PARAMS) -> Params:
+    """Validate an already-loaded params mapping."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, path)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate params.yaml; raise ConfigError with every bad key listed."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return parse_params(raw, path)

@@ -1,0 +1,1 @@
+"""Data stages: sources -> ingest (manifest + quarantine + pixels) -> validate -> split -> shards."""

@@ -1,0 +1,30 @@
+"""The manifest: one row per accepted image; the interface between every stage.
+
+Columns (README documents them too):
+  id           stable unique id (source-relative path, or ``file.npz:split:index``)
+  path         path relative to the source root (npz: ``<file>.npz:<split>:<index>``)
+  label        class name (string)
+  group        patient / slide / eye-pair id; rows sharing it never cross splits
+  source_split train|val|test when the source fixes it, else empty
+  sha256       hash of the decoded pixels (exact duplicates share it)
+  format       png|jpeg|bmp|tiff|npz|dicom|...
+  width height channels bytes   as found in the source (before conversion)
+  bit_depth    8 or 16 as found
+  mean std     grey-level statistics of the converted 8-bit image (0-255)
+  sharpness    variance of the Laplacian of the grey image
+  mean_r mean_g mean_b   per-channel means of the converted RGB image
+  modality pixel_spacing slice_thickness window   DICOM only (empty otherwise)
+  row          row index into pixels.npy
+Quarantine columns: path, reason, detail.
+"""
+
+from __future__ import annotations
+
+MANIFEST_COLUMNS = [
+    "id", "path", "label", "group", "source_split", "sha256", "format",
+    "width", "height", "channels", "bytes", "bit_depth",
+    "mean", "std", "sharpness", "mean_r", "mean_g", "mean_b",
+    "modality", "pixel_spacing", "slice_thickness", "window", "row",
+]
+QUARANTINE_COLUMNS = ["path", "reason", "detail"]
+SPLITS = ("train", "val", "test")

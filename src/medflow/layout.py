@@ -1,0 +1,82 @@
+"""Where every stage reads and writes, relative to the project root (mirrors dvc.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+
+    # ingest
+    @property
+    def interim(self) -> Path:
+        return self.root / "data" / "interim"
+
+    @property
+    def manifest(self) -> Path:
+        return self.interim / "manifest.csv"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.interim / "quarantine.csv"
+
+    @property
+    def pixels(self) -> Path:
+        """Decoded, colour-converted, resized images (uint8 .npy, row-aligned with the manifest)."""
+        return self.interim / "pixels.npy"
+
+    @property
+    def ingest_summary(self) -> Path:
+        return self.interim / "ingest_summary.json"
+
+    # validate
+    @property
+    def validation_dir(self) -> Path:
+        return self.root / "reports" / "validation"
+
+    # split
+    @property
+    def splits(self) -> Path:
+        return self.root / "data" / "interim" / "splits.csv"
+
+    @property
+    def split_counts(self) -> Path:
+        return self.root / "reports" / "split_counts.csv"
+
+    # preprocess
+    @property
+    def processed(self) -> Path:
+        return self.root / "data" / "processed"
+
+    # embeddings / models / evaluation
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "data" / "embeddings"
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    def metrics(self, name: str) -> Path:
+        return self.root / "reports" / "metrics" / f"{name}.json"
+
+    def eval_dir(self, name: str) -> Path:
+        return self.root / "reports" / "eval" / name
+
+    @property
+    def comparison(self) -> Path:
+        return self.root / "reports" / "comparison.csv"
+
+    @property
+    def champion(self) -> Path:
+        return self.root / "models" / "champion.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "reports" / "index.html"
+
+    @property
+    def monitoring(self) -> Path:
+        return self.root / "reports" / "monitoring"
