@@ -8,6 +8,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MPLBACKEND := Agg
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
 .PHONY: setup run test test-fast browser-deps report clean help
 

@@ -1,0 +1,3 @@
+from medflow.cli import app
+
+app(prog_name="medflow")

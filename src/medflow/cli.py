@@ -1,0 +1,151 @@
+"""`medflow` command line: one subcommand per stage, plus predict / serve / monitor."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from medflow import stages  # noqa: E402
+from medflow.config import ConfigError, Params, load_params  # noqa: E402
+from medflow.layout import Layout  # noqa: E402
+
+app = typer.Typer(
+    help="medflow: folders of medical images -> validated, split, trained, evaluated, monitored classifiers.\n\n"
+    "Stages run in this order: ingest -> validate -> split -> preprocess -> embed -> train -> evaluate "
+    "-> compare -> report. `dvc repro` runs them all with caching; each is also a subcommand here.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
+ModelArg = Annotated[str, typer.Argument(help="Model name from params.yaml `models` (see `medflow models`).")]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input/config: shown as one clear message, exit code 1."""
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for mod, name in [("medflow.data.validate", "ValidationFailed"), ("medflow.models.weights", "WeightsUnavailable"),
+                      ("medflow.data.images", "BadImage"), ("medflow.data.sources", "SourceError")]:
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _run(fn: Callable[[], dict | None]) -> None:
+    try:
+        summary = fn()
+    except _user_errors() as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    if summary:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def _params(path: Path) -> Params:
+    try:
+        return load_params(path)
+    except ConfigError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def ingest(
+    source: Annotated[Optional[str], typer.Argument(help="Folder, CSV, MedMNIST .npz or DICOM folder (default: data.source).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for manifest.csv, quarantine.csv, pixels.npy.")] = Layout().interim,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Read every image of SOURCE: manifest (one row per image), quarantine (rejected files + reason), pixels."""
+    p = _params(params)
+    from medflow.data.ingest import ingest as run
+
+    _run(lambda: run(Path(source or p.data.source), out, p.data, p.ingest))
+
+
+@app.command()
+def validate(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Great Expectations checks on the manifest; exits non-zero naming each failed expectation."""
+    p = _params(params)
+    _run(lambda: stages.validate(p))
+
+
+@app.command()
+def split(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Assign train/val/test: stratified by label, grouped by patient/slide and duplicate image."""
+    p = _params(params)
+    _run(lambda: stages.split(p))
+
+
+@app.command()
+def preprocess(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Write each split's resized images into streamable TFRecord shards (data/processed)."""
+    p = _params(params)
+    _run(lambda: stages.preprocess(p))
+
+
+@app.command()
+def embed(
+    model: Annotated[Optional[list[str]], typer.Argument(help="Models (default: active_models).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Cache frozen-backbone embeddings so their heads train in seconds (others are skipped)."""
+    p = _params(params)
+    _run(lambda: stages.embed(p, models=model or None))
+
+
+@app.command()
+def train(model: ModelArg, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Train one model from the registry (resumes after an interruption)."""
+    p = _params(params)
+    _run(lambda: stages.train(p, model))
+
+
+@app.command()
+def evaluate(model: ModelArg, params: ParamsOpt = Path("params.yaml")) -> None:
+    """Evaluate one trained model on the held-out test split."""
+    p = _params(params)
+    _run(lambda: stages.evaluate(p, model))
+
+
+@app.command()
+def compare(
+    model: Annotated[Optional[list[str]], typer.Argument(help="Models (default: active_models).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Comparison table of evaluated models; records the champion (models/champion.json)."""
+    p = _params(params)
+    _run(lambda: stages.compare(p, models=model or None))
+
+
+@app.command()
+def report(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Build the self-contained HTML report (reports/index.html)."""
+    p = _params(params)
+    _run(lambda: stages.report(p))
+
+
+@app.command()
+def models(params: ParamsOpt = Path("params.yaml")) -> None:
+    """List the model registry (* = trained by `dvc repro`)."""
+    p = _params(params)
+    for name, m in p.models.items():
+        mark = "*" if name in p.active_models else " "
+        typer.echo(f"{mark} {name:24s} {m.architecture:14s} weights={m.weights or 'none'} trainable={m.trainable}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

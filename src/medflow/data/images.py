@@ -1,0 +1,213 @@
+"""Safe image decoding to 8-bit RGB, the one model-input resize, and cheap image statistics.
+
+Every way an input can be unusable raises :class:`BadImage` with a reason code, so callers can
+quarantine it instead of losing it. Dimensions are checked from the header *before* the pixels are
+decoded (decompression-bomb guard). 16-bit images are scaled to 8 bits over the full range
+(``v * 255 / 65535``), grey is replicated to RGB and alpha is composited on black.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from medflow.config import DataConfig, IngestConfig
+
+REASONS = (
+    "empty_file", "not_an_image", "corrupt", "truncated", "unsupported_bit_depth",
+    "unsupported_channels", "too_small", "too_large", "decompression_bomb", "no_pixel_data",
+    "missing_file", "conflicting_labels", "unreadable", "no_label",
+)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"),
+    (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"),
+)
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # IHDR colour type -> samples per pixel
+# Our own max_pixels guard runs first; PIL's warning would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class BadImage(Exception):
+    """An input that cannot be used; ``reason`` is one of :data:`REASONS`."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown quarantine reason {reason!r}")
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded image: ``rgb`` is uint8 H×W×3; the other fields describe the input as found."""
+
+    rgb: np.ndarray
+    format: str
+    width: int
+    height: int
+    channels: int
+    bit_depth: int
+    meta: dict[str, Any] = field(default_factory=dict)  # DICOM: modality, pixel_spacing, ...
+
+
+def check_dimensions(width: int, height: int, *, max_pixels: int, min_side: int, max_side: int) -> None:
+    """Raise BadImage when a header's dimensions are absurd, before any pixel is decoded."""
+    if width * height > max_pixels:
+        raise BadImage("decompression_bomb", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}")
+    if max(width, height) > max_side:
+        raise BadImage("too_large", f"{width}x{height}: a side exceeds max_side {max_side}")
+    if min(width, height) < min_side:
+        raise BadImage("too_small", f"{width}x{height}: a side is below min_side {min_side}")
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'png' | 'jpeg' | 'bmp' | 'tiff' | 'dicom' from the leading bytes, else None."""
+    if data[128:132] == b"DICM":
+        return "dicom"
+    return next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
+
+
+def _header(data: bytes, fmt: str) -> tuple[int, int, int, str]:
+    """(width, height, channels, PIL-style mode) from the header only."""
+    if fmt == "png" and len(data) >= 26 and data[12:16] == b"IHDR":
+        width, height, depth, ctype = struct.unpack(">IIBB", data[16:26])
+        return width, height, _PNG_CHANNELS.get(ctype, 0), f"png{depth}"
+    try:
+        with Image.open(io.BytesIO(data), formats=("PNG", "JPEG", "BMP", "TIFF")) as im:
+            return im.size[0], im.size[1], len(im.getbands()), im.mode
+    except Image.DecompressionBombError as e:
+        raise BadImage("decompression_bomb", str(e)) from None
+    except (UnidentifiedImageError, OSError, ValueError, struct.error, SyntaxError) as e:
+        raise BadImage("corrupt", f"unreadable {fmt} header: {e}") from None
+
+
+def _check_complete(data: bytes, fmt: str) -> None:
+    tail = data[-64:]
+    if (fmt == "png" and b"IEND" not in tail) or (fmt == "jpeg" and b"\xff\xd9" not in tail):
+        raise BadImage("truncated", f"{fmt} ends before its end marker ({len(data)} bytes)")
+    if fmt == "bmp" and len(data) >= 6 and len(data) < struct.unpack("<I", data[2:6])[0]:
+        raise BadImage("truncated", f"bmp has {len(data)} of {struct.unpack('<I', data[2:6])[0]} bytes")
+
+
+def to_rgb8(img: np.ndarray, *, bgr: bool = False) -> np.ndarray:
+    """uint8/uint16 grey, grey+alpha, RGB or RGBA array -> uint8 H×W×3 RGB."""
+    if img.dtype == np.uint16:
+        img = cv2.convertScaleAbs(img, alpha=255.0 / 65535.0)
+    elif img.dtype != np.uint8:
+        raise BadImage("unsupported_bit_depth", f"pixel type {img.dtype}")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.ndim != 3 or img.shape[2] not in (3, 4):
+        raise BadImage("unsupported_channels", f"array of shape {img.shape}")
+    if img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else np.ascontiguousarray(img)
+    rgb = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
+    alpha = img[:, :, 3]
+    if alpha.min() == 255:
+        return rgb
+    return cv2.multiply(rgb, cv2.merge([alpha, alpha, alpha]), scale=1.0 / 255.0)  # over black
+
+
+def decode_image(data: bytes, *, max_pixels: int, min_side: int, max_side: int) -> Decoded:
+    """Decode PNG/JPEG/BMP/TIFF bytes to RGB, checking header dimensions first."""
+    if not data:
+        raise BadImage("empty_file", "0 bytes")
+    fmt = sniff_format(data)
+    if fmt is None or fmt == "dicom":
+        raise BadImage("not_an_image", f"no PNG/JPEG/BMP/TIFF signature (starts {data[:8]!r})")
+    width, height, channels, mode = _header(data, fmt)
+    check_dimensions(width, height, max_pixels=max_pixels, min_side=min_side, max_side=max_side)
+    if mode in ("F", "I") or mode.startswith(("F;", "I;32")):
+        raise BadImage("unsupported_bit_depth", f"{fmt} mode {mode} (32-bit samples)")
+    if fmt == "tiff" and mode == "CMYK" or channels not in (1, 2, 3, 4):
+        raise BadImage("unsupported_channels", f"{fmt} with {channels} channels (mode {mode})")
+    _check_complete(data, fmt)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as e:
+        raise BadImage("corrupt", f"{fmt} decoder error: {e}") from None
+    if img is None:
+        raise BadImage("corrupt", f"{fmt} pixel data could not be decoded")
+    bit_depth = 16 if img.dtype == np.uint16 else 8
+    return Decoded(to_rgb8(img, bgr=True), fmt, width, height, channels, bit_depth)
+
+
+def decode_array(arr: np.ndarray, *, max_pixels: int, min_side: int, max_side: int, fmt: str = "npz") -> Decoded:
+    """An in-memory H×W, H×W×1, H×W×3 or H×W×4 (RGB order) uint8/uint16 array -> Decoded."""
+    if arr.ndim not in (2, 3):
+        raise BadImage("unsupported_channels", f"array of shape {arr.shape}")
+    height, width = arr.shape[:2]
+    check_dimensions(width, height, max_pixels=max_pixels, min_side=min_side, max_side=max_side)
+    channels = 1 if arr.ndim == 2 else arr.shape[2]
+    return Decoded(to_rgb8(arr), fmt, width, height, channels, 16 if arr.dtype == np.uint16 else 8)
+
+
+def is_dicom(data: bytes, name: str = "") -> bool:
+    """DICOM by the ``DICM`` magic at byte 128, or by a .dcm/.dicom file name."""
+    return data[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_SUFFIXES
+
+
+def decode_any(data: bytes, name: str, data_cfg: DataConfig, ingest_cfg: IngestConfig) -> Decoded:
+    """Sniff the content (DICOM or image bytes) and decode it with the configured limits."""
+    limits = dict(max_pixels=ingest_cfg.max_pixels, min_side=ingest_cfg.min_side, max_side=ingest_cfg.max_side)
+    if data and is_dicom(data, name):
+        from medflow.data.dicom import decode_dicom
+
+        return decode_dicom(data, data_cfg.dicom, **limits)
+    return decode_image(data, **limits)
+
+
+def load_image_file(path: str | Path, data_cfg: DataConfig, ingest_cfg: IngestConfig) -> Decoded:
+    """Read and decode one file (image or DICOM); raise BadImage when it cannot be used."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadImage("missing_file", str(path)) from None
+    except OSError as e:
+        raise BadImage("unreadable", f"{path}: {e}") from None
+    return decode_any(data, path.name, data_cfg, ingest_cfg)
+
+
+def to_model_input(rgb: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """The one deterministic resize (INTER_AREA) to uint8 (size, size, channels)."""
+    if rgb.shape[:2] != (size, size):
+        rgb = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+    if rgb.ndim == 2:
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_GRAY2RGB)
+    if channels == 1:
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)[:, :, None]
+    return np.ascontiguousarray(rgb)
+
+
+def image_stats(rgb: np.ndarray) -> dict[str, float]:
+    """Grey mean/std, sharpness (variance of the Laplacian) and per-channel means (0-255)."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    mean, std = cv2.meanStdDev(grey)
+    _, lap_std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
+    r, g, b, _ = cv2.mean(rgb)
+    values = dict(mean=mean[0, 0], std=std[0, 0], sharpness=lap_std[0, 0] ** 2, mean_r=r, mean_g=g, mean_b=b)
+    return {k: round(float(v), 4) for k, v in values.items()}
+
+
+def pixel_sha256(rgb: np.ndarray) -> str:
+    """sha256 of the decoded 8-bit pixels and their shape (re-encoded copies hash alike)."""
+    h = hashlib.sha256("x".join(map(str, rgb.shape)).encode() + b"|")
+    h.update(np.ascontiguousarray(rgb).data)
+    return h.hexdigest()

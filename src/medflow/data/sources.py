@@ -1,0 +1,194 @@
+"""Turn a source (class-folder tree, CSV of file -> label, MedMNIST .npz, DICOM folder) into records.
+
+A :class:`Record` is one candidate image: where its bytes are, its label, group and official split.
+Problems known before decoding (CSV row naming a missing file, a file listed under two labels, an
+image outside any class folder) travel as ``problem`` so the image is quarantined, never dropped.
+Records come back sorted by a natural sort of ``path`` (``img2`` before ``img10``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+
+from medflow.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES
+
+if TYPE_CHECKING:
+    from medflow.config import CsvSource, DataConfig
+
+Format = Literal["folder", "csv", "npz", "dicom"]
+SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val",
+              "validation": "val", "test": "test", "testing": "test"}
+# Fallback group rule: Kaggle diabetic-retinopathy names ``<patient>_left`` / ``<patient>_right``.
+EYE_PAIR = re.compile(r"^(?P<group>.+?)_(?:left|right)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One candidate image; exactly one of ``file`` / ``array`` is set unless ``problem`` is."""
+
+    path: str
+    label: str
+    group: str | None = None
+    source_split: str = ""
+    file: Path | None = None
+    array: np.ndarray | None = None
+    problem: tuple[str, str] | None = None  # (reason, detail) known before decoding
+
+
+def natural_key(text: str) -> list[str | int]:
+    """Sort key that orders digit runs numerically: ``a2`` < ``a10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def resolve_group(stem: str, pattern: str | None) -> str | None:
+    """Group id from a file stem: ``pattern`` (named group 'group', else group 1, else the match),
+    then the ``<patient>_(left|right)`` eye-pair rule; None when neither matches."""
+    if pattern:
+        m = re.search(pattern, stem)
+        if m:
+            value = m.groupdict().get("group") or (m.group(1) if m.re.groups else m.group(0))
+            if value:
+                return value
+    m = EYE_PAIR.match(stem)
+    return m.group("group") if m else None
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every non-hidden file below ``folder`` (hidden folders skipped)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return out
+
+
+def _is_candidate(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES
+
+
+def detect_format(path: str | Path) -> Format:
+    """'csv' | 'npz' for those files; a folder is 'dicom' when it holds DICOM but no images, else 'folder'."""
+    path = Path(path)
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in (".csv", ".tsv"):
+            return "csv"
+        if suffix == ".npz":
+            return "npz"
+        raise ValueError(f"{path}: cannot tell the source format from a {suffix or 'suffix-less'} file")
+    if not path.is_dir():
+        raise FileNotFoundError(f"data source {path} does not exist")
+    suffixes = {p.suffix.lower() for p in _files(path)}
+    return "dicom" if suffixes & DICOM_SUFFIXES and not suffixes & IMAGE_SUFFIXES else "folder"
+
+
+def folder_records(root: str | Path, group_pattern: str | None) -> list[Record]:
+    """Class folders (``root/<class>/...``) or split folders (``root/{train,val,test}/<class>/...``).
+
+    Every non-hidden file inside a class folder is a candidate (content decides whether it is an
+    image); image/DICOM files outside any class folder are quarantined as ``no_label``; other
+    files there (README, CSV) are metadata and ignored.
+    """
+    root = Path(root)
+    tops = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    is_split_tree = bool(tops) and all(d.name.lower() in SPLIT_DIRS for d in tops)
+    records: list[Record] = []
+    class_dirs: list[tuple[Path, str]] = []
+    loose = [f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")]
+    for top in tops:
+        if not is_split_tree:
+            class_dirs.append((top, ""))
+            continue
+        split = SPLIT_DIRS[top.name.lower()]
+        class_dirs += [(d, split) for d in sorted(top.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        loose += [f for f in top.iterdir() if f.is_file() and not f.name.startswith(".")]
+    for class_dir, split in class_dirs:
+        for f in _files(class_dir):
+            rel = f.relative_to(root).as_posix()
+            records.append(Record(rel, class_dir.name, resolve_group(f.stem, group_pattern), split, file=f))
+    records += [
+        Record(f.relative_to(root).as_posix(), "", problem=("no_label", "image is not inside a class folder"))
+        for f in loose if _is_candidate(f)
+    ]
+    return sorted(records, key=lambda r: natural_key(r.path))
+
+
+def csv_records(csv_path: str | Path, cfg: CsvSource, group_pattern: str | None) -> list[Record]:
+    """Rows of ``image,label[,group]``; files relative to ``cfg.image_dir`` (default: the CSV's folder).
+
+    Rows naming a missing file -> ``missing_file``; empty label -> ``no_label``; one file listed
+    under two different labels -> ``conflicting_labels``; identical repeated rows collapse to one.
+    """
+    csv_path = Path(csv_path)
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, sep="\t" if csv_path.suffix == ".tsv" else ",")
+    wanted = [cfg.image_column, cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
+    missing = [c for c in wanted if c not in df.columns]
+    if missing:
+        raise ValueError(f"{csv_path}: missing column(s) {missing}; columns are {list(df.columns)} "
+                         "(set data.csv.image_column / label_column / group_column)")
+    base = csv_path.parent
+    image_dir = base / cfg.image_dir if cfg.image_dir else base
+    rows: dict[str, list[tuple[int, str, str | None]]] = defaultdict(list)
+    for line, (name, label, group) in enumerate(zip(
+        df[cfg.image_column].str.strip(), df[cfg.label_column].str.strip(),
+        df[cfg.group_column].str.strip() if cfg.group_column else [None] * len(df),
+    ), start=2):
+        if cfg.extension and not name.lower().endswith(cfg.extension.lower()):
+            name += cfg.extension
+        rows[Path(os.path.relpath(image_dir / name, base)).as_posix()].append((line, label, group or None))
+    records = []
+    for rel, entries in rows.items():
+        labels = sorted({label for _, label, _ in entries})
+        line, label, group = entries[0]
+        file = base / rel
+        if group is None and not cfg.group_column:
+            group = resolve_group(Path(rel).stem, group_pattern)
+        problem = None
+        if len(labels) > 1:
+            problem = ("conflicting_labels", f"CSV lines {[e[0] for e in entries]} give labels {labels}")
+        elif not label:
+            problem = ("no_label", f"CSV line {line} has an empty {cfg.label_column!r}")
+        elif not file.is_file():
+            problem = ("missing_file", f"CSV line {line} names {rel}, which does not exist")
+        records.append(Record(rel, label, group, file=None if problem else file, problem=problem))
+    return sorted(records, key=lambda r: natural_key(r.path))
+
+
+def npz_records(npz_path: str | Path, label_names: dict[str, str] | None) -> list[Record]:
+    """MedMNIST ``{train,val,test}_{images,labels}``; the official split is kept."""
+    npz_path = Path(npz_path)
+    records = []
+    with np.load(npz_path) as z:
+        splits = [s for s in ("train", "val", "test") if f"{s}_images" in z.files]
+        if not splits:
+            raise ValueError(f"{npz_path}: no {{train,val,test}}_images arrays (keys: {z.files})")
+        for split in splits:
+            images, labels = z[f"{split}_images"], np.asarray(z[f"{split}_labels"])
+            if labels.ndim == 2 and labels.shape[1] == 1:
+                labels = labels[:, 0]
+            if labels.ndim != 1 or len(labels) != len(images):
+                raise ValueError(f"{npz_path}: {split}_labels has shape {labels.shape}; "
+                                 f"expected one label per image ({len(images)}); multi-label sets are unsupported")
+            for i, (image, value) in enumerate(zip(images, labels.tolist())):
+                label = (label_names or {}).get(str(value), str(value))
+                records.append(Record(f"{npz_path.name}:{split}:{i}", label, None, split, array=image))
+    return sorted(records, key=lambda r: natural_key(r.path))
+
+
+def list_records(source: str | Path, fmt: Format, data: DataConfig) -> list[Record]:
+    """Records of ``source`` read as ``fmt`` (see :func:`detect_format`)."""
+    if fmt in ("folder", "dicom"):
+        return folder_records(source, data.group_pattern)
+    if fmt == "csv":
+        return csv_records(source, data.csv, data.group_pattern)
+    if fmt == "npz":
+        return npz_records(source, data.label_names)
+    raise ValueError(f"unknown data format {fmt!r}")

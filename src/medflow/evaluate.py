@@ -1,0 +1,365 @@
+"""Test-split evaluation, model comparison and the champion record.
+
+Every metric comes from scikit-learn except the expected calibration error (ECE), which
+scikit-learn does not provide: it is the usual top-label ECE over equal-width confidence bins
+(the binning of ``sklearn.calibration.calibration_curve``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+# Scalar metrics written to the metrics JSON; the champion metric must be one of them.
+SCALAR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "qwk", "ece")
+LOWER_IS_BETTER = frozenset({"ece"})
+
+
+# --------------------------------------------------------------------------- hashing helpers
+def file_hash(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dir_hash(path: str | Path) -> str:
+    """SHA-256 over every file below ``path`` (relative names and contents, sorted)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + file_hash(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def params_hash(params: Any) -> str:
+    """SHA-256 of the validated params (pydantic ``model_dump`` as sorted JSON)."""
+    dumped = params.model_dump(mode="json", by_alias=True) if hasattr(params, "model_dump") else params
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    _write_atomic(path, df.to_csv(index=False))
+
+
+# --------------------------------------------------------------------------- metrics
+def calibration_table(y_true: np.ndarray, proba: np.ndarray, bins: int) -> pd.DataFrame:
+    """Reliability table of the top-label confidence: one row per equal-width bin.
+
+    Columns: bin, lower, upper, count, confidence (mean top probability), accuracy (share correct);
+    confidence/accuracy are NaN for empty bins.
+    """
+    y_true = np.asarray(y_true)
+    conf = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ids = np.searchsorted(edges[1:-1], conf)
+    count = np.bincount(ids, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(ids, weights=conf, minlength=bins) / count
+        mean_acc = np.bincount(ids, weights=correct, minlength=bins) / count
+    return pd.DataFrame(
+        {"bin": np.arange(bins), "lower": edges[:-1], "upper": edges[1:], "count": count,
+         "confidence": mean_conf, "accuracy": mean_acc}
+    )
+
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int) -> float:
+    """Top-label ECE: sum over bins of (share of samples) x |accuracy - confidence|."""
+    t = calibration_table(y_true, proba, bins)
+    used = t["count"] > 0
+    gap = (t.loc[used, "accuracy"] - t.loc[used, "confidence"]).abs()
+    return float((t.loc[used, "count"] / t["count"].sum() * gap).sum())
+
+
+def _roc_auc(y_true: np.ndarray, proba: np.ndarray) -> float | None:
+    """Binary: plain ROC-AUC of the positive class; multi-class: macro one-vs-rest.
+
+    Classes absent from ``y_true`` are left out of the macro average; None when undefined.
+    """
+    k = proba.shape[1]
+    if k == 2:
+        return float(roc_auc_score(y_true, proba[:, 1])) if len(np.unique(y_true)) == 2 else None
+    present = [c for c in range(k) if 0 < np.sum(y_true == c) < len(y_true)]
+    if len(present) < 2:
+        return None
+    if len(present) == k:
+        return float(roc_auc_score(y_true, proba, multi_class="ovr", average="macro", labels=list(range(k))))
+    return float(np.mean([roc_auc_score(y_true == c, proba[:, c]) for c in present]))
+
+
+def _scalars(y_true: np.ndarray, proba: np.ndarray, *, ordered: bool, bins: int) -> dict[str, float | None]:
+    k = proba.shape[1]
+    labels = list(range(k))
+    y_pred = proba.argmax(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (UndefinedMetricWarning, UserWarning, RuntimeWarning))
+        out: dict[str, float | None] = {
+            "accuracy": float(accuracy_score(y_true, y_pred)),
+            "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+            "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+            "roc_auc": _roc_auc(y_true, proba),
+        }
+        if ordered:
+            qwk = cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic")
+            out["qwk"] = None if np.isnan(qwk) else float(qwk)
+    out["ece"] = expected_calibration_error(y_true, proba, bins)
+    return out
+
+
+def _bootstrap_ci(
+    y_true: np.ndarray, proba: np.ndarray, *, ordered: bool, bins: int, n: int, seed: int
+) -> dict[str, list[float] | None]:
+    """Percentile 95% intervals from ``n`` resamples (with replacement) of the test set."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    for _ in range(n):
+        idx = rng.integers(0, len(y_true), len(y_true))
+        for name, value in _scalars(y_true[idx], proba[idx], ordered=ordered, bins=bins).items():
+            if value is not None:
+                draws.setdefault(name, []).append(value)
+    return {name: [float(v) for v in np.percentile(vals, [2.5, 97.5])] for name, vals in draws.items()}
+
+
+def compute_metrics(
+    y_true: Iterable[int],
+    proba: np.ndarray,
+    classes: list[str],
+    *,
+    ordered: bool = False,
+    bootstrap: int = 1000,
+    bins: int = 10,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """All test metrics for integer labels ``y_true`` and class probabilities ``proba`` (N x K).
+
+    Returns accuracy, balanced_accuracy, macro_f1, roc_auc, qwk (only when ``ordered``), ece,
+    n, per_class {class: {precision, recall, f1, support}}, confusion (rows = actual),
+    ci95 {metric: [lo, hi]} (empty when ``bootstrap`` is 0). JSON-able.
+    """
+    y = np.asarray(list(y_true), dtype=int)
+    p = np.asarray(proba, dtype=float)
+    if p.ndim != 2 or p.shape != (len(y), len(classes)):
+        raise ValueError(f"proba must be N x K = {len(y)} x {len(classes)}, got {p.shape}")
+    labels = list(range(len(classes)))
+    y_pred = p.argmax(axis=1)
+    prec, rec, f1, sup = precision_recall_fscore_support(y, y_pred, labels=labels, zero_division=0)
+    out: dict[str, Any] = _scalars(y, p, ordered=ordered, bins=bins)
+    out["n"] = int(len(y))
+    out["per_class"] = {
+        c: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(sup[i])}
+        for i, c in enumerate(classes)
+    }
+    out["confusion"] = confusion_matrix(y, y_pred, labels=labels).tolist()
+    out["ci95"] = _bootstrap_ci(y, p, ordered=ordered, bins=bins, n=bootstrap, seed=seed) if bootstrap else {}
+    return out
+
+
+def roc_table(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """ROC points (class, fpr, tpr, threshold); binary: the positive class only, else one-vs-rest."""
+    y = np.asarray(y_true)
+    wanted = [1] if len(classes) == 2 else range(len(classes))
+    frames = []
+    for c in wanted:
+        if 0 < np.sum(y == c) < len(y):
+            fpr, tpr, thr = roc_curve(y == c, proba[:, c])
+            frames.append(pd.DataFrame({"class": classes[c], "fpr": fpr, "tpr": tpr,
+                                        "threshold": np.minimum(thr, 1.0)}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["class", "fpr", "tpr", "threshold"])
+
+
+# --------------------------------------------------------------------------- evaluate one model
+def _load_model(path: Path) -> Any:
+    import keras
+
+    from medflow.models import registry  # noqa: F401  (registers the project's custom layers)
+
+    return keras.models.load_model(path, safe_mode=True)
+
+
+def _pick_per_class(labels: np.ndarray, k: int, per_class: int) -> np.ndarray:
+    """Indices of the first ``per_class`` test images of each class (deterministic)."""
+    return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(k)]).astype(int)
+
+
+def evaluate(
+    model_name: str,
+    params: Any,
+    processed_dir: str | Path,
+    model_dir: str | Path,
+    metrics_json: str | Path,
+    eval_dir: str | Path,
+    *,
+    arrays: tuple[np.ndarray, np.ndarray, list[str]] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    model: Any = None,
+) -> dict[str, Any]:
+    """Predict the test split with ``model_dir/model.keras`` and write every evaluation output.
+
+    Writes ``metrics_json`` (flat scalars for ``dvc metrics show``) and, in ``eval_dir``:
+    details.json (all of :func:`compute_metrics` + classes), predictions.csv (id, label, pred,
+    p_<class>...), roc.csv, confusion.csv (actual, predicted), calibration.csv,
+    misclassified.csv (+ misclassified.png) and gradcam.png. ``arrays`` (images uint8, labels, ids),
+    ``meta`` and ``model`` replace reading the shards / model file (tests, notebooks).
+    """
+    from medflow.models.gradcam import gradcam, overlay
+    from medflow.report.figures import image_grid
+
+    processed_dir, model_dir, eval_dir = Path(processed_dir), Path(model_dir), Path(eval_dir)
+    if meta is None or arrays is None:
+        from medflow.data import shards
+
+        meta = meta if meta is not None else shards.read_meta(processed_dir)
+        arrays = arrays if arrays is not None else shards.load_arrays(processed_dir, "test")
+    images, labels, ids = arrays
+    labels = np.asarray(labels, dtype=int)
+    classes = list(meta["classes"])
+    ordered = bool(meta.get("ordered", False))
+    cfg = params.evaluate
+    if model is None:
+        model = _load_model(model_dir / "model.keras")
+    batch = params.models[model_name].batch_size if model_name in params.models else 32
+
+    proba = np.asarray(model.predict(images.astype("float32"), batch_size=batch, verbose=0), dtype=float)
+    m = compute_metrics(labels, proba, classes, ordered=ordered, bootstrap=cfg.bootstrap,
+                        bins=cfg.calibration_bins, seed=params.train.seed)
+    flat = {k: m[k] for k in SCALAR_METRICS if k in m}
+    flat.update(n_test=m["n"], num_params=int(model.count_params()))
+    _write_json(Path(metrics_json), flat)
+
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(eval_dir / "details.json", {"model": model_name, "classes": classes, "ordered": ordered, **flat, **m})
+    pred = proba.argmax(axis=1)
+    names = np.asarray(classes, dtype=object)
+    preds = pd.DataFrame({"id": list(ids), "label": names[labels], "pred": names[pred]})
+    for i, c in enumerate(classes):
+        preds[f"p_{c}"] = proba[:, i]
+    _write_csv(eval_dir / "predictions.csv", preds)
+    _write_csv(eval_dir / "confusion.csv", preds[["label", "pred"]].set_axis(["actual", "predicted"], axis=1))
+    _write_csv(eval_dir / "roc.csv", roc_table(labels, proba, classes))
+    _write_csv(eval_dir / "calibration.csv", calibration_table(labels, proba, cfg.calibration_bins))
+
+    # Misclassified test images, most confident mistakes first.
+    conf = proba.max(axis=1)
+    wrong = np.flatnonzero(pred != labels)
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][: cfg.misclassified_max]
+    mis = preds.iloc[wrong][["id", "label", "pred"]].assign(confidence=conf[wrong])
+    _write_csv(eval_dir / "misclassified.csv", mis)
+    (eval_dir / "misclassified.png").unlink(missing_ok=True)
+    if len(wrong):
+        titles = [f"true {names[labels[i]]}\npred {names[pred[i]]} ({conf[i]:.0%})" for i in wrong]
+        (eval_dir / "misclassified.png").write_bytes(image_grid(list(images[wrong]), titles))
+
+    # Grad-CAM over the first few test images of every class (for the predicted class).
+    (eval_dir / "gradcam.png").unlink(missing_ok=True)
+    pick = _pick_per_class(labels, len(classes), cfg.gradcam_per_class)
+    if len(pick):
+        heat = gradcam(model, images[pick].astype("float32"))
+        tiles, titles = [], []
+        for j, i in enumerate(pick):
+            tiles += [images[i], overlay(images[i], heat[j])]
+            titles += [f"true {names[labels[i]]}", f"pred {names[pred[i]]} ({conf[i]:.0%})"]
+        (eval_dir / "gradcam.png").write_bytes(image_grid(tiles, titles, ncols=2 * max(1, cfg.gradcam_per_class)))
+
+    return {"model": model_name, **flat, "misclassified": int((pred != labels).sum())}
+
+
+# --------------------------------------------------------------------------- compare + champion
+def _rank_key(metric: str) -> Callable[[tuple[str, dict[str, Any]]], tuple]:
+    sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
+
+    def key(item: tuple[str, dict[str, Any]]) -> tuple:
+        name, m = item
+        value = m.get(metric)
+        missing = value is None or (isinstance(value, float) and np.isnan(value))
+        return (missing, 0.0 if missing else sign * float(value), m.get("num_params") or 0, name)
+
+    return key
+
+
+def compare(
+    metrics_jsons: Mapping[str, str | Path] | Iterable[str | Path],
+    comparison_csv: str | Path,
+    champion_json: str | Path,
+    *,
+    metric: str,
+    data_hash: str,
+    params_hash: str,
+    meta: Mapping[str, Any],
+    root: str | Path = ".",
+) -> dict[str, Any]:
+    """Rank models by ``metric``, write the comparison table and the champion record.
+
+    ``metrics_jsons``: {model name: metrics JSON path} or a list of paths (name = file stem).
+    Best = highest ``metric`` (lowest for ece); ties: fewer parameters, then name. ``meta`` supplies
+    classes, image_size, channels, ordered (the processed meta.json). Returns the champion record.
+    """
+    if not isinstance(metrics_jsons, Mapping):
+        metrics_jsons = {Path(p).stem: p for p in metrics_jsons}
+    if not metrics_jsons:
+        raise ValueError("compare needs at least one model's metrics")
+    metrics = {name: json.loads(Path(p).read_text()) for name, p in metrics_jsons.items()}
+    if not any(metric in m for m in metrics.values()):
+        raise ValueError(f"champion metric {metric!r} is in no metrics file; available: {list(SCALAR_METRICS)}")
+
+    ranked = sorted(metrics.items(), key=_rank_key(metric))
+    rows = [{"model": name, "rank": r + 1, "champion": r == 0, **m} for r, (name, m) in enumerate(ranked)]
+    _write_csv(Path(comparison_csv), pd.DataFrame(rows))
+
+    name, best = ranked[0]
+    model_path = f"models/{name}/model.keras"
+    model_file = Path(root) / model_path
+    model_sha = file_hash(model_file) if model_file.exists() else None
+    short = hashlib.sha256(f"{model_sha}|{data_hash}|{params_hash}".encode()).hexdigest()[:8]
+    record = {
+        "model": name,
+        "model_path": model_path,
+        "classes": list(meta["classes"]),
+        "image_size": int(meta["image_size"]),
+        "channels": int(meta["channels"]),
+        "ordered": bool(meta.get("ordered", False)),
+        "metric": metric,
+        "metrics": best,
+        "data_hash": data_hash,
+        "params_hash": params_hash,
+        "version": f"{name}-{short}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_sha256": model_sha,
+    }
+    _write_json(Path(champion_json), record)
+    return record

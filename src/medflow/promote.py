@@ -1,0 +1,322 @@
+"""Safe promotion of a retrained challenger: decision rule, model registry, atomic swap, rollback.
+
+Files (relative to the project root):
+
+- ``models/champion.json`` — the evaluate/compare stages' best model of the *current* run: the challenger.
+- ``models/versions/<version>/`` — one immutable folder per promoted version (model.keras, champion.json).
+- ``models/production`` — a relative symlink to one version folder: the deployed model. It is the only
+  thing a promotion or rollback changes, with one ``os.replace`` (atomic on POSIX), so a failed or
+  killed run leaves either the old or the new model in place, never a mix.
+- ``models/registry.json`` — every promoted version (metrics, per-class metrics, data/params/test-set
+  hashes, time) and the promote/rollback history.
+
+Pure functions + file operations; no Prefect (the CLI and the flows share them).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REGISTRY = Path("models/registry.json")
+VERSIONS = Path("models/versions")
+PRODUCTION = Path("models/production")
+RETRAIN_LOCK = Path("models/.retrain.lock")
+REGISTRY_LOCK = Path("models/.registry.lock")
+
+
+class RetrainConfig(BaseModel):
+    """``retrain:`` section of params.yaml (monitoring triggers, promotion rule, schedules)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_new_labelled: int = Field(50, ge=1)  # labelled images waiting in processed batches that trigger a retrain
+    min_improvement: float = Field(0.005, ge=0)  # challenger must beat production by at least this (champion metric)
+    max_class_drop: float = Field(0.02, ge=0, le=1)  # largest tolerated drop of any class's recall or F1
+    schedule_monitor: str = "0 2 * * *"  # cron: look for new batches daily at 02:00
+    schedule_retrain: str = "0 3 * * 0"  # cron: retrain weekly, Sunday 03:00
+    timezone: str = "UTC"
+    trigger: Literal["auto", "deployment", "subflow", "none"] = "auto"  # how monitoring starts a retrain
+    task_retries: int = Field(1, ge=0)  # retries of a failed stage task (transient errors only)
+    retry_delay_s: float = Field(30.0, ge=0)
+    incoming_dir: str = "data/batches/incoming"  # one folder per new batch
+    processed_dir: str = "data/batches/processed"  # batches already monitored
+    extra_dir: str = "data/raw/extra"  # labelled batches added to training (DVC-tracked, train split only)
+
+
+def retrain_config(params: Any) -> RetrainConfig:
+    """The typed ``retrain`` section, whether ``Params.retrain`` is still a dict or already a model."""
+    raw = params.retrain
+    return RetrainConfig.model_validate(raw.model_dump() if isinstance(raw, BaseModel) else dict(raw or {}))
+
+
+class PromotionError(RuntimeError):
+    """A promotion or rollback that cannot be done (unknown version, missing files ...)."""
+
+
+class RetrainBusy(RuntimeError):
+    """Another retraining run holds the lock."""
+
+
+# --------------------------------------------------------------------------- small file helpers
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def _flock(path: Path, *, blocking: bool) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise RetrainBusy(f"another retraining run holds {path}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextmanager
+def retrain_lock(root: str | Path) -> Iterator[None]:
+    """Exclusive, non-blocking: a second retraining run (thread or process) gets :class:`RetrainBusy`."""
+    with _flock(Path(root) / RETRAIN_LOCK, blocking=False):
+        yield
+
+
+# --------------------------------------------------------------------------- candidate + registry
+def split_fingerprint(splits_csv: str | Path, split: str = "test") -> str:
+    """SHA-256 of the sorted ids of one split: two models are comparable only on the same test set."""
+    import pandas as pd
+
+    df = pd.read_csv(splits_csv, dtype={"id": str})
+    ids = sorted(df.loc[df["split"] == split, "id"])
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def dvc_data_version(dvc_file: str | Path) -> str | None:
+    """The content hash a ``.dvc`` file records for its data (None when it does not exist)."""
+    import yaml
+
+    path = Path(dvc_file)
+    if not path.exists():
+        return None
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
+    return outs[0].get("md5")
+
+
+def load_candidate(root: str | Path, *, extra_dir: str = "data/raw/extra") -> dict[str, Any]:
+    """The challenger: ``models/champion.json`` + per-class test metrics, test-set hash, data version."""
+    root = Path(root)
+    champion = root / "models" / "champion.json"
+    if not champion.exists():
+        raise PromotionError(f"{champion} not found: run the training flow (or `dvc repro`) first")
+    rec = json.loads(champion.read_text())
+    details = root / "reports" / "eval" / rec["model"] / "details.json"
+    rec["per_class"] = json.loads(details.read_text()).get("per_class", {}) if details.exists() else {}
+    splits = root / "data" / "interim" / "splits.csv"
+    rec["test_hash"] = split_fingerprint(splits) if splits.exists() else None
+    rec["data_version"] = dvc_data_version(root / f"{extra_dir.rstrip('/')}.dvc")
+    return rec
+
+
+def load_registry(root: str | Path) -> dict[str, Any]:
+    """``models/registry.json`` (empty registry when there is none yet)."""
+    path = Path(root) / REGISTRY
+    return json.loads(path.read_text()) if path.exists() else {"versions": [], "history": []}
+
+
+def production_version(root: str | Path) -> str | None:
+    """The deployed version (the target of ``models/production``), or None."""
+    link = Path(root) / PRODUCTION
+    return Path(os.readlink(link)).name if link.is_symlink() else None
+
+
+def production_record(root: str | Path) -> dict[str, Any] | None:
+    """Registry entry of the deployed version, or None."""
+    version = production_version(root)
+    return next((v for v in load_registry(root)["versions"] if v["version"] == version), None)
+
+
+# --------------------------------------------------------------------------- decision
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    metric: str
+    challenger: float | None
+    champion: float | None
+    delta: float | None
+    class_drops: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, *, min_improvement: float,
+           max_class_drop: float) -> Decision:
+    """Promote only if the challenger beats the champion on the champion metric by >= ``min_improvement``
+    (strictly better), on the same test set, and no class's recall or F1 drops by more than ``max_class_drop``.
+    """
+    from medflow.evaluate import LOWER_IS_BETTER
+
+    metric = candidate["metric"]
+    new = candidate["metrics"].get(metric)
+    if new is None:
+        return Decision(False, f"challenger has no {metric}", metric, None, None, None)
+    if champion is None:
+        return Decision(True, "no model in production yet", metric, new, None, None)
+    if candidate.get("version") == champion["version"]:
+        return Decision(False, "challenger is the production version", metric, new, new, 0.0)
+    old = champion["metrics"].get(metric)
+    if champion.get("metric") != metric or old is None:
+        return Decision(False, f"production model has no {metric} to compare with", metric, new, old, None)
+    if candidate.get("test_hash") != champion.get("test_hash"):
+        return Decision(False, "test set differs from the production model's: not comparable", metric, new, old, None)
+    if list(candidate.get("classes", [])) != list(champion.get("classes", [])):
+        return Decision(False, "classes differ from the production model's", metric, new, old, None)
+    delta = (old - new) if metric in LOWER_IS_BETTER else (new - old)
+    before, after = champion.get("per_class", {}), candidate.get("per_class", {})
+    missing = sorted(set(before) - set(after))
+    if missing:
+        return Decision(False, f"no per-class metrics for {missing}", metric, new, old, delta)
+    drops: dict[str, dict[str, float]] = {}
+    for cls, was in before.items():
+        for k in ("recall", "f1"):
+            if was[k] - after[cls][k] > max_class_drop:
+                drops.setdefault(cls, {})[k] = round(was[k] - after[cls][k], 6)
+    if drops:
+        return Decision(False, f"class regression beyond {max_class_drop}: {drops}", metric, new, old, delta, drops)
+    if delta <= 0 or delta < min_improvement:
+        return Decision(False, f"{metric} improves by {delta:+.4f} < required {min_improvement}", metric, new, old, delta)
+    return Decision(True, f"{metric} improves by {delta:+.4f}", metric, new, old, delta)
+
+
+# --------------------------------------------------------------------------- promotion / rollback
+def _swap_production(root: Path, version: str) -> None:
+    """Point ``models/production`` at ``versions/<version>`` with one atomic rename."""
+    link = root / PRODUCTION
+    if link.exists() and not link.is_symlink():
+        raise PromotionError(f"{link} is a real folder, not the registry's symlink; move it away first")
+    tmp = link.with_name(f".production.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(Path(VERSIONS.name) / version, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+def _stage_version(root: Path, candidate: dict[str, Any]) -> Path:
+    """Copy the challenger's model + record into ``models/versions/<version>`` (temp folder, fsync, rename)."""
+    version = candidate["version"]
+    final = root / VERSIONS / version
+    if final.exists():
+        return final
+    src = root / candidate["model_path"]
+    if not src.exists():
+        raise PromotionError(f"challenger model {src} not found")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{version}."))
+    try:
+        shutil.copy2(src, tmp / "model.keras")
+        record = {**candidate, "model_path": f"{PRODUCTION.as_posix()}/model.keras"}
+        (tmp / "champion.json").write_text(json.dumps(record, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def promote(root: str | Path, candidate: dict[str, Any], *, reason: str = "") -> str:
+    """Register ``candidate`` and make it the production model; returns its version.
+
+    Order: stage the version folder, add it to the registry, then swap the symlink (the commit
+    point). A crash before the swap leaves production unchanged (at most an unused version folder).
+    """
+    root = Path(root)
+    version = candidate["version"]
+    with _flock(root / REGISTRY_LOCK, blocking=True):
+        _stage_version(root, candidate)
+        reg = load_registry(root)
+        if not any(v["version"] == version for v in reg["versions"]):
+            keep = ("version", "model", "metric", "metrics", "per_class", "classes", "image_size", "channels",
+                    "ordered", "data_hash", "data_version", "params_hash", "test_hash", "created", "model_sha256")
+            reg["versions"].append({**{k: candidate.get(k) for k in keep}, "registered": _now(),
+                                    "path": (VERSIONS / version).as_posix()})
+        _swap_production(root, version)
+        reg["history"].append({"action": "promote", "version": version, "at": _now(), "reason": reason})
+        _write_json_atomic(root / REGISTRY, reg)
+    return version
+
+
+def rollback(root: str | Path, version: str | None = None) -> str:
+    """Deploy ``version`` (default: the version registered just before the deployed one); returns it."""
+    root = Path(root)
+    with _flock(root / REGISTRY_LOCK, blocking=True):
+        reg = load_registry(root)
+        names = [v["version"] for v in reg["versions"]]
+        current = production_version(root)
+        if version is None:
+            if current not in names or names.index(current) == 0:
+                raise PromotionError(f"no version before {current!r} to roll back to (registry: {names})")
+            version = names[names.index(current) - 1]
+        if version not in names or not (root / VERSIONS / version / "model.keras").exists():
+            raise PromotionError(f"unknown version {version!r}; registered: {names}")
+        _swap_production(root, version)
+        reg["history"].append({"action": "rollback", "version": version, "at": _now(), "from": current})
+        _write_json_atomic(root / REGISTRY, reg)
+    return version
+
+
+def decide_and_promote(root: str | Path, cfg: RetrainConfig) -> dict[str, Any]:
+    """Compare the current run's champion with production; promote when the rule allows.
+
+    Returns ``{"decision": {...}, "candidate": version, "production": version after}``.
+    """
+    candidate = load_candidate(root, extra_dir=cfg.extra_dir)
+    decision = decide(candidate, production_record(root), min_improvement=cfg.min_improvement,
+                      max_class_drop=cfg.max_class_drop)
+    if decision.promote:
+        promote(root, candidate, reason=decision.reason)
+    return {"decision": decision.to_dict(), "candidate": candidate["version"], "production": production_version(root)}

@@ -1,0 +1,185 @@
+"""Build ``reports/index.html``: one self-contained, offline page from the stage outputs.
+
+Reads files only (no model is loaded or trained). Every missing input becomes a section saying
+which command produces it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from medflow.layout import Layout
+from medflow.report import figures
+
+METRIC_LABELS = {
+    "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy",
+    "macro_f1": "Macro F1",
+    "roc_auc": "ROC-AUC",
+    "qwk": "Quadratic weighted kappa",
+    "ece": "Calibration error (ECE)",
+}
+
+
+def _json(path: Path) -> Any | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _csv(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def _png(path: Path) -> str | None:
+    return figures.data_uri(path.read_bytes()) if path.is_file() else None
+
+
+def _table(df: pd.DataFrame, max_rows: int = 200) -> dict[str, Any]:
+    """A DataFrame as {columns, rows} with floats rounded for display."""
+    df = df.head(max_rows)
+    rows = [[f"{v:.4g}" if isinstance(v, float) else ("" if pd.isna(v) else v) for v in r]
+            for r in df.itertuples(index=False)]
+    return {"columns": [str(c) for c in df.columns], "rows": rows}
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _data_section(layout: Layout) -> dict[str, Any] | None:
+    s = _json(layout.ingest_summary)
+    if s is None:
+        return None
+    per_class = pd.DataFrame(sorted((s.get("per_class") or {}).items()), columns=["class", "images"])
+    reasons = pd.DataFrame(sorted((s.get("by_reason") or {}).items()), columns=["reason", "files"])
+    facts = {k: s.get(k) for k in ("found", "accepted", "quarantined", "groups", "ungrouped") if k in s}
+    return {
+        "facts": facts,
+        "per_class": _table(per_class),
+        "reasons": _table(reasons) if len(reasons) else None,
+        "chart": figures.data_uri(figures.grouped_bars(per_class, "images")) if len(per_class) else None,
+    }
+
+
+def _validation_section(layout: Layout) -> dict[str, Any] | None:
+    v = _json(layout.validation_dir / "validation.json")
+    if v is None:
+        return None
+    status = v.get("success", v.get("passed")) if isinstance(v, dict) else None
+    scalars = {k: val for k, val in v.items() if isinstance(val, (str, int, float, bool)) or val is None}
+    tables = {k: _table(pd.DataFrame(val)) for k, val in v.items()
+              if isinstance(val, list) and val and all(isinstance(x, dict) for x in val)}
+    html = layout.validation_dir / "validation.html"
+    return {"status": status, "scalars": scalars, "tables": tables,
+            "link": os.path.relpath(html, layout.report.parent) if html.is_file() else None}
+
+
+def _wide_counts(df: pd.DataFrame) -> pd.DataFrame:
+    """Split counts as class rows × split columns (accepts long class,split,count tables too)."""
+    cols = {c.lower(): c for c in df.columns}
+    if "split" in cols and len(df.columns) == 3:
+        cls = next(c for c in df.columns if c != cols["split"] and df[c].dtype == object)
+        num = next(c for c in df.columns if c not in (cols["split"], cls))
+        df = df.pivot_table(index=cls, columns=cols["split"], values=num, aggfunc="sum", fill_value=0).reset_index()
+        df.columns.name = None
+    return df
+
+
+def _splits_section(layout: Layout) -> dict[str, Any] | None:
+    df = _csv(layout.split_counts)
+    if df is None or df.empty:
+        return None
+    wide = _wide_counts(df)
+    plot = wide[~wide.iloc[:, 0].astype(str).str.lower().isin({"total", "all"})]
+    plot = plot.drop(columns=[c for c in plot.columns[1:] if str(c).lower() in {"total", "all"}])
+    return {"table": _table(wide), "chart": figures.data_uri(figures.grouped_bars(plot, "images"))}
+
+
+def _model_names(layout: Layout, params: Any) -> list[str]:
+    found = sorted(p.stem for p in (layout.root / "reports" / "metrics").glob("*.json"))
+    return list(dict.fromkeys([*params.active_models, *found]))
+
+
+def _model_section(layout: Layout, name: str) -> dict[str, Any]:
+    ev = layout.eval_dir(name)
+    history = _csv(layout.model_dir(name) / "history.csv")
+    details = _json(ev / "details.json")
+    roc_pts = _csv(ev / "roc.csv")
+    calib = _csv(ev / "calibration.csv")
+    mis = _csv(ev / "misclassified.csv")
+    out: dict[str, Any] = {"name": name, "train": _json(layout.model_dir(name) / "train_summary.json")}
+    out["curves"] = figures.data_uri(figures.learning_curves(history)) if history is not None and len(history) else None
+    if details is not None:
+        ci = details.get("ci95", {})
+        out["metrics"] = [
+            {"label": METRIC_LABELS[k], "value": _fmt(details[k]),
+             "ci": "–".join(_fmt(x) for x in ci[k]) if k in ci else ""}
+            for k in METRIC_LABELS if k in details
+        ]
+        out["n"] = details.get("n")
+        out["confusion"] = figures.data_uri(figures.confusion(details["confusion"], details["classes"]))
+        per_class = pd.DataFrame.from_dict(details["per_class"], orient="index").rename_axis("class").reset_index()
+        out["per_class"] = _table(per_class)
+        out["reliability"] = figures.data_uri(figures.reliability(calib)) if calib is not None else None
+        out["roc"] = (figures.data_uri(figures.roc(roc_pts, details.get("roc_auc")))
+                      if roc_pts is not None and len(roc_pts) else None)
+    out["misclassified"] = None if mis is None else {
+        "count": len(mis), "image": _png(ev / "misclassified.png"), "table": _table(mis)}
+    out["gradcam"] = _png(ev / "gradcam.png")
+    return out
+
+
+def _comparison_section(layout: Layout) -> dict[str, Any] | None:
+    df = _csv(layout.comparison)
+    if df is None:
+        return None
+    champ = _json(layout.champion)
+    if champ is not None:
+        metric = champ["metric"]
+        champ = {**champ, "metric_label": METRIC_LABELS.get(metric, metric),
+                 "value": _fmt(champ["metrics"].get(metric)),
+                 "direction": "lowest" if metric == "ece" else "highest"}
+    return {"table": _table(df), "champion": champ}
+
+
+def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
+    history = _csv(layout.monitoring / "history.csv")
+    if history is None:
+        return None
+    links = [os.path.relpath(p, layout.report.parent) for p in sorted(layout.monitoring.rglob("*.html"))]
+    return {"table": _table(history), "links": links}
+
+
+def build_report(layout: Layout, params: Any) -> Path:
+    """Render ``layout.report`` (reports/index.html) and return its path."""
+    env = Environment(loader=PackageLoader("medflow.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    html = env.get_template("report.html.j2").render(
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        params=params,
+        data=_data_section(layout),
+        validation=_validation_section(layout),
+        splits=_splits_section(layout),
+        comparison=_comparison_section(layout),
+        models=[_model_section(layout, n) for n in _model_names(layout, params)],
+        monitoring=_monitoring_section(layout),
+        metric_labels=METRIC_LABELS,
+    )
+    out = layout.report
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".index.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(html)
+    os.replace(tmp, out)
+    return out

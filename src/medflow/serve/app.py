@@ -1,0 +1,192 @@
+"""`medflow serve`: FastAPI app with a JSON API (/predict, /health, /model) and a plain HTML page."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import anyio
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from medflow.config import DataConfig, IngestConfig
+from medflow.data.images import BadImage
+from medflow.serve.predictor import Predictor
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+NOTICE = "Decision support only: this tool supports, and does not replace, a clinician's judgement."
+# BadImage reason -> HTTP status (everything else a client sends that cannot be used: 422).
+REASON_STATUS = {"not_an_image": 415, "unsupported_channels": 415, "unsupported_bit_depth": 415,
+                 "decompression_bomb": 413, "too_large": 413}
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class Rejected(HTTPException):
+    """An upload the service cannot use: answered with its status and ``{"detail", "reason"}``.
+
+    An HTTPException, so FastAPI passes it through unchanged when raised while reading the body.
+    """
+
+    def __init__(self, status: int, reason: str, detail: str) -> None:
+        super().__init__(status, detail)
+        self.reason = reason
+
+
+def _rejected_response(exc: Rejected) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail, "reason": exc.reason}, status_code=exc.status_code)
+
+
+class InputInfo(BaseModel):
+    format: str
+    width: int
+    height: int
+    channels: int
+    bit_depth: int
+
+
+class Prediction(BaseModel):
+    classes: list[str]
+    probabilities: list[float]
+    predicted: str
+    confidence: float
+    image_png_base64: str
+    gradcam_png_base64: str
+    model_version: str
+    input: InputInfo
+    notice: str = NOTICE
+
+
+class ModelInfo(BaseModel):
+    model: str
+    version: str
+    classes: list[str]
+    image_size: int
+    channels: int
+    ordered: bool | None = None
+    metric: str | None = None
+    metrics: dict[str, Any] = {}
+    created: str | None = None
+    data_hash: str | None = None
+    params_hash: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+    model_version: str
+
+
+class Error(BaseModel):
+    detail: str
+    reason: str
+
+
+class UploadLimit:
+    """ASGI middleware: bodies over ``max_bytes`` get 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> Rejected:
+        return Rejected(413, "upload_too_large", f"upload exceeds the limit of {self.max_bytes} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await _rejected_response(self._too_large())(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:  # a chunked upload without Content-Length
+                raise self._too_large()
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def create_app(
+    champion_json: str | Path,
+    data_cfg: DataConfig,
+    ingest_cfg: IngestConfig,
+    *,
+    max_upload_bytes: int = 20 * 1024 * 1024,
+    workers: int = 2,
+) -> FastAPI:
+    """Build the app; the champion model loads once, here.
+
+    ``workers`` bounds how many uploads are read, decoded and predicted at once (threads off the
+    event loop); the model itself runs one call at a time.
+    """
+    predictor = Predictor(champion_json, data_cfg, ingest_cfg)
+    limiter = anyio.CapacityLimiter(workers)
+    app = FastAPI(
+        title="medflow",
+        version=predictor.version,
+        description=f"Image classification with Grad-CAM explanations. {NOTICE}",
+        docs_url=None,  # Swagger UI / ReDoc pages load from a CDN; the schema is at /openapi.json
+        redoc_url=None,
+    )
+    app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(Rejected)
+    async def _rejected(_: Request, exc: Rejected) -> JSONResponse:
+        return _rejected_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        """Name what is wrong without echoing the (possibly large, binary) input back."""
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return _rejected_response(Rejected(422, "invalid_request", detail))
+
+    def run(upload: BinaryIO) -> dict[str, Any]:
+        data = upload.read()
+        try:
+            decoded = predictor.decode(data)
+        except BadImage as e:
+            raise Rejected(REASON_STATUS.get(e.reason, 422), e.reason, e.detail) from None
+        except Exception as e:  # noqa: BLE001 - whatever the client sent, it is not a usable image
+            log.warning("upload could not be decoded: %r", e)
+            raise Rejected(422, "unreadable", f"the file could not be read as an image ({type(e).__name__})") from None
+        return predictor.predict(decoded)
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/health")
+    async def health() -> Health:
+        """Liveness: the model is loaded."""
+        return Health(status="ok", model_version=predictor.version)
+
+    @app.get("/model")
+    async def model() -> ModelInfo:
+        """The champion model: name, version, classes and its test metrics."""
+        return ModelInfo(**predictor.info())
+
+    bad = {"model": Error}
+    responses = {400: bad, 413: {"model": Error, "description": "Upload or image dimensions too large"},
+                 415: {"model": Error, "description": "Not a supported image"},
+                 422: {"model": Error, "description": "Corrupt, truncated or unusable image"}}
+
+    @app.post("/predict", responses=responses)  # type: ignore[arg-type]
+    async def predict(file: UploadFile = File(description="PNG, JPEG, BMP, TIFF or DICOM; type is sniffed")) -> Prediction:
+        """Classify one image (content is sniffed; the file name is ignored); probabilities + Grad-CAM."""
+        return Prediction(**await anyio.to_thread.run_sync(run, file.file, limiter=limiter))
+
+    return app

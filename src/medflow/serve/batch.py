@@ -1,0 +1,114 @@
+"""`medflow predict`: batched predictions for files, folders, CSV lists and DICOM files -> one CSV."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from medflow.config import DataConfig, IngestConfig
+from medflow.data.images import BadImage, load_image_file
+from medflow.serve.predictor import Predictor
+
+
+def expand_inputs(paths: Iterable[str | Path], data_cfg: DataConfig) -> list[Path]:
+    """Files as given; folders recursively (sorted, hidden entries skipped); a ``.csv`` by its image column.
+
+    CSV rows use ``data.csv.image_column`` (relative to ``data.csv.image_dir`` or the CSV's folder,
+    ``data.csv.extension`` appended when the name has no suffix). Paths that do not exist are kept
+    so that they are reported as ``missing_file``.
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file()
+                          and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            csv = data_cfg.csv
+            base = p.parent / (csv.image_dir or "")
+            names = pd.read_csv(p, dtype=str)[csv.image_column].dropna()
+            out += [base / (n if Path(n).suffix else n + csv.extension) for n in names]
+        else:
+            out.append(p)
+    return out
+
+
+def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _load(path: Path, predictor: Predictor) -> np.ndarray | BadImage:
+    """The model input for one file, or the reason it cannot be read (never raises)."""
+    try:
+        return predictor.model_input(load_image_file(path, predictor.data_cfg, predictor.ingest_cfg).rgb)
+    except BadImage as e:
+        return e
+    except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never fatal
+        return BadImage("unreadable", f"{type(e).__name__}: {e}")
+
+
+def predict_paths(
+    paths: Iterable[str | Path],
+    out_csv: str | Path,
+    *,
+    champion_json: str | Path,
+    data_cfg: DataConfig,
+    ingest_cfg: IngestConfig,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Predict every image under ``paths``; write ``out_csv`` (atomically) and return a summary.
+
+    CSV columns: file, status (ok|error), reason, detail, predicted, confidence, one ``p_<class>``
+    per class, model_version. Files that cannot be read get status ``error`` with a reason code
+    (as in the ingest quarantine) instead of stopping the run. Decoding runs on
+    ``ingest_cfg.workers`` threads; the model sees ``batch_size`` images per call.
+    """
+    predictor = Predictor(champion_json, data_cfg, ingest_cfg)
+    files = expand_inputs(paths, data_cfg)
+    prob_cols = [f"p_{c}" for c in predictor.classes]
+    rows: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(ingest_cfg.workers) as pool, tqdm(
+        total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not progress
+    ) as bar:
+        for chunk in _chunks(files, max(1, batch_size)):
+            loaded = list(pool.map(lambda f: _load(f, predictor), chunk))
+            good = [x for x in loaded if not isinstance(x, BadImage)]
+            proba = iter(predictor.probabilities(np.stack(good)) if good else [])
+            for path, x in zip(chunk, loaded):
+                row: dict[str, Any] = {"file": str(path), "model_version": predictor.version}
+                if isinstance(x, BadImage):
+                    row.update(status="error", reason=x.reason, detail=x.detail)
+                else:
+                    p = next(proba)
+                    k = int(p.argmax())
+                    row.update(status="ok", predicted=predictor.classes[k], confidence=float(p[k]),
+                               **dict(zip(prob_cols, map(float, p))))
+                rows.append(row)
+            bar.update(len(chunk))
+
+    columns = ["file", "status", "reason", "detail", "predicted", "confidence", *prob_cols, "model_version"]
+    df = pd.DataFrame(rows, columns=columns)
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_csv.with_name(f".{out_csv.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, out_csv)
+    ok = df["status"] == "ok"
+    return {
+        "files": len(df),
+        "predicted": int(ok.sum()),
+        "failed": int((~ok).sum()),
+        "by_reason": dict(Counter(df.loc[~ok, "reason"])),
+        "per_class": {c: int(n) for c, n in df.loc[ok, "predicted"].value_counts().items()},
+        "model_version": predictor.version,
+        "out_csv": str(out_csv),
+    }

@@ -1,0 +1,92 @@
+"""The pipeline's stages: one function each, shared by `dvc repro` (via the CLI) and the Prefect flows.
+
+Each stage reads its inputs from the project layout (``medflow.layout.Layout``), takes its config
+section from ``Params`` and returns a small JSON-able summary. The work itself lives in the
+step packages (``medflow.data``, ``medflow.train``, ``medflow.evaluate`` ...); this module only
+wires layout paths to them, so there is exactly one definition of the pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medflow.config import Params
+from medflow.layout import Layout
+
+DATA_STAGES = ("ingest", "validate", "split", "preprocess")
+
+
+def ingest(params: Params, layout: Layout = Layout(), source: str | Path | None = None) -> dict:
+    """Source (folder | CSV | npz | DICOM) -> manifest, quarantine, pixels, summary."""
+    from medflow.data.ingest import ingest as run
+
+    src = Path(source) if source is not None else layout.root / params.data.source
+    return run(src, layout.interim, params.data, params.ingest)
+
+
+def validate(params: Params, layout: Layout = Layout()) -> dict:
+    """Great Expectations gate on the manifest; raises ValidationFailed."""
+    from medflow.data.validate import validate as run
+
+    return run(layout.manifest, layout.quarantine, layout.ingest_summary, layout.validation_dir,
+               params.validate_, params.data)
+
+
+def split(params: Params, layout: Layout = Layout()) -> dict:
+    """Stratified, grouped, duplicate-safe train/val/test assignment."""
+    from medflow.data.split import run_split
+
+    return run_split(layout.manifest, layout.splits, layout.split_counts, params.split)
+
+
+def preprocess(params: Params, layout: Layout = Layout()) -> dict:
+    """Pack the resized pixels of each split into streamable TFRecord shards."""
+    from medflow.data.shards import write_shards
+
+    return write_shards(layout.manifest, layout.pixels, layout.splits, layout.processed,
+                        shard_size=params.preprocess.shard_size, data=params.data)
+
+
+def embed(params: Params, layout: Layout = Layout(), models: list[str] | None = None) -> dict:
+    """Cache frozen-backbone embeddings for the given (default: active) models."""
+    from medflow.embed import embed as run
+
+    out = {}
+    for name in models if models is not None else params.active_models:
+        out[name] = run(name, params, layout.processed, layout.embeddings)
+    return out
+
+
+def train(params: Params, model: str, layout: Layout = Layout()) -> dict:
+    """Fit one registry model on the train split (val for early stopping)."""
+    from medflow.train import train as run
+
+    params.model(model)  # clear error for unknown names
+    return run(model, params, layout.processed, layout.embeddings, layout.model_dir(model))
+
+
+def evaluate(params: Params, model: str, layout: Layout = Layout()) -> dict:
+    """Test-split metrics, predictions, plots data for one trained model."""
+    from medflow.evaluate import evaluate as run
+
+    params.model(model)
+    return run(model, params, layout.processed, layout.model_dir(model), layout.metrics(model),
+               layout.eval_dir(model))
+
+
+def compare(params: Params, layout: Layout = Layout(), models: list[str] | None = None) -> dict:
+    """Comparison table across evaluated models; records the champion."""
+    from medflow.evaluate import compare as run, dir_hash, params_hash
+
+    names = models if models is not None else params.active_models
+    return run({m: layout.metrics(m) for m in names}, layout.comparison, layout.champion,
+               metric=params.evaluate.champion_metric, data_hash=dir_hash(layout.processed),
+               params_hash=params_hash(params))
+
+
+def report(params: Params, layout: Layout = Layout()) -> dict:
+    """Self-contained HTML report (reports/index.html)."""
+    from medflow.report.build import build_report
+
+    path = build_report(layout, params)
+    return {"report": str(path)}

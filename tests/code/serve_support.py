@@ -1,0 +1,45 @@
+"""Shared by the serve tests and benchmarks/serve.py: a tiny champion model built per the contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "data" / "raw" / "malaria-cells-400"
+CLASSES = ["Parasitized", "Uninfected"]
+
+
+def sample_pngs(n: int) -> list[Path]:
+    """``n`` real PNGs from the embedded malaria sample, alternating classes."""
+    per_class = [sorted((SAMPLE / c).glob("*.png")) for c in CLASSES]
+    files = [f for pair in zip(*per_class) for f in pair][:n]
+    assert len(files) == n, f"embedded sample {SAMPLE} has fewer than {n} images"
+    return files
+
+
+def make_tiny_champion(out_dir: Path, image_size: int = 32) -> Path:
+    """Save a small functional Keras model (contract layer names) and a champion.json naming it."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((image_size, image_size, 3), dtype="float32")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="features")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(8, activation="relu", name="embedding")(x)
+    outputs = keras.layers.Dense(len(CLASSES), activation="softmax", dtype="float32", name="probs")(x)
+    model = keras.Model(inputs, outputs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / "model.keras"
+    model.save(model_path)
+    record = {
+        "model": "tiny_cnn", "model_path": str(model_path), "classes": CLASSES, "image_size": image_size,
+        "channels": 3, "ordered": False, "metric": "macro_f1",
+        "metrics": {"macro_f1": 0.61, "accuracy": 0.62, "roc_auc": 0.66, "n": 120},  # a fixture record
+        "data_hash": "d" * 8, "params_hash": "p" * 8, "version": "tiny_cnn-0123abcd",
+        "created": "2025-01-01T00:00:00+00:00",
+    }
+    champion = out_dir / "champion.json"
+    champion.write_text(json.dumps(record))
+    return champion

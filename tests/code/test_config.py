@@ -1,0 +1,66 @@
+"""params.yaml -> typed config: the shipped file is valid and bad values fail with clear messages."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medflow.config import ConfigError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_params_are_valid():
+    p = load_params(ROOT / "params.yaml")
+    assert p.active_models and all(m in p.models for m in p.active_models)
+    assert abs(p.split.train + p.split.val + p.split.test - 1) < 1e-9
+
+
+def _raw():
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_ratios_must_sum_to_one():
+    raw = _raw()
+    raw["split"]["test"] = 0.5
+    with pytest.raises(ConfigError, match=r"split.*must be 1.0"):
+        parse_params(raw)
+
+
+def test_unknown_key_is_named():
+    raw = _raw()
+    raw["ingest"]["imgsize"] = 3
+    with pytest.raises(ConfigError, match=r"ingest\.imgsize"):
+        parse_params(raw)
+
+
+def test_active_model_must_exist():
+    raw = _raw()
+    raw["active_models"] = ["nope"]
+    with pytest.raises(ConfigError, match="nope"):
+        parse_params(raw)
+
+
+def test_custom_window_needs_level_and_width():
+    raw = _raw()
+    raw["data"]["dicom"]["window"] = "custom"
+    with pytest.raises(ConfigError, match="custom"):
+        parse_params(raw)
+
+
+def test_bad_regex_is_reported():
+    raw = _raw()
+    raw["data"]["group_pattern"] = "(unclosed"
+    with pytest.raises(ConfigError, match="group_pattern"):
+        parse_params(raw)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_unknown_model_lookup():
+    p = load_params(ROOT / "params.yaml")
+    with pytest.raises(ConfigError, match="unknown model"):
+        p.model("does_not_exist")

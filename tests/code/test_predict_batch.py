@@ -1,0 +1,101 @@
+"""`predict_paths`: folders, CSV lists, DICOM and bad files -> one CSV; batched model calls."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from serve_support import CLASSES, make_tiny_champion, sample_pngs
+
+from medflow.config import CsvSource, DataConfig, IngestConfig
+from medflow.serve.batch import predict_paths
+from medflow.serve.predictor import Predictor
+
+PROB_COLS = [f"p_{c}" for c in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_champion(tmp_path_factory.mktemp("champion"))
+
+
+@pytest.fixture()
+def inputs(tmp_path: Path) -> dict[str, Path]:
+    """A folder (with a subfolder, a hidden file, a text file and a truncated PNG), a CSV list, a DICOM."""
+    pngs = sample_pngs(7)
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    for i, f in enumerate(pngs[:4]):
+        shutil.copy(f, folder / ("sub" if i % 2 else "") / f.name)
+    (folder / ".hidden.png").write_bytes(pngs[0].read_bytes())
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "half.png").write_bytes(pngs[4].read_bytes()[:300])
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    for f in pngs[5:]:
+        shutil.copy(f, listed / f.name)
+    csv = listed / "list.csv"
+    # pngs[6] without its suffix: data.csv.extension adds it
+    pd.DataFrame({"image": [pngs[5].name, pngs[6].stem, "gone.png"]}).to_csv(csv, index=False)
+    dcm = tmp_path / "ct.dcm"
+    shutil.copy(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm"), dcm)
+    return {"folder": folder, "csv": csv, "dicom": dcm, "missing": tmp_path / "nope.png"}
+
+
+def _run(inputs: dict[str, Path], champion: Path, out: Path, batch_size: int) -> tuple[dict, pd.DataFrame]:
+    data_cfg = DataConfig(csv=CsvSource(extension=".png"))
+    summary = predict_paths(list(inputs.values()), out, champion_json=champion, data_cfg=data_cfg,
+                            ingest_cfg=IngestConfig(image_size=32), batch_size=batch_size, progress=False)
+    return summary, pd.read_csv(out)
+
+
+def test_predict_paths_writes_rows_for_good_and_bad_files(inputs, champion: Path, tmp_path: Path, monkeypatch) -> None:
+    batch_sizes: list[int] = []
+    original = Predictor.probabilities
+
+    def counting(self: Predictor, x: np.ndarray) -> np.ndarray:
+        batch_sizes.append(len(x))
+        return original(self, x)
+
+    monkeypatch.setattr(Predictor, "probabilities", counting)
+    summary, df = _run(inputs, champion, tmp_path / "out" / "predictions.csv", batch_size=3)
+
+    # 4 folder PNGs + notes.txt + half.png; 3 CSV rows; 1 DICOM; 1 missing path. Hidden file skipped.
+    assert len(df) == 10 and not df["file"].str.contains(".hidden").any()
+    assert list(df.columns) == ["file", "status", "reason", "detail", "predicted", "confidence", *PROB_COLS,
+                                "model_version"]
+    ok, bad = df[df.status == "ok"], df[df.status == "error"]
+    assert len(ok) == 6 and len(bad) == 4
+    reasons = dict(zip(bad["file"].map(lambda f: Path(f).name), bad["reason"]))
+    assert reasons["notes.txt"] == "not_an_image" and reasons["half.png"] in {"truncated", "corrupt"}
+    assert reasons["gone.png"] == "missing_file" and reasons["nope.png"] == "missing_file"
+    assert bad["detail"].notna().all() and bad["predicted"].isna().all()
+    assert ok["file"].str.endswith("ct.dcm").sum() == 1
+
+    proba = ok[PROB_COLS].to_numpy()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert (ok["predicted"] == [CLASSES[i] for i in proba.argmax(axis=1)]).all()
+    np.testing.assert_allclose(ok["confidence"], proba.max(axis=1))
+    assert (df["model_version"] == "tiny_cnn-0123abcd").all()
+
+    assert summary["files"] == 10 and summary["predicted"] == 6 and summary["failed"] == 4
+    assert summary["by_reason"]["missing_file"] == 2 and sum(summary["by_reason"].values()) == 4
+    assert sum(summary["per_class"].values()) == 6
+    # Batched: chunks of 3 files; only the readable ones of each chunk reach the model, in one call.
+    assert sum(batch_sizes) == 6 and max(batch_sizes) > 1 and len(batch_sizes) <= 4
+
+
+def test_batching_does_not_change_results(inputs, champion: Path, tmp_path: Path) -> None:
+    _, batched = _run(inputs, champion, tmp_path / "b64.csv", batch_size=64)
+    _, single = _run(inputs, champion, tmp_path / "b1.csv", batch_size=1)
+    pd.testing.assert_series_equal(batched["status"], single["status"])
+    np.testing.assert_allclose(batched[PROB_COLS].to_numpy(float), single[PROB_COLS].to_numpy(float), atol=1e-5)
+
+
+def test_missing_champion_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="champion"):
+        predict_paths([tmp_path], tmp_path / "p.csv", champion_json=tmp_path / "champion.json",
+                      data_cfg=DataConfig(), ingest_cfg=IngestConfig())

@@ -1,0 +1,190 @@
+"""The serve JSON API: good images, DICOM, and every kind of bad upload gets a clear 4xx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from serve_support import CLASSES, make_tiny_champion, sample_pngs
+
+from medflow.config import DataConfig, IngestConfig
+from medflow.serve.app import NOTICE, create_app
+
+MAX_UPLOAD = 2 * 1024 * 1024
+STATIC = Path(__file__).resolve().parents[2] / "src" / "medflow" / "serve" / "static"
+
+
+@pytest.fixture(scope="module")
+def champion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_champion(tmp_path_factory.mktemp("champion"))
+
+
+@pytest.fixture(scope="module")
+def client(champion: Path) -> TestClient:
+    app = create_app(champion, DataConfig(), IngestConfig(image_size=32), max_upload_bytes=MAX_UPLOAD)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def png_bytes() -> bytes:
+    return sample_pngs(1)[0].read_bytes()
+
+
+def _post(client: TestClient, data: bytes, name: str = "cell.png", ctype: str = "image/png"):
+    return client.post("/predict", files={"file": (name, data, ctype)})
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def _png(width: int, height: int, idat: bytes, colour_type: int = 0) -> bytes:
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def _sparse_png(side: int) -> bytes:
+    """A real, valid all-black grey PNG of side×side pixels that compresses to a few hundred KB."""
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    return _png(side, side, b"".join(comp.compress(row) for _ in range(side)) + comp.flush())
+
+
+def _assert_rejected(resp, status: int | tuple[int, ...], reasons: set[str]) -> dict:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert resp.status_code in statuses, (resp.status_code, resp.text[:500])
+    body = resp.json()
+    assert body["reason"] in reasons, body
+    assert isinstance(body["detail"], str) and body["detail"], body
+    return body
+
+
+def _png_size(b64: str) -> tuple[int, int]:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).size
+
+
+def test_predict_real_png_matches_the_model(client: TestClient, champion: Path, png_bytes: bytes) -> None:
+    import keras
+
+    from medflow.data.images import decode_image, to_model_input
+
+    resp = _post(client, png_bytes)
+    assert resp.status_code == 200, resp.text[:500]
+    r = resp.json()
+    assert r["classes"] == CLASSES
+    assert r["model_version"] == json.loads(champion.read_text())["version"]
+    proba = np.array(r["probabilities"])
+    assert proba.shape == (2,) and np.all(proba >= 0) and proba.sum() == pytest.approx(1.0, abs=1e-5)
+    assert r["predicted"] == CLASSES[int(proba.argmax())] and r["confidence"] == pytest.approx(proba.max())
+    assert r["input"]["format"] == "png" and r["notice"] == NOTICE
+    assert _png_size(r["image_png_base64"]) == (32, 32) and _png_size(r["gradcam_png_base64"]) == (32, 32)
+
+    model = keras.models.load_model(champion.parent / "model.keras")
+    rgb = decode_image(png_bytes, max_pixels=10**8, min_side=1, max_side=10**5).rgb
+    expected = model.predict_on_batch(to_model_input(rgb, 32, 3)[None].astype("float32"))[0]
+    np.testing.assert_allclose(proba, expected, atol=1e-5)
+
+
+def test_predict_dicom(client: TestClient) -> None:
+    pydicom_data = pytest.importorskip("pydicom.data")
+    dcm = Path(pydicom_data.get_testdata_file("CT_small.dcm")).read_bytes()
+    resp = _post(client, dcm, name="scan.dcm", ctype="application/dicom")
+    assert resp.status_code == 200, resp.text[:500]
+    r = resp.json()
+    assert r["input"]["format"] == "dicom" and (r["input"]["width"], r["input"]["height"]) == (128, 128)
+    assert sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_type_is_sniffed_not_taken_from_the_name(client: TestClient, png_bytes: bytes) -> None:
+    as_text = _post(client, png_bytes, name="notes.txt", ctype="text/plain")
+    assert as_text.status_code == 200 and as_text.json()["input"]["format"] == "png"
+    fake = _post(client, b"%PDF-1.4 definitely not pixels\n" * 20, name="cell.png")
+    _assert_rejected(fake, 415, {"not_an_image"})
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd.png", "/etc/passwd", "细胞 – ü é.png", "x" * 1000 + ".png",
+                                  "noextension", "a\\..\\..\\b.png"])
+def test_odd_file_names_are_ignored(client: TestClient, png_bytes: bytes, name: str) -> None:
+    reference = _post(client, png_bytes).json()["probabilities"]
+    resp = _post(client, png_bytes, name=name)
+    assert resp.status_code == 200, resp.text[:500]
+    assert resp.json()["probabilities"] == pytest.approx(reference)
+
+
+def test_oversized_upload_413(client: TestClient) -> None:
+    body = _assert_rejected(_post(client, b"\x00" * (MAX_UPLOAD + 1)), 413, {"upload_too_large"})
+    assert str(MAX_UPLOAD) in body["detail"]
+
+
+def test_oversized_chunked_upload_413(client: TestClient) -> None:
+    """Without Content-Length the limit is enforced while the body streams in."""
+    boundary = "b0undary"
+
+    def body():
+        yield f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n".encode()
+        for _ in range(MAX_UPLOAD // 65536 + 2):
+            yield b"\x00" * 65536
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    resp = client.post("/predict", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    _assert_rejected(resp, 413, {"upload_too_large"})
+
+
+def test_truncated_png(client: TestClient, png_bytes: bytes) -> None:
+    _assert_rejected(_post(client, png_bytes[: len(png_bytes) // 2]), 422, {"truncated", "corrupt"})
+
+
+def test_empty_upload(client: TestClient) -> None:
+    _assert_rejected(_post(client, b""), (400, 422), {"empty_file"})
+
+
+def test_header_claims_huge_dimensions(client: TestClient) -> None:
+    bomb = _png(100_000, 100_000, zlib.compress(b"\x00" * 1000))
+    _assert_rejected(_post(client, bomb), 413, {"decompression_bomb", "too_large"})
+
+
+def test_real_sparse_decompression_bomb(client: TestClient) -> None:
+    bomb = _sparse_png(12_000)  # 144 Mpx > ingest.max_pixels (80 Mpx), each side < max_side
+    assert len(bomb) < MAX_UPLOAD
+    _assert_rejected(_post(client, bomb), 413, {"decompression_bomb"})
+
+
+def test_missing_file_is_422(client: TestClient, png_bytes: bytes) -> None:
+    body = _assert_rejected(client.post("/predict", data={"other": "x"}), 422, {"invalid_request"})
+    assert "body.file" in body["detail"] and "required" in body["detail"].lower()
+    # A part without a file name is how a form with no file chosen arrives; the bytes are not echoed.
+    resp = _post(client, png_bytes, name="")
+    _assert_rejected(resp, 422, {"invalid_request"})
+    assert len(resp.content) < 500
+
+
+def test_health_model_openapi(client: TestClient, champion: Path) -> None:
+    record = json.loads(champion.read_text())
+    health = client.get("/health").json()
+    assert health == {"status": "ok", "model_version": record["version"]}
+    model = client.get("/model").json()
+    assert model["version"] == record["version"] and model["classes"] == CLASSES
+    assert model["metrics"] == record["metrics"] and "model_path" not in model
+    spec = client.get("/openapi.json").json()
+    assert {"/predict", "/health", "/model"} <= set(spec["paths"])
+    assert {"413", "415", "422"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+
+
+def test_page_is_self_contained_with_notice(client: TestClient) -> None:
+    resp = client.get("/")
+    assert resp.status_code == 200 and "text/html" in resp.headers["content-type"]
+    assert "does not replace, a clinician" in resp.text
+    assert "default-src 'self'" in resp.headers["content-security-policy"]
+    for name in ("index.html", "app.js", "style.css"):
+        text = (STATIC / name).read_text()
+        assert "http://" not in text and "https://" not in text, f"{name} references another origin"
+        assert client.get(f"/static/{name}").status_code == 200

@@ -1,0 +1,152 @@
+"""Split: stratified, grouped (patients and exact duplicates never cross splits), official splits."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medflow.config import DataConfig, SplitConfig
+from medflow.data.manifest import SPLITS
+from medflow.data.split import assign_splits, components, read_manifest, run_split
+
+MALARIA = Path(__file__).resolve().parents[2] / "data" / "raw" / "malaria-cells-400"
+
+
+def frame(labels, groups, hashes, source=None) -> pd.DataFrame:
+    n = len(labels)
+    return pd.DataFrame({"id": [f"img{i}.png" for i in range(n)], "label": labels, "group": groups,
+                         "sha256": hashes, "source_split": source if source is not None else [""] * n})
+
+
+def assert_no_leak(df: pd.DataFrame, out: pd.DataFrame, column: str = "split") -> None:
+    for key in ("group", "sha256"):
+        mask = df[key].fillna("") != ""
+        spread = out.loc[mask.to_numpy(), column].groupby(df.loc[mask, key].to_numpy()).nunique()
+        assert (spread <= 1).all(), f"{key} values crossing {column}s: {spread[spread > 1].index.tolist()}"
+
+
+rows = st.integers(1, 60).flatmap(lambda n: st.tuples(
+    st.lists(st.sampled_from(["a", "b", "c"]), min_size=n, max_size=n),
+    st.lists(st.sampled_from(["", "g1", "g2", "g3", "g4", "g5", "g6", "g7"]), min_size=n, max_size=n),
+    st.lists(st.sampled_from(["", "h1", "h2", "h3"]) | st.uuids().map(str), min_size=n, max_size=n),
+    st.lists(st.sampled_from(["", "", "train", "val", "test"]), min_size=n, max_size=n),
+))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=rows, seed=st.integers(0, 2**16), respect=st.booleans())
+def test_no_group_or_duplicate_crosses_splits(data, seed, respect):
+    df = frame(*data)
+    cfg = SplitConfig(seed=seed, respect_source_split=respect)
+    out = assign_splits(df, cfg)
+    assert list(out.columns) == ["id", "split", "fold"]
+    assert out["id"].tolist() == df["id"].tolist()  # every row exactly once, same order
+    assert out["split"].isin(SPLITS).all()
+    assert (out["fold"] == -1).all()
+    assert_no_leak(df, out)
+    pd.testing.assert_frame_equal(out, assign_splits(df, cfg))  # deterministic for a seed
+
+
+@pytest.mark.filterwarnings("ignore:The least populated class:UserWarning")
+@settings(max_examples=30, deadline=None)
+@given(data=rows, seed=st.integers(0, 2**16))
+def test_folds_are_grouped_and_cover_every_row(data, seed):
+    df = frame(*data)
+    cfg = SplitConfig(seed=seed, folds=3)
+    if components(df).max() + 1 < 3 or (df["label"].value_counts() < 3).all():
+        with pytest.raises(ValueError, match="split.folds=3"):
+            assign_splits(df, cfg)
+        return
+    out = assign_splits(df, cfg)
+    assert set(out["fold"]) == {0, 1, 2}
+    assert_no_leak(df, out, "fold")
+
+
+def test_components_merge_groups_through_duplicates():
+    df = frame(["a", "b", "a", "b", "a"], ["p1", "p2", "p3", "", ""], ["h1", "h1", "h2", "h2", "h9"])
+    comp = components(df)
+    # p1 and p2 share h1; p3 and the ungrouped row share h2; the last row stands alone
+    assert comp[0] == comp[1] and comp[2] == comp[3]
+    assert len({comp[0], comp[2], comp[4]}) == 3
+
+
+def malaria_frame() -> pd.DataFrame:
+    if not MALARIA.is_dir():
+        pytest.skip(f"embedded malaria sample missing at {MALARIA}")
+    pattern = re.compile(DataConfig().group_pattern)
+    rows = []
+    for p in sorted(MALARIA.glob("*/*.png")):
+        m = pattern.match(p.stem)
+        rows.append({"id": f"{p.parent.name}/{p.name}", "label": p.parent.name,
+                     "group": m.group("group") if m else "",
+                     "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "source_split": ""})
+    return pd.DataFrame(rows)
+
+
+def test_malaria_ratios_and_slides_respected():
+    df = malaria_frame()
+    assert len(df) == 400 and df["group"].nunique() == 148
+    out = assign_splits(df, SplitConfig(folds=5))
+    assert_no_leak(df, out)
+    assert_no_leak(df, out, "fold")
+    table = pd.crosstab(df["label"], out["split"])
+    target = {"train": 0.6, "val": 0.1, "test": 0.3}
+    for label in ("Parasitized", "Uninfected"):
+        for split, r in target.items():
+            assert abs(table.loc[label, split] / 200 - r) <= 0.03, (label, split, table)
+    sizes = out["fold"].value_counts(normalize=True)
+    assert sorted(sizes.index) == [0, 1, 2, 3, 4]
+    assert ((sizes - 0.2).abs() <= 0.05).all(), sizes
+    other = assign_splits(df, SplitConfig(seed=7))
+    assert (other["split"] != out["split"]).any()  # the seed matters
+
+
+def test_official_splits_kept_and_duplicates_moved_to_the_held_out_side():
+    df = frame(["a", "b"] * 6, [f"p{i}" for i in range(12)], [f"h{i}" for i in range(11)] + ["h0"],
+               ["train"] * 6 + ["val"] * 2 + ["test"] * 4)
+    out = assign_splits(df, SplitConfig())
+    expected = df["source_split"].copy()
+    expected[0] = "test"  # h0 is in official train and official test: the train copy goes to test
+    assert out["split"].tolist() == expected.tolist()
+    ignored = assign_splits(df, SplitConfig(respect_source_split=False))
+    assert_no_leak(df, ignored)
+
+
+def test_val_is_carved_from_official_train_when_source_has_none():
+    n = 40
+    df = frame(["a", "b"] * (n // 2), [f"p{i}" for i in range(n)], [f"h{i}" for i in range(n)],
+               ["train"] * 30 + ["test"] * 10)
+    out = assign_splits(df, SplitConfig(train=0.6, val=0.1, test=0.3))
+    assert (out["split"][30:] == "test").all()
+    head = out["split"][:30].value_counts()
+    assert set(head.index) == {"train", "val"}
+    assert abs(head["val"] / 30 - 0.1 / 0.7) < 0.05
+
+
+def test_run_split_writes_splits_and_counts(tmp_path, capsys):
+    n = 50
+    df = frame(["0", "1"] * (n // 2), [f"p{i // 2}" for i in range(n)], [f"h{i}" for i in range(n)])
+    df.to_csv(tmp_path / "manifest.csv", index=False)
+    summary = run_split(tmp_path / "manifest.csv", tmp_path / "splits.csv", tmp_path / "reports" / "c.csv",
+                        SplitConfig(folds=5))
+    assert summary["rows"] == n and summary["components"] == 25
+    assert sum(summary["counts"].values()) == n and summary["source_split_used"] is False
+    splits = pd.read_csv(tmp_path / "splits.csv", dtype={"id": str})
+    assert splits["id"].tolist() == df["id"].tolist()
+    assert splits["fold"].between(0, 4).all()
+    counts = pd.read_csv(tmp_path / "reports" / "c.csv", dtype={"label": str}).set_index("label")
+    assert list(counts.columns) == ["train", "val", "test", "total"]
+    assert counts.index.tolist() == ["0", "1", "total"]  # numeric-looking labels stay text
+    assert counts.loc["total", "total"] == n
+    assert counts.loc["0", "total"] == n // 2
+    assert counts.loc["total", "train"] == summary["counts"]["train"]
+    assert "split: 50 rows in 25 independent groups" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+    assert read_manifest(tmp_path / "manifest.csv")["label"].tolist()[:2] == ["0", "1"]

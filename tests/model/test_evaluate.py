@@ -1,0 +1,276 @@
+"""Evaluation metrics against scikit-learn, comparison/champion record, and the evaluate stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+from medflow.config import parse_params
+from medflow.evaluate import compare, compute_metrics, dir_hash, evaluate, file_hash, params_hash
+
+CHAMPION_FIELDS = {"model", "model_path", "classes", "image_size", "channels", "ordered", "metric", "metrics",
+                   "data_hash", "params_hash", "version", "created"}
+
+
+def noisy_proba(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Probabilities that favour the true class but make mistakes."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(len(y), k)) + 1.5 * np.eye(k)[y]
+    e = np.exp(logits)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- compute_metrics
+@pytest.mark.parametrize("k,ordered", [(2, False), (4, False), (5, True)])
+def test_metrics_match_sklearn(k, ordered):
+    rng = np.random.default_rng(k)
+    y = rng.integers(0, k, 150)
+    p = noisy_proba(y, k, seed=1)
+    pred = p.argmax(axis=1)
+    classes = [f"c{i}" for i in range(k)]
+    m = compute_metrics(y, p, classes, ordered=ordered, bootstrap=0, bins=10, seed=0)
+
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+    expected_auc = roc_auc_score(y, p[:, 1]) if k == 2 else roc_auc_score(y, p, multi_class="ovr", average="macro")
+    assert m["roc_auc"] == pytest.approx(expected_auc)
+    if ordered:
+        assert m["qwk"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    else:
+        assert "qwk" not in m
+    prec, rec, f1, sup = precision_recall_fscore_support(y, pred, labels=list(range(k)), zero_division=0)
+    for i, c in enumerate(classes):
+        assert m["per_class"][c] == pytest.approx(
+            {"precision": prec[i], "recall": rec[i], "f1": f1[i], "support": sup[i]})
+    assert m["confusion"] == confusion_matrix(y, pred).tolist()
+    assert m["n"] == 150
+    json.dumps(m)  # JSON-able
+
+
+def test_qwk_known_grades():
+    # Hand case: true grades vs predictions off by one once -> sklearn's quadratic kappa.
+    y = np.array([0, 1, 2, 2, 1, 0])
+    pred = np.array([0, 1, 2, 1, 1, 0])
+    p = np.eye(3)[pred] * 0.8 + 0.2 / 3
+    m = compute_metrics(y, p, ["g0", "g1", "g2"], ordered=True, bootstrap=0, bins=5)
+    assert m["qwk"] == pytest.approx(cohen_kappa_score(y, pred, weights="quadratic"))
+    assert 0.8 < m["qwk"] < 1.0
+
+
+def test_ece_zero_for_confident_and_correct_one_hot():
+    y = np.array([0, 1, 2, 1, 0])
+    m = compute_metrics(y, np.eye(3)[y], ["a", "b", "c"], bootstrap=0, bins=10)
+    assert m["ece"] == pytest.approx(0.0)
+    assert m["accuracy"] == 1.0
+
+
+def test_ece_matches_hand_computation():
+    # top-label confidences 0.9, 0.9 (bin 0.8-0.9), 0.6 (bin 0.5-0.6), 0.7 (bin 0.6-0.7); 5 bins of 0.2:
+    # bin [0.8,1.0]: conf 0.9, acc 1/2 ; bin [0.6,0.8): conf 0.7, acc 1 ; bin [0.4,0.6]: conf 0.6, acc 0
+    y = np.array([0, 1, 1, 0])
+    p = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    expected = 2 / 4 * abs(0.5 - 0.9) + 1 / 4 * abs(0.0 - 0.6) + 1 / 4 * abs(0.0 - 0.7)
+    m = compute_metrics(y, p, ["a", "b"], bootstrap=0, bins=5)
+    assert m["ece"] == pytest.approx(expected)
+
+
+def test_bootstrap_interval_contains_point_estimate_and_is_reproducible():
+    y = np.random.default_rng(3).integers(0, 3, 200)
+    p = noisy_proba(y, 3, seed=4)
+    m = compute_metrics(y, p, ["a", "b", "c"], ordered=True, bootstrap=200, bins=10, seed=7)
+    assert set(m["ci95"]) == {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "qwk", "ece"}
+    for name, (lo, hi) in m["ci95"].items():
+        assert lo <= m[name] <= hi, name
+        assert lo < hi, name
+    again = compute_metrics(y, p, ["a", "b", "c"], ordered=True, bootstrap=200, bins=10, seed=7)
+    assert again["ci95"] == m["ci95"]
+
+
+def test_undefined_auc_is_none_and_bad_shape_rejected():
+    y = np.zeros(5, int)
+    m = compute_metrics(y, np.tile([0.7, 0.3], (5, 1)), ["a", "b"], bootstrap=0)
+    assert m["roc_auc"] is None
+    with pytest.raises(ValueError, match="N x K"):
+        compute_metrics(y, np.ones((5, 3)) / 3, ["a", "b"], bootstrap=0)
+
+
+# --------------------------------------------------------------------------- compare / champion
+def write_metrics(tmp_path, name, **m):
+    path = tmp_path / "metrics" / f"{name}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(m))
+    return path
+
+
+META = {"classes": ["Parasitized", "Uninfected"], "ordered": False, "image_size": 64, "channels": 3}
+
+
+def test_champion_is_best_by_configured_metric(tmp_path):
+    paths = {
+        "a": write_metrics(tmp_path, "a", accuracy=0.95, macro_f1=0.80, ece=0.10, num_params=10),
+        "b": write_metrics(tmp_path, "b", accuracy=0.90, macro_f1=0.90, ece=0.02, num_params=99),
+        "c": write_metrics(tmp_path, "c", accuracy=0.85, macro_f1=0.85, ece=0.05, num_params=5),
+    }
+    (tmp_path / "models" / "b").mkdir(parents=True)
+    (tmp_path / "models" / "b" / "model.keras").write_bytes(b"weights of b")
+    rec = compare(paths, tmp_path / "comparison.csv", tmp_path / "champion.json", metric="macro_f1",
+                  data_hash="d" * 64, params_hash="p" * 64, meta=META, root=tmp_path)
+    assert rec["model"] == "b"
+    saved = json.loads((tmp_path / "champion.json").read_text())
+    assert CHAMPION_FIELDS <= set(saved)
+    assert saved["model_path"] == "models/b/model.keras"
+    assert saved["metrics"] == json.loads(paths["b"].read_text())
+    assert saved["classes"] == META["classes"] and saved["image_size"] == 64 and saved["channels"] == 3
+    assert saved["ordered"] is False and saved["metric"] == "macro_f1"
+    assert saved["data_hash"] == "d" * 64 and saved["params_hash"] == "p" * 64
+    assert saved["version"].startswith("b-") and len(saved["version"]) == len("b-") + 8
+    assert saved["model_sha256"] == file_hash(tmp_path / "models" / "b" / "model.keras")
+    pd.Timestamp(saved["created"])  # ISO-8601
+
+    table = pd.read_csv(tmp_path / "comparison.csv")
+    assert table["model"].tolist() == ["b", "c", "a"]
+    assert table["rank"].tolist() == [1, 2, 3] and table["champion"].tolist() == [True, False, False]
+
+    by_acc = compare(list(paths.values()), tmp_path / "c2.csv", tmp_path / "ch2.json", metric="accuracy",
+                     data_hash="d", params_hash="p", meta=META)
+    assert by_acc["model"] == "a"
+    by_ece = compare(paths, tmp_path / "c3.csv", tmp_path / "ch3.json", metric="ece",
+                     data_hash="d", params_hash="p", meta=META)
+    assert by_ece["model"] == "b"  # lower calibration error is better
+
+
+def test_ties_go_to_fewer_params_then_name(tmp_path):
+    paths = {
+        "zeta": write_metrics(tmp_path, "zeta", macro_f1=0.9, num_params=100),
+        "beta": write_metrics(tmp_path, "beta", macro_f1=0.9, num_params=100),
+        "alpha": write_metrics(tmp_path, "alpha", macro_f1=0.9, num_params=500),
+        "none": write_metrics(tmp_path, "none", macro_f1=None, num_params=1),
+    }
+    rec = compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", metric="macro_f1",
+                  data_hash="d", params_hash="p", meta=META)
+    assert rec["model"] == "beta"
+    assert pd.read_csv(tmp_path / "c.csv")["model"].tolist() == ["beta", "zeta", "alpha", "none"]
+    with pytest.raises(ValueError, match="roc_auc"):
+        compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", metric="roc_auc",
+                data_hash="d", params_hash="p", meta=META)
+
+
+def test_hash_helpers(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "x.bin").write_bytes(b"abc")
+    (tmp_path / "d" / "sub" / "y.bin").write_bytes(b"def")
+    assert file_hash(tmp_path / "d" / "x.bin") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    h = dir_hash(tmp_path / "d")
+    assert h == dir_hash(tmp_path / "d")
+    (tmp_path / "d" / "sub" / "y.bin").write_bytes(b"deg")
+    assert dir_hash(tmp_path / "d") != h
+    p1 = parse_params({"evaluate": {"bootstrap": 10}})
+    assert params_hash(p1) == params_hash(parse_params({"evaluate": {"bootstrap": 10}}))
+    assert params_hash(p1) != params_hash(parse_params({"evaluate": {"bootstrap": 11}}))
+
+
+# --------------------------------------------------------------------------- evaluate stage
+def tiny_model(s: int):
+    """Contract-shaped model (Conv2D -> 'features' -> GAP -> 'embedding' -> 'probs'): bright = class 0."""
+    import keras
+
+    inp = keras.Input((s, s, 3))
+    x = keras.layers.Conv2D(2, 3, padding="same", name="conv")(inp)
+    x = keras.layers.Activation("relu", name="features")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(2, name="embedding")(x)
+    out = keras.layers.Dense(2, activation="softmax", name="probs")(x)
+    model = keras.Model(inp, out)
+    k = np.zeros((3, 3, 3, 2), "float32")
+    k[..., 0] = 1.0 / (27 * 255.0)
+    model.get_layer("conv").set_weights([k, np.array([0.0, 0.5], "float32")])
+    model.get_layer("embedding").set_weights([np.eye(2, dtype="float32"), np.zeros(2, "float32")])
+    model.get_layer("probs").set_weights([np.diag([40.0, 2.0]).astype("float32"), np.zeros(2, "float32")])
+    return model
+
+
+def fabricate(s: int, n: int = 24):
+    """Bright-square images labelled 0, dark images labelled 1, with three labels flipped."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 8, (n, s, s, 3)).astype(np.uint8)  # dark noise
+    labels = np.arange(n) % 2
+    images[labels == 0, 4:14, 4:14, :] = 250
+    labels[[0, 3, 5]] = 1 - labels[[0, 3, 5]]
+    return images, labels, [f"img{i:02d}.png" for i in range(n)]
+
+
+@pytest.fixture
+def registry_importable(monkeypatch):
+    """evaluate() imports medflow.models.registry (custom layers) before loading; stub it if absent."""
+    try:
+        import medflow.models.registry  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "medflow.models.registry", types.ModuleType("medflow.models.registry"))
+
+
+def test_evaluate_writes_every_output(tmp_path, registry_importable):
+    s = 24
+    model = tiny_model(s)
+    model_dir = tmp_path / "models" / "tiny"
+    model_dir.mkdir(parents=True)
+    model.save(model_dir / "model.keras")
+    images, labels, ids = fabricate(s)
+    params = parse_params({
+        "models": {"tiny": {"architecture": "basic_cnn", "batch_size": 8}},
+        "evaluate": {"bootstrap": 30, "calibration_bins": 5, "gradcam_per_class": 2, "misclassified_max": 2},
+    })
+    meta = {"classes": ["Parasitized", "Uninfected"], "ordered": False, "image_size": s, "channels": 3}
+    metrics_json, eval_dir = tmp_path / "reports" / "metrics" / "tiny.json", tmp_path / "reports" / "eval" / "tiny"
+
+    summary = evaluate("tiny", params, tmp_path / "processed", model_dir, metrics_json, eval_dir,
+                       arrays=(images, labels, ids), meta=meta)
+
+    proba = model.predict(images.astype("float32"), verbose=0)
+    pred = proba.argmax(axis=1)
+    flat = json.loads(metrics_json.read_text())
+    assert all(isinstance(v, (int, float)) for v in flat.values())  # dvc metrics show: flat scalars
+    assert flat["accuracy"] == pytest.approx(accuracy_score(labels, pred)) == pytest.approx(21 / 24)
+    assert flat["roc_auc"] == pytest.approx(roc_auc_score(labels, proba[:, 1]))
+    assert flat["n_test"] == 24 and flat["num_params"] == model.count_params()
+    assert summary["misclassified"] == 3
+
+    details = json.loads((eval_dir / "details.json").read_text())
+    assert details["classes"] == meta["classes"]
+    assert details["confusion"] == confusion_matrix(labels, pred).tolist()
+    assert set(details["per_class"]) == set(meta["classes"])
+    assert details["ci95"]["accuracy"][0] <= flat["accuracy"] <= details["ci95"]["accuracy"][1]
+
+    preds = pd.read_csv(eval_dir / "predictions.csv")
+    assert preds.columns.tolist() == ["id", "label", "pred", "p_Parasitized", "p_Uninfected"]
+    assert preds["id"].tolist() == ids
+    np.testing.assert_allclose(preds[["p_Parasitized", "p_Uninfected"]].to_numpy(), proba, rtol=1e-5)
+    conf = pd.read_csv(eval_dir / "confusion.csv")
+    assert conf.columns.tolist() == ["actual", "predicted"] and len(conf) == 24
+    assert (conf["actual"] != conf["predicted"]).sum() == 3
+    roc = pd.read_csv(eval_dir / "roc.csv")
+    assert {"fpr", "tpr", "threshold", "class"} <= set(roc.columns) and roc["tpr"].iloc[-1] == 1.0
+    calib = pd.read_csv(eval_dir / "calibration.csv")
+    assert len(calib) == 5 and calib["count"].sum() == 24
+    mis = pd.read_csv(eval_dir / "misclassified.csv")
+    assert len(mis) == 2 and set(mis["id"]) <= {"img00.png", "img03.png", "img05.png"}
+    assert mis["confidence"].is_monotonic_decreasing
+    for png in ("misclassified.png", "gradcam.png"):
+        assert (eval_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
