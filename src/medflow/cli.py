@@ -143,6 +143,41 @@ def models(params: ParamsOpt = Path("params.yaml")) -> None:
         typer.echo(f"{mark} {name:24s} {m.architecture:14s} weights={m.weights or 'none'} trainable={m.trainable}")
 
 
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="Image files, folders, CSV lists (data.csv.image_column) or DICOM files.")],
+    out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
+    champion: Annotated[Path, typer.Option(help="Champion record naming the model.")] = Layout().champion,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per model call (default serve.batch_size).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Predict every image under PATHS -> CSV (class, probabilities, model version); bad files are listed with a reason."""
+    p = _params(params)
+    from medflow.serve.batch import predict_paths
+
+    _run(lambda: predict_paths(paths, out, champion_json=champion, data_cfg=p.data, ingest_cfg=p.ingest,
+                               batch_size=batch_size or p.serve.batch_size))
+
+
+@app.command()
+def serve(
+    champion: Annotated[Path, typer.Option(help="Champion record naming the model.")] = Layout().champion,
+    host: Annotated[Optional[str], typer.Option(help="Default serve.host.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Default serve.port.")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Web page + JSON API (/predict, /health, /model, /openapi.json) for the champion model."""
+    p = _params(params)
+    import uvicorn
+
+    from medflow.serve.app import create_app
+
+    _run(lambda: uvicorn.run(create_app(champion, p.data, p.ingest,
+                                        max_upload_bytes=int(p.serve.max_upload_mb * 1024 * 1024),
+                                        workers=p.serve.workers),
+                             host=host or p.serve.host, port=port or p.serve.port))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

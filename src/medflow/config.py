@@ -155,6 +155,14 @@ class EvaluateConfig(_Section):
     misclassified_max: int = Field(24, ge=0)
 
 
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_upload_mb: float = Field(20.0, gt=0)  # larger uploads -> 413
+    workers: int = Field(2, ge=1, le=64)  # uploads decoded + predicted at once (threads)
+    batch_size: int = Field(64, ge=1)  # images per model call in `medflow predict`
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     ingest: IngestConfig = IngestConfig()
@@ -167,7 +175,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     monitor: dict[str, Any] = {}
     retrain: dict[str, Any] = {}
-    serve: dict[str, Any] = {}
+    serve: ServeConfig = ServeConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import sklearn
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
@@ -61,11 +62,12 @@ def params_hash(params: Any) -> str:
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, path)
 
 
@@ -148,11 +150,12 @@ def _bootstrap_ci(
     """Percentile 95% intervals from ``n`` resamples (with replacement) of the test set."""
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {}
-    for _ in range(n):
-        idx = rng.integers(0, len(y_true), len(y_true))
-        for name, value in _scalars(y_true[idx], proba[idx], ordered=ordered, bins=bins).items():
-            if value is not None:
-                draws.setdefault(name, []).append(value)
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):  # inputs checked once
+        for _ in range(n):
+            idx = rng.integers(0, len(y_true), len(y_true))
+            for name, value in _scalars(y_true[idx], proba[idx], ordered=ordered, bins=bins).items():
+                if value is not None:
+                    draws.setdefault(name, []).append(value)
     return {name: [float(v) for v in np.percentile(vals, [2.5, 97.5])] for name, vals in draws.items()}
 
 
@@ -204,14 +207,6 @@ def roc_table(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> pd.D
 
 
 # --------------------------------------------------------------------------- evaluate one model
-def _load_model(path: Path) -> Any:
-    import keras
-
-    from medflow.models import registry  # noqa: F401  (registers the project's custom layers)
-
-    return keras.models.load_model(path, safe_mode=True)
-
-
 def _pick_per_class(labels: np.ndarray, k: int, per_class: int) -> np.ndarray:
     """Indices of the first ``per_class`` test images of each class (deterministic)."""
     return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(k)]).astype(int)
@@ -227,17 +222,17 @@ def evaluate(
     *,
     arrays: tuple[np.ndarray, np.ndarray, list[str]] | None = None,
     meta: Mapping[str, Any] | None = None,
-    model: Any = None,
 ) -> dict[str, Any]:
     """Predict the test split with ``model_dir/model.keras`` and write every evaluation output.
 
     Writes ``metrics_json`` (flat scalars for ``dvc metrics show``) and, in ``eval_dir``:
     details.json (all of :func:`compute_metrics` + classes), predictions.csv (id, label, pred,
     p_<class>...), roc.csv, confusion.csv (actual, predicted), calibration.csv,
-    misclassified.csv (+ misclassified.png) and gradcam.png. ``arrays`` (images uint8, labels, ids),
-    ``meta`` and ``model`` replace reading the shards / model file (tests, notebooks).
+    misclassified.csv (+ misclassified.png) and gradcam.png. ``arrays`` (images uint8, labels, ids)
+    and ``meta`` replace reading the shards (tests, notebooks).
     """
     from medflow.models.gradcam import gradcam, overlay
+    from medflow.models.registry import load_model  # registers the custom layers; safe_mode on
     from medflow.report.figures import image_grid
 
     processed_dir, model_dir, eval_dir = Path(processed_dir), Path(model_dir), Path(eval_dir)
@@ -251,8 +246,7 @@ def evaluate(
     classes = list(meta["classes"])
     ordered = bool(meta.get("ordered", False))
     cfg = params.evaluate
-    if model is None:
-        model = _load_model(model_dir / "model.keras")
+    model = load_model(model_dir / "model.keras")
     batch = params.models[model_name].batch_size if model_name in params.models else 32
 
     proba = np.asarray(model.predict(images.astype("float32"), batch_size=batch, verbose=0), dtype=float)
@@ -283,7 +277,7 @@ def evaluate(
     (eval_dir / "misclassified.png").unlink(missing_ok=True)
     if len(wrong):
         titles = [f"true {names[labels[i]]}\npred {names[pred[i]]} ({conf[i]:.0%})" for i in wrong]
-        (eval_dir / "misclassified.png").write_bytes(image_grid(list(images[wrong]), titles))
+        _write_atomic(eval_dir / "misclassified.png", image_grid(list(images[wrong]), titles))
 
     # Grad-CAM over the first few test images of every class (for the predicted class).
     (eval_dir / "gradcam.png").unlink(missing_ok=True)
@@ -294,7 +288,7 @@ def evaluate(
         for j, i in enumerate(pick):
             tiles += [images[i], overlay(images[i], heat[j])]
             titles += [f"true {names[labels[i]]}", f"pred {names[pred[i]]} ({conf[i]:.0%})"]
-        (eval_dir / "gradcam.png").write_bytes(image_grid(tiles, titles, ncols=2 * max(1, cfg.gradcam_per_class)))
+        _write_atomic(eval_dir / "gradcam.png", image_grid(tiles, titles, ncols=2 * max(1, cfg.gradcam_per_class)))
 
     return {"model": model_name, **flat, "misclassified": int((pred != labels).sum())}
 
@@ -320,15 +314,21 @@ def compare(
     metric: str,
     data_hash: str,
     params_hash: str,
-    meta: Mapping[str, Any],
+    meta: Mapping[str, Any] | None = None,
     root: str | Path = ".",
 ) -> dict[str, Any]:
     """Rank models by ``metric``, write the comparison table and the champion record.
 
     ``metrics_jsons``: {model name: metrics JSON path} or a list of paths (name = file stem).
     Best = highest ``metric`` (lowest for ece); ties: fewer parameters, then name. ``meta`` supplies
-    classes, image_size, channels, ordered (the processed meta.json). Returns the champion record.
+    classes, image_size, channels, ordered (default: the shards' meta.json under ``root``).
+    ``model_path`` in the record is relative to ``root``. Returns the champion record.
     """
+    if meta is None:
+        from medflow.data.shards import read_meta
+        from medflow.layout import Layout
+
+        meta = read_meta(Layout(Path(root)).processed)
     if not isinstance(metrics_jsons, Mapping):
         metrics_jsons = {Path(p).stem: p for p in metrics_jsons}
     if not metrics_jsons:

@@ -10,7 +10,10 @@ No Prefect here: the flows wrap these functions in tasks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,26 @@ from medflow.config import Params, load_params
 from medflow.layout import Layout
 
 log = logging.getLogger(__name__)
+_CWD_LOCK = threading.RLock()
+
+
+@contextmanager
+def dvc_repo(root: str | Path) -> Iterator[Any]:
+    """``dvc.repo.Repo`` of ``root``, used with the working directory inside it.
+
+    Parts of DVC (the run cache) resolve paths against the working directory, as the ``dvc`` CLI
+    always runs there; the change is serialised and undone afterwards.
+    """
+    from dvc.repo import Repo
+
+    with _CWD_LOCK:
+        before = os.getcwd()
+        os.chdir(root)
+        try:
+            with Repo(str(root)) as repo:
+                yield repo
+        finally:
+            os.chdir(before)
 
 
 def pipeline_stages(root: str | Path) -> list[str]:
@@ -27,43 +50,45 @@ def pipeline_stages(root: str | Path) -> list[str]:
     The order is DVC's own reproduction plan (post-order over the stage graph); data sources
     (``*.dvc`` files) are left out — they are inputs, not steps.
     """
-    from dvc.repo import Repo
     from dvc.repo.reproduce import plan_repro
     from dvc.stage import PipelineStage
 
-    with Repo(str(root)) as repo:
-        return [s.addressing for s in plan_repro(repo.index.graph) if isinstance(s, PipelineStage)]
+    root = Path(root).resolve()
+    with dvc_repo(root) as repo:
+        plan = [s for s in plan_repro(repo.index.graph) if isinstance(s, PipelineStage)]
+    return [s.name if Path(s.path) == root / "dvc.yaml" else f"{Path(s.path).relative_to(root)}:{s.name}"
+            for s in plan]
+
+
+def _target(root: str | Path, name: str) -> str:
+    """A DVC target that does not depend on the working directory: ``<root>/dvc.yaml:<name>``."""
+    file, sep, stage = name.rpartition(":")
+    return f"{Path(root).resolve() / (file if sep else 'dvc.yaml')}:{stage}"
 
 
 def stage_changes(root: str | Path, name: str) -> list[Any]:
     """What ``dvc status <name>`` reports for this stage alone; empty when it is up to date."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        status = repo.status(targets=[name])
+    with dvc_repo(root) as repo:
+        status = repo.status(targets=[_target(root, name)])
     return [change for changes in status.values() for change in changes]
 
 
 def remove_outputs(root: str | Path, name: str) -> None:
     """Remove the stage's outputs before a run, exactly as ``dvc repro`` does (``persist`` ones are kept)."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo, repo.lock:
-        for stage in repo.stage.collect(name):
+    with dvc_repo(root) as repo, repo.lock:
+        for stage in repo.stage.collect(_target(root, name)):
             stage.remove_outs(ignore_remove=False, force=False)
 
 
 def commit_stage(root: str | Path, name: str) -> None:
     """``dvc commit --force <name>``: hash deps, params and outs into ``dvc.lock`` (and the cache)."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        repo.commit(name, force=True)
+    with dvc_repo(root) as repo:
+        repo.commit(_target(root, name), force=True)
 
 
 def stage_function(name: str) -> Callable[[Params, Layout], dict]:
     """The :mod:`medflow.stages` function behind a stage name; ``train@m`` -> ``stages.train(params, "m", ...)``."""
-    base, _, item = name.partition("@")
+    base, _, item = name.rpartition(":")[2].partition("@")
     fn = getattr(stages, base, None)
     if fn is None or base.startswith("_"):
         raise KeyError(f"dvc.yaml stage {name!r} has no function medflow.stages.{base}")

@@ -35,6 +35,7 @@ VERSIONS = Path("models/versions")
 PRODUCTION = Path("models/production")
 RETRAIN_LOCK = Path("models/.retrain.lock")
 REGISTRY_LOCK = Path("models/.registry.lock")
+LAST_DECISION = Path("reports/retraining/last_decision.json")
 
 
 class RetrainConfig(BaseModel):
@@ -83,7 +84,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def write_json_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -142,7 +143,8 @@ def dvc_data_version(dvc_file: str | Path) -> str | None:
 
 
 def load_candidate(root: str | Path, *, extra_dir: str = "data/raw/extra") -> dict[str, Any]:
-    """The challenger: ``models/champion.json`` + per-class test metrics, test-set hash, data version."""
+    """The challenger: ``models/champion.json`` + per-class test metrics, test-set hash and the data
+    version of the added batches (``{batch: md5 of <extra_dir>/<batch>.dvc}``)."""
     root = Path(root)
     champion = root / "models" / "champion.json"
     if not champion.exists():
@@ -152,7 +154,7 @@ def load_candidate(root: str | Path, *, extra_dir: str = "data/raw/extra") -> di
     rec["per_class"] = json.loads(details.read_text()).get("per_class", {}) if details.exists() else {}
     splits = root / "data" / "interim" / "splits.csv"
     rec["test_hash"] = split_fingerprint(splits) if splits.exists() else None
-    rec["data_version"] = dvc_data_version(root / f"{extra_dir.rstrip('/')}.dvc")
+    rec["data_version"] = {f.stem: dvc_data_version(f) for f in sorted((root / extra_dir).glob("*.dvc"))}
     return rec
 
 
@@ -237,7 +239,11 @@ def _swap_production(root: Path, version: str) -> None:
     tmp = link.with_name(f".production.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     os.symlink(Path(VERSIONS.name) / version, tmp)
-    os.replace(tmp, link)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(link.parent)
 
 
@@ -286,7 +292,7 @@ def promote(root: str | Path, candidate: dict[str, Any], *, reason: str = "") ->
                                     "path": (VERSIONS / version).as_posix()})
         _swap_production(root, version)
         reg["history"].append({"action": "promote", "version": version, "at": _now(), "reason": reason})
-        _write_json_atomic(root / REGISTRY, reg)
+        write_json_atomic(root / REGISTRY, reg)
     return version
 
 
@@ -305,18 +311,21 @@ def rollback(root: str | Path, version: str | None = None) -> str:
             raise PromotionError(f"unknown version {version!r}; registered: {names}")
         _swap_production(root, version)
         reg["history"].append({"action": "rollback", "version": version, "at": _now(), "from": current})
-        _write_json_atomic(root / REGISTRY, reg)
+        write_json_atomic(root / REGISTRY, reg)
     return version
 
 
 def decide_and_promote(root: str | Path, cfg: RetrainConfig) -> dict[str, Any]:
     """Compare the current run's champion with production; promote when the rule allows.
 
-    Returns ``{"decision": {...}, "candidate": version, "production": version after}``.
+    Returns (and writes to ``reports/retraining/last_decision.json``)
+    ``{"decision": {...}, "candidate": version, "production": version after}``.
     """
     candidate = load_candidate(root, extra_dir=cfg.extra_dir)
     decision = decide(candidate, production_record(root), min_improvement=cfg.min_improvement,
                       max_class_drop=cfg.max_class_drop)
     if decision.promote:
         promote(root, candidate, reason=decision.reason)
-    return {"decision": decision.to_dict(), "candidate": candidate["version"], "production": production_version(root)}
+    result = {"decision": decision.to_dict(), "candidate": candidate["version"], "production": production_version(root)}
+    write_json_atomic(Path(root) / LAST_DECISION, {**result, "at": _now()})
+    return result

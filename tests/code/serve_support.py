@@ -1,8 +1,10 @@
-"""Shared by the serve tests and benchmarks/serve.py: a tiny champion model built per the contract."""
+"""Shared by the serve tests and benchmarks/serve.py: a tiny contract-shaped champion, sample and bomb images."""
 
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,3 +45,20 @@ def make_tiny_champion(out_dir: Path, image_size: int = 32) -> Path:
     champion = out_dir / "champion.json"
     champion.write_text(json.dumps(record))
     return champion
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def png_bytes_with_header(width: int, height: int, idat: bytes) -> bytes:
+    """A PNG (8-bit grey) whose IHDR claims width×height, with the given compressed IDAT payload."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+def sparse_png(side: int) -> bytes:
+    """A real, valid all-black grey PNG of side×side pixels that compresses to a few hundred KB."""
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (side + 1)  # filter byte + pixels
+    return png_bytes_with_header(side, side, b"".join(comp.compress(row) for _ in range(side)) + comp.flush())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
@@ -53,10 +54,22 @@ def server(tmp_path: Path):
     sock.close()
 
 
-def test_upload_shows_prediction(server: str, tmp_path: Path) -> None:
+def _shown_probabilities(page) -> dict[str, float]:  # noqa: ANN001 - playwright Page
+    bars = page.locator("#probabilities li")
+    return {bars.nth(i).get_attribute("data-class"): float(bars.nth(i).get_attribute("data-probability"))
+            for i in range(bars.count())}
+
+
+def _api_probabilities(server: str, data: bytes) -> dict[str, float]:
+    r = httpx.post(f"{server}/predict", files={"file": ("x.png", data)}, timeout=60).json()
+    return dict(zip(r["classes"], r["probabilities"]))
+
+
+def test_upload_and_drop_show_prediction(server: str, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
-    image = Path(shutil.copy(sample_pngs(1)[0], tmp_path / "cell.png"))
+    first, second = sample_pngs(2)  # one per class
+    image = Path(shutil.copy(first, tmp_path / "cell.png"))
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -64,19 +77,31 @@ def test_upload_shows_prediction(server: str, tmp_path: Path) -> None:
             page.goto(server)
             expect(page.locator("#notice")).to_contain_text("does not replace, a clinician")
             expect(page.locator("#model-version")).to_have_text("tiny_cnn-0123abcd")
+
+            # 1. the file picker
             page.set_input_files("#file", str(image))
             expect(page.locator("#result")).to_be_visible(timeout=30_000)
-
-            predicted = page.locator("#predicted").inner_text()
-            bars = page.locator("#probabilities li")
-            expect(bars).to_have_count(len(CLASSES))
-            proba = {bars.nth(i).get_attribute("data-class"): float(bars.nth(i).get_attribute("data-probability"))
-                     for i in range(len(CLASSES))}
+            expect(page.locator("#probabilities li")).to_have_count(len(CLASSES))
+            proba = _shown_probabilities(page)
             assert set(proba) == set(CLASSES) and abs(sum(proba.values()) - 1) < 1e-5
-            assert predicted == max(proba, key=proba.get)
-            api = httpx.post(f"{server}/predict", files={"file": image.read_bytes()}).json()
-            assert [proba[c] for c in api["classes"]] == pytest.approx(api["probabilities"], abs=1e-6)
+            assert page.locator("#predicted").inner_text() == max(proba, key=proba.get)
+            assert proba == pytest.approx(_api_probabilities(server, image.read_bytes()), abs=1e-6)
             for img in ("#image", "#gradcam"):  # both images decoded and rendered
                 assert page.locator(img).evaluate("el => el.complete && el.naturalWidth") == 32
+
+            # 2. drag-and-drop of another image onto the drop zone
+            expected = _api_probabilities(server, second.read_bytes())
+            assert expected != pytest.approx(proba, abs=1e-6), "the two sample images must score differently"
+            transfer = page.evaluate_handle(
+                """async (b64) => {
+                    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                    const dt = new DataTransfer();
+                    dt.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+                    return dt;
+                }""", base64.b64encode(second.read_bytes()).decode())
+            page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+            expect(page.locator("#status")).to_have_text("Done.", timeout=30_000)
+            assert _shown_probabilities(page) == pytest.approx(expected, abs=1e-6)
+            assert page.locator("#predicted").inner_text() == max(expected, key=expected.get)
         finally:
             browser.close()

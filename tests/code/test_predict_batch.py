@@ -63,12 +63,12 @@ def test_predict_paths_writes_rows_for_good_and_bad_files(inputs, champion: Path
     monkeypatch.setattr(Predictor, "probabilities", counting)
     summary, df = _run(inputs, champion, tmp_path / "out" / "predictions.csv", batch_size=3)
 
-    # 4 folder PNGs + notes.txt + half.png; 3 CSV rows; 1 DICOM; 1 missing path. Hidden file skipped.
-    assert len(df) == 10 and not df["file"].str.contains(".hidden").any()
+    # folder: 4 PNGs + notes.txt + half.png (hidden file skipped); 3 CSV rows; 1 DICOM; 1 missing path.
+    assert len(df) == 11 and not df["file"].str.contains(".hidden").any()
     assert list(df.columns) == ["file", "status", "reason", "detail", "predicted", "confidence", *PROB_COLS,
                                 "model_version"]
     ok, bad = df[df.status == "ok"], df[df.status == "error"]
-    assert len(ok) == 6 and len(bad) == 4
+    assert len(ok) == 7 and len(bad) == 4
     reasons = dict(zip(bad["file"].map(lambda f: Path(f).name), bad["reason"]))
     assert reasons["notes.txt"] == "not_an_image" and reasons["half.png"] in {"truncated", "corrupt"}
     assert reasons["gone.png"] == "missing_file" and reasons["nope.png"] == "missing_file"
@@ -81,11 +81,11 @@ def test_predict_paths_writes_rows_for_good_and_bad_files(inputs, champion: Path
     np.testing.assert_allclose(ok["confidence"], proba.max(axis=1))
     assert (df["model_version"] == "tiny_cnn-0123abcd").all()
 
-    assert summary["files"] == 10 and summary["predicted"] == 6 and summary["failed"] == 4
+    assert summary["files"] == 11 and summary["predicted"] == 7 and summary["failed"] == 4
     assert summary["by_reason"]["missing_file"] == 2 and sum(summary["by_reason"].values()) == 4
-    assert sum(summary["per_class"].values()) == 6
+    assert sum(summary["per_class"].values()) == 7
     # Batched: chunks of 3 files; only the readable ones of each chunk reach the model, in one call.
-    assert sum(batch_sizes) == 6 and max(batch_sizes) > 1 and len(batch_sizes) <= 4
+    assert sum(batch_sizes) == 7 and max(batch_sizes) > 1 and len(batch_sizes) <= 4
 
 
 def test_batching_does_not_change_results(inputs, champion: Path, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import struct
 import zlib
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from serve_support import CLASSES, make_tiny_champion, sample_pngs
+from serve_support import CLASSES, make_tiny_champion, png_bytes_with_header, sample_pngs, sparse_png
 
 from medflow.config import DataConfig, IngestConfig
 from medflow.serve.app import NOTICE, create_app
@@ -41,22 +40,6 @@ def png_bytes() -> bytes:
 
 def _post(client: TestClient, data: bytes, name: str = "cell.png", ctype: str = "image/png"):
     return client.post("/predict", files={"file": (name, data, ctype)})
-
-
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-
-def _png(width: int, height: int, idat: bytes, colour_type: int = 0) -> bytes:
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
-
-
-def _sparse_png(side: int) -> bytes:
-    """A real, valid all-black grey PNG of side×side pixels that compresses to a few hundred KB."""
-    comp = zlib.compressobj(9)
-    row = b"\x00" * (side + 1)  # filter byte + pixels
-    return _png(side, side, b"".join(comp.compress(row) for _ in range(side)) + comp.flush())
 
 
 def _assert_rejected(resp, status: int | tuple[int, ...], reasons: set[str]) -> dict:
@@ -120,6 +103,18 @@ def test_odd_file_names_are_ignored(client: TestClient, png_bytes: bytes, name: 
     assert resp.json()["probabilities"] == pytest.approx(reference)
 
 
+def test_concurrent_requests_agree(client: TestClient, png_bytes: bytes) -> None:
+    """Requests in parallel (threads off the event loop, one model) give the sequential answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reference = _post(client, png_bytes).json()["probabilities"]
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: _post(client, png_bytes), range(12)))
+    assert all(r.status_code == 200 for r in responses)
+    for r in responses:
+        assert r.json()["probabilities"] == pytest.approx(reference, abs=1e-6)
+
+
 def test_oversized_upload_413(client: TestClient) -> None:
     body = _assert_rejected(_post(client, b"\x00" * (MAX_UPLOAD + 1)), 413, {"upload_too_large"})
     assert str(MAX_UPLOAD) in body["detail"]
@@ -135,7 +130,8 @@ def test_oversized_chunked_upload_413(client: TestClient) -> None:
             yield b"\x00" * 65536
         yield f"\r\n--{boundary}--\r\n".encode()
 
-    resp = client.post("/predict", content=body(), headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    headers = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    resp = client.post("/predict", content=body(), headers=headers)
     _assert_rejected(resp, 413, {"upload_too_large"})
 
 
@@ -144,16 +140,16 @@ def test_truncated_png(client: TestClient, png_bytes: bytes) -> None:
 
 
 def test_empty_upload(client: TestClient) -> None:
-    _assert_rejected(_post(client, b""), (400, 422), {"empty_file"})
+    _assert_rejected(_post(client, b""), 422, {"empty_file"})
 
 
 def test_header_claims_huge_dimensions(client: TestClient) -> None:
-    bomb = _png(100_000, 100_000, zlib.compress(b"\x00" * 1000))
+    bomb = png_bytes_with_header(100_000, 100_000, zlib.compress(b"\x00" * 1000))
     _assert_rejected(_post(client, bomb), 413, {"decompression_bomb", "too_large"})
 
 
 def test_real_sparse_decompression_bomb(client: TestClient) -> None:
-    bomb = _sparse_png(12_000)  # 144 Mpx > ingest.max_pixels (80 Mpx), each side < max_side
+    bomb = sparse_png(12_000)  # 144 Mpx > ingest.max_pixels (80 Mpx), each side < max_side
     assert len(bomb) < MAX_UPLOAD
     _assert_rejected(_post(client, bomb), 413, {"decompression_bomb"})
 
@@ -165,6 +161,13 @@ def test_missing_file_is_422(client: TestClient, png_bytes: bytes) -> None:
     resp = _post(client, png_bytes, name="")
     _assert_rejected(resp, 422, {"invalid_request"})
     assert len(resp.content) < 500
+
+
+def test_malformed_multipart_and_unknown_paths(client: TestClient) -> None:
+    resp = client.post("/predict", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=zz"})
+    _assert_rejected(resp, (400, 422), {"bad_request", "invalid_request"})
+    _assert_rejected(client.get("/nope"), 404, {"not_found"})
+    _assert_rejected(client.get("/predict"), 405, {"method_not_allowed"})
 
 
 def test_health_model_openapi(client: TestClient, champion: Path) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -217,16 +215,7 @@ def fabricate(s: int, n: int = 24):
     return images, labels, [f"img{i:02d}.png" for i in range(n)]
 
 
-@pytest.fixture
-def registry_importable(monkeypatch):
-    """evaluate() imports medflow.models.registry (custom layers) before loading; stub it if absent."""
-    try:
-        import medflow.models.registry  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "medflow.models.registry", types.ModuleType("medflow.models.registry"))
-
-
-def test_evaluate_writes_every_output(tmp_path, registry_importable):
+def test_evaluate_writes_every_output(tmp_path):
     s = 24
     model = tiny_model(s)
     model_dir = tmp_path / "models" / "tiny"

@@ -38,7 +38,7 @@ HU_FLOOR = -1024.0  # below: padding / outside the reconstruction circle
 
 def apply_window(values: np.ndarray, level: float, width: float) -> np.ndarray:
     """Linear window ``level ± width/2`` -> uint8 0..255 (rounded, clipped)."""
-    scaled = (np.asarray(values, np.float64) - (level - width / 2.0)) * (255.0 / width)
+    scaled = (np.asarray(values, np.float64) - (level - width / 2.0)) * 255.0 / width
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 

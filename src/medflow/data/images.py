@@ -131,21 +131,24 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int, max_side: int) 
     fmt = sniff_format(data)
     if fmt is None or fmt == "dicom":
         raise BadImage("not_an_image", f"no PNG/JPEG/BMP/TIFF signature (starts {data[:8]!r})")
+    _check_complete(data, fmt)
     width, height, channels, mode = _header(data, fmt)
     check_dimensions(width, height, max_pixels=max_pixels, min_side=min_side, max_side=max_side)
     if mode in ("F", "I") or mode.startswith(("F;", "I;32")):
         raise BadImage("unsupported_bit_depth", f"{fmt} mode {mode} (32-bit samples)")
     if fmt == "tiff" and mode == "CMYK" or channels not in (1, 2, 3, 4):
         raise BadImage("unsupported_channels", f"{fmt} with {channels} channels (mode {mode})")
-    _check_complete(data, fmt)
+    # plain 8-bit RGB decodes straight to RGB; anything else keeps its depth and alpha to be converted
+    plain = channels == 3 and (fmt == "jpeg" or mode == "png8")
+    flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION if plain else cv2.IMREAD_UNCHANGED
     try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as e:
         raise BadImage("corrupt", f"{fmt} decoder error: {e}") from None
     if img is None:
         raise BadImage("corrupt", f"{fmt} pixel data could not be decoded")
     bit_depth = 16 if img.dtype == np.uint16 else 8
-    return Decoded(to_rgb8(img, bgr=True), fmt, width, height, channels, bit_depth)
+    return Decoded(to_rgb8(img, bgr=not plain), fmt, width, height, channels, bit_depth)
 
 
 def decode_array(arr: np.ndarray, *, max_pixels: int, min_side: int, max_side: int, fmt: str = "npz") -> Decoded:
@@ -160,7 +163,7 @@ def decode_array(arr: np.ndarray, *, max_pixels: int, min_side: int, max_side: i
 
 def is_dicom(data: bytes, name: str = "") -> bool:
     """DICOM by the ``DICM`` magic at byte 128, or by a .dcm/.dicom file name."""
-    return data[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_SUFFIXES
+    return data[128:132] == b"DICM" or name.lower().endswith(tuple(DICOM_SUFFIXES))
 
 
 def decode_any(data: bytes, name: str, data_cfg: DataConfig, ingest_cfg: IngestConfig) -> Decoded:
@@ -200,14 +203,16 @@ def image_stats(rgb: np.ndarray) -> dict[str, float]:
     """Grey mean/std, sharpness (variance of the Laplacian) and per-channel means (0-255)."""
     grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     mean, std = cv2.meanStdDev(grey)
-    _, lap_std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
+    lap = cv2.Laplacian(grey, cv2.CV_16S)  # exact for 8-bit input; variance = E[x²] - E[x]²
+    lap_mean = cv2.sumElems(lap)[0] / lap.size
+    sharpness = cv2.norm(lap, cv2.NORM_L2SQR) / lap.size - lap_mean**2
     r, g, b, _ = cv2.mean(rgb)
-    values = dict(mean=mean[0, 0], std=std[0, 0], sharpness=lap_std[0, 0] ** 2, mean_r=r, mean_g=g, mean_b=b)
+    values = dict(mean=mean[0, 0], std=std[0, 0], sharpness=sharpness, mean_r=r, mean_g=g, mean_b=b)
     return {k: round(float(v), 4) for k, v in values.items()}
 
 
 def pixel_sha256(rgb: np.ndarray) -> str:
     """sha256 of the decoded 8-bit pixels and their shape (re-encoded copies hash alike)."""
-    h = hashlib.sha256("x".join(map(str, rgb.shape)).encode() + b"|")
+    h = hashlib.sha256(b"x".join(b"%d" % n for n in rgb.shape) + b"|")
     h.update(np.ascontiguousarray(rgb).data)
     return h.hexdigest()

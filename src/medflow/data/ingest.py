@@ -26,7 +26,7 @@ from tqdm import tqdm
 from medflow.config import DataConfig, IngestConfig
 from medflow.data.images import BadImage, decode_any, decode_array, image_stats, pixel_sha256, to_model_input
 from medflow.data.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS
-from medflow.data.sources import Record, detect_format, list_records, natural_key
+from medflow.data.sources import Record, SourceError, detect_format, list_records, natural_key
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,8 +42,9 @@ def process_record(rec: Record, data: DataConfig, cfg: IngestConfig) -> Result:
             dec, nbytes = decode_array(rec.array, **limits), rec.array.nbytes
         else:
             assert rec.file is not None
-            raw = rec.file.read_bytes()
-            dec, nbytes = decode_any(raw, rec.file.name, data, cfg), len(raw)
+            with open(rec.file, "rb") as f:
+                raw = f.read()
+            dec, nbytes = decode_any(raw, rec.file, data, cfg), len(raw)
     except BadImage as e:
         return None, None, None, (e.reason, e.detail)
     except FileNotFoundError as e:
@@ -129,30 +130,39 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: Inges
     fmt = detect_format(source) if data.format == "auto" else data.format
     records = list_records(source, fmt, data)
     if not records:
-        raise ValueError(f"{source}: no images found (format {fmt})")
+        raise SourceError(f"{source}: no images found (format {fmt})")
     out_dir.mkdir(parents=True, exist_ok=True)
     quarantine = [{"path": r.path, "reason": r.problem[0], "detail": r.problem[1]} for r in records if r.problem]
     todo = [r for r in records if not r.problem]
     pixels_tmp = out_dir / "pixels.npy.tmp"
-    pixels = np.lib.format.open_memmap(pixels_tmp, mode="w+", dtype=np.uint8,
-                                       shape=(len(todo), cfg.image_size, cfg.image_size, cfg.channels))
+    shape = (len(todo), cfg.image_size, cfg.image_size, cfg.channels)
+    pixels = np.lib.format.open_memmap(pixels_tmp, mode="w+", dtype=np.uint8, shape=shape)
+    offset, row_bytes = pixels.offset, int(np.prod(shape[1:]))
+    fd = os.open(pixels_tmp, os.O_WRONLY)
+
+    def work(item: tuple[int, Record]) -> tuple[dict[str, Any] | None, str | None, tuple[str, str] | None]:
+        index, rec = item
+        fields, file_group, small, problem = process_record(rec, data, cfg)
+        if small is not None:  # rows of failed records are compacted away below
+            os.pwrite(fd, small.data, offset + index * row_bytes)  # no page faults, GIL released
+        return fields, file_group, problem
+
     rows: list[dict[str, Any]] = []
-    results = ordered_map(lambda rec: process_record(rec, data, cfg), todo, cfg.workers)
-    for rec, (fields, file_group, small, problem) in tqdm(
+    results = ordered_map(work, list(enumerate(todo)), cfg.workers)
+    for index, (rec, (fields, file_group, problem)) in enumerate(tqdm(
         zip(todo, results), total=len(todo), desc="ingest", unit="img", disable=not progress, file=sys.stderr
-    ):
+    )):
         if problem is not None:
             quarantine.append({"path": rec.path, "reason": problem[0], "detail": problem[1]})
             continue
-        pixels[len(rows)] = small
         group = rec.group or file_group
         rows.append({"id": rec.path, "path": rec.path, "label": rec.label, "group": group or rec.path,
                      "grouped": group is not None, "source_split": rec.source_split, **(fields or {}),
-                     "row": len(rows)})
+                     "row": index})
+    os.close(fd)
     rows, conflicts = _drop_conflicts(rows, pixels)
     quarantine += conflicts
-    pixels.flush()
-    del pixels
+    del pixels  # unmapped without msync: the page cache serves the renamed file
     shrink_npy(pixels_tmp, len(rows))
 
     quarantine.sort(key=lambda q: (natural_key(q["path"]), q["reason"]))

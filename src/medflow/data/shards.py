@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 META = "meta.json"
-SHUFFLE_BUFFER = 4096  # examples held for shuffling (bounded memory regardless of dataset size)
+SHUFFLE_BYTES = 256 * 2**20  # raw image bytes the shuffle buffer may hold (memory bound)
+MIN_SHUFFLE = 64  # examples in the shuffle buffer even for very large images
 
 
 def _example(image: np.ndarray, label: int, id_: str) -> bytes:
@@ -156,8 +157,9 @@ def dataset(processed_dir: str | Path, split: str, *, batch_size: int, shuffle: 
         names = names.shuffle(max(len(files), 1), seed=seed, reshuffle_each_iteration=True)
         ds = names.interleave(tf.data.TFRecordDataset, cycle_length=min(4, max(len(files), 1)),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        n = int(meta["counts"].get(split, SHUFFLE_BUFFER))
-        ds = ds.shuffle(max(1, min(n, SHUFFLE_BUFFER)), seed=seed, reshuffle_each_iteration=True)
+        per_image = meta["image_size"] ** 2 * meta["channels"]
+        buffer = min(int(meta["counts"][split]), max(MIN_SHUFFLE, SHUFFLE_BYTES // per_image))
+        ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
     else:
         ds = tf.data.TFRecordDataset(names)  # shard by shard, in manifest row order
     ds = ds.batch(batch_size).map(_parser(meta, with_ids=with_ids, as_float=True),

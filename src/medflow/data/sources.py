@@ -30,6 +30,10 @@ SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val
 EYE_PAIR = re.compile(r"^(?P<group>.+?)_(?:left|right)$", re.IGNORECASE)
 
 
+class SourceError(ValueError):
+    """The source as a whole cannot be read as configured (format, CSV columns, npz keys, no images)."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One candidate image; exactly one of ``file`` / ``array`` is set unless ``problem`` is."""
@@ -38,7 +42,7 @@ class Record:
     label: str
     group: str | None = None
     source_split: str = ""
-    file: Path | None = None
+    file: str | None = None  # path to read
     array: np.ndarray | None = None
     problem: tuple[str, str] | None = None  # (reason, detail) known before decoding
 
@@ -61,17 +65,21 @@ def resolve_group(stem: str, pattern: str | None) -> str | None:
     return m.group("group") if m else None
 
 
-def _files(folder: Path) -> list[Path]:
-    """Every non-hidden file below ``folder`` (hidden folders skipped)."""
+def _files(folder: str) -> list[str]:
+    """Every non-hidden file below ``folder`` (hidden folders skipped), as joined path strings."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+        out.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
     return out
 
 
-def _is_candidate(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES
+def _suffix(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
+
+
+def _stem(name: str) -> str:
+    return os.path.splitext(os.path.basename(name))[0]
 
 
 def detect_format(path: str | Path) -> Format:
@@ -83,10 +91,10 @@ def detect_format(path: str | Path) -> Format:
             return "csv"
         if suffix == ".npz":
             return "npz"
-        raise ValueError(f"{path}: cannot tell the source format from a {suffix or 'suffix-less'} file")
+        raise SourceError(f"{path}: cannot tell the source format from a {suffix or 'suffix-less'} file")
     if not path.is_dir():
         raise FileNotFoundError(f"data source {path} does not exist")
-    suffixes = {p.suffix.lower() for p in _files(path)}
+    suffixes = {_suffix(p) for p in _files(str(path))}
     return "dicom" if suffixes & DICOM_SUFFIXES and not suffixes & IMAGE_SUFFIXES else "folder"
 
 
@@ -97,26 +105,28 @@ def folder_records(root: str | Path, group_pattern: str | None) -> list[Record]:
     image); image/DICOM files outside any class folder are quarantined as ``no_label``; other
     files there (README, CSV) are metadata and ignored.
     """
-    root = Path(root)
-    tops = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    is_split_tree = bool(tops) and all(d.name.lower() in SPLIT_DIRS for d in tops)
-    records: list[Record] = []
-    class_dirs: list[tuple[Path, str]] = []
-    loose = [f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")]
+    root = str(root)
+    prefix = os.path.join(root, "")
+    entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
+    tops = [e for e in entries if e.is_dir()]
+    is_split_tree = bool(tops) and all(e.name.lower() in SPLIT_DIRS for e in tops)
+    class_dirs: list[tuple[os.DirEntry, str]] = []
+    loose = [e.path for e in entries if e.is_file()]
     for top in tops:
         if not is_split_tree:
             class_dirs.append((top, ""))
             continue
-        split = SPLIT_DIRS[top.name.lower()]
-        class_dirs += [(d, split) for d in sorted(top.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-        loose += [f for f in top.iterdir() if f.is_file() and not f.name.startswith(".")]
-    for class_dir, split in class_dirs:
-        for f in _files(class_dir):
-            rel = f.relative_to(root).as_posix()
-            records.append(Record(rel, class_dir.name, resolve_group(f.stem, group_pattern), split, file=f))
+        inner = sorted((e for e in os.scandir(top.path) if not e.name.startswith(".")), key=lambda e: e.name)
+        class_dirs += [(e, SPLIT_DIRS[top.name.lower()]) for e in inner if e.is_dir()]
+        loose += [e.path for e in inner if e.is_file()]
+    records = [
+        Record(f[len(prefix):].replace(os.sep, "/"), class_dir.name,
+               resolve_group(_stem(f), group_pattern), split, file=f)
+        for class_dir, split in class_dirs for f in _files(class_dir.path)
+    ]
     records += [
-        Record(f.relative_to(root).as_posix(), "", problem=("no_label", "image is not inside a class folder"))
-        for f in loose if _is_candidate(f)
+        Record(f[len(prefix):].replace(os.sep, "/"), "", problem=("no_label", "image is not inside a class folder"))
+        for f in loose if _suffix(f) in IMAGE_SUFFIXES | DICOM_SUFFIXES
     ]
     return sorted(records, key=lambda r: natural_key(r.path))
 
@@ -132,7 +142,7 @@ def csv_records(csv_path: str | Path, cfg: CsvSource, group_pattern: str | None)
     wanted = [cfg.image_column, cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
     missing = [c for c in wanted if c not in df.columns]
     if missing:
-        raise ValueError(f"{csv_path}: missing column(s) {missing}; columns are {list(df.columns)} "
+        raise SourceError(f"{csv_path}: missing column(s) {missing}; columns are {list(df.columns)} "
                          "(set data.csv.image_column / label_column / group_column)")
     base = csv_path.parent
     image_dir = base / cfg.image_dir if cfg.image_dir else base
@@ -150,7 +160,7 @@ def csv_records(csv_path: str | Path, cfg: CsvSource, group_pattern: str | None)
         line, label, group = entries[0]
         file = base / rel
         if group is None and not cfg.group_column:
-            group = resolve_group(Path(rel).stem, group_pattern)
+            group = resolve_group(_stem(rel), group_pattern)
         problem = None
         if len(labels) > 1:
             problem = ("conflicting_labels", f"CSV lines {[e[0] for e in entries]} give labels {labels}")
@@ -158,7 +168,7 @@ def csv_records(csv_path: str | Path, cfg: CsvSource, group_pattern: str | None)
             problem = ("no_label", f"CSV line {line} has an empty {cfg.label_column!r}")
         elif not file.is_file():
             problem = ("missing_file", f"CSV line {line} names {rel}, which does not exist")
-        records.append(Record(rel, label, group, file=None if problem else file, problem=problem))
+        records.append(Record(rel, label, group, file=None if problem else str(file), problem=problem))
     return sorted(records, key=lambda r: natural_key(r.path))
 
 
@@ -169,13 +179,13 @@ def npz_records(npz_path: str | Path, label_names: dict[str, str] | None) -> lis
     with np.load(npz_path) as z:
         splits = [s for s in ("train", "val", "test") if f"{s}_images" in z.files]
         if not splits:
-            raise ValueError(f"{npz_path}: no {{train,val,test}}_images arrays (keys: {z.files})")
+            raise SourceError(f"{npz_path}: no {{train,val,test}}_images arrays (keys: {z.files})")
         for split in splits:
             images, labels = z[f"{split}_images"], np.asarray(z[f"{split}_labels"])
             if labels.ndim == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
             if labels.ndim != 1 or len(labels) != len(images):
-                raise ValueError(f"{npz_path}: {split}_labels has shape {labels.shape}; "
+                raise SourceError(f"{npz_path}: {split}_labels has shape {labels.shape}; "
                                  f"expected one label per image ({len(images)}); multi-label sets are unsupported")
             for i, (image, value) in enumerate(zip(images, labels.tolist())):
                 label = (label_names or {}).get(str(value), str(value))
@@ -191,4 +201,4 @@ def list_records(source: str | Path, fmt: Format, data: DataConfig) -> list[Reco
         return csv_records(source, data.csv, data.group_pattern)
     if fmt == "npz":
         return npz_records(source, data.label_names)
-    raise ValueError(f"unknown data format {fmt!r}")
+    raise SourceError(f"unknown data format {fmt!r}")

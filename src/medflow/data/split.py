@@ -40,8 +40,7 @@ _TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "form
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read manifest.csv keeping identifiers and labels as text (labels like '0' stay strings)."""
-    df = pd.read_csv(path, dtype={c: "string" for c in _TEXT_COLUMNS})
-    return df
+    return pd.read_csv(path, dtype={c: "string" for c in _TEXT_COLUMNS})
 
 
 def _text(col: pd.Series) -> pd.Series:
@@ -68,8 +67,8 @@ def components(df: pd.DataFrame) -> np.ndarray:
     rows = np.tile(np.arange(n), len(keys))
     # bipartite graph rows <-> keys; nodes 0..n-1 are rows, n.. are keys
     graph = coo_matrix((np.ones(len(rows)), (rows, codes + n)), shape=(n + len(uniques),) * 2)
-    _, labels = connected_components(graph, directed=False)
-    return pd.factorize(labels[:n])[0]
+    _, component = connected_components(graph, directed=False)
+    return pd.factorize(component[:n])[0]
 
 
 def _greedy(comp: np.ndarray, y: np.ndarray, names: list[str], ratios: list[float],
@@ -112,9 +111,9 @@ def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
 
     free = split == ""
     if free.any():
-        picked = _greedy(pd.factorize(comp[free])[0], y[free], list(SPLITS),
-                         [cfg.train, cfg.val, cfg.test], cfg.seed)
-        split[free] = [picked[c] for c in pd.factorize(comp[free])[0]]
+        sub = pd.factorize(comp[free])[0]
+        picked = _greedy(sub, y[free], list(SPLITS), [cfg.train, cfg.val, cfg.test], cfg.seed)
+        split[free] = [picked[c] for c in sub]
     official = set(source) - {""}
     carve = (split == "train") & ~free
     if official and "val" not in official and carve.any():

@@ -134,14 +134,14 @@ def _errors(info: dict | None) -> list[str]:
     return sorted({m for v in info.values() if isinstance(v, dict) for m in _errors(v)})
 
 
-def _record(table: str, res: Any) -> dict:
+def _record(table: str, res: Any, indexed: bool) -> dict:
     cfg = res.expectation_config
     r = res.result or {}
     kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "column")}
     offending: list = []
     if "unexpected_count" in r:
         observed: Any = f"{r['unexpected_count']} of {r.get('element_count', '?')} unexpected"
-        offending = r.get("unexpected_index_list") or r.get("unexpected_list") or []
+        offending = (r.get("unexpected_index_list") if indexed else None) or r.get("unexpected_list") or []
         count = r["unexpected_count"]
     elif "partial_missing_list" in r:  # distinct values must contain a set
         observed = f"{r.get('missing_count', 0)} missing"
@@ -178,10 +178,11 @@ def run_expectations(tables: dict[str, pd.DataFrame], cfg: ValidateConfig,
             batch_parameters={"dataframe": tables[table]})
         suite = gx.ExpectationSuite(name=table, expectations=expectations)
         fmt: dict[str, Any] = {"result_format": "COMPLETE"}
-        if index_col and index_col in tables[table]:
+        indexed = bool(index_col and index_col in tables[table])
+        if indexed:  # offending rows are named by this column (id, label, sha256)
             fmt["unexpected_index_column_names"] = [index_col]
         result = batch.validate(suite, result_format=fmt)
-        records += [_record(table, r) for r in result.results]
+        records += [_record(table, r, indexed) for r in result.results]
     return records
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from medflow.data.manifest import SPLITS
 from medflow.layout import Layout
 from medflow.report import figures
 
@@ -73,16 +74,26 @@ def _data_section(layout: Layout) -> dict[str, Any] | None:
     }
 
 
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> dotted keys (lists are left as they are)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def _validation_section(layout: Layout) -> dict[str, Any] | None:
     v = _json(layout.validation_dir / "validation.json")
     if v is None:
         return None
-    status = v.get("success", v.get("passed")) if isinstance(v, dict) else None
-    scalars = {k: val for k, val in v.items() if isinstance(val, (str, int, float, bool)) or val is None}
-    tables = {k: _table(pd.DataFrame(val)) for k, val in v.items()
-              if isinstance(val, list) and val and all(isinstance(x, dict) for x in val)}
+    scalars = {k: val for k, val in _flatten(v).items() if isinstance(val, (str, int, float, bool)) or val is None}
+    tables = {}
+    for k, val in v.items():
+        if isinstance(val, list) and val and all(isinstance(x, dict) for x in val):
+            df = pd.DataFrame(val)
+            tables[k] = _table(df[[c for c in df.columns if not df[c].map(lambda x: isinstance(x, (dict, list))).any()]])
     html = layout.validation_dir / "validation.html"
-    return {"status": status, "scalars": scalars, "tables": tables,
+    return {"status": v.get("success"), "scalars": scalars, "tables": tables,
             "link": os.path.relpath(html, layout.report.parent) if html.is_file() else None}
 
 
@@ -92,8 +103,9 @@ def _wide_counts(df: pd.DataFrame) -> pd.DataFrame:
     if "split" in cols and len(df.columns) == 3:
         cls = next(c for c in df.columns if c != cols["split"] and df[c].dtype == object)
         num = next(c for c in df.columns if c not in (cols["split"], cls))
-        df = df.pivot_table(index=cls, columns=cols["split"], values=num, aggfunc="sum", fill_value=0).reset_index()
-        df.columns.name = None
+        df = df.pivot_table(index=cls, columns=cols["split"], values=num, aggfunc="sum", fill_value=0)
+        df = df[sorted(df.columns, key=lambda c: (SPLITS.index(c) if c in SPLITS else len(SPLITS), str(c)))]
+        df = df.reset_index().rename_axis(columns=None)
     return df
 
 
@@ -158,8 +170,13 @@ def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
     history = _csv(layout.monitoring / "history.csv")
     if history is None:
         return None
-    links = [os.path.relpath(p, layout.report.parent) for p in sorted(layout.monitoring.rglob("*.html"))]
-    return {"table": _table(history), "links": links}
+    rel = os.path.relpath(layout.monitoring, layout.report.parent)
+    if "report" in history:  # one report per batch, relative to the monitoring folder
+        links = [(str(b), f"{rel}/{r}") for b, r in zip(history.get("batch", history["report"]), history["report"])]
+    else:
+        links = [(p.parent.name, os.path.relpath(p, layout.report.parent)) for p in sorted(layout.monitoring.rglob("*.html"))]
+    shown = history.drop(columns=[c for c in ("report", "summary") if c in history])
+    return {"table": _table(shown), "links": links}
 
 
 def build_report(layout: Layout, params: Any) -> Path:
@@ -181,5 +198,6 @@ def build_report(layout: Layout, params: Any) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".index.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(html)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600
     os.replace(tmp, out)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medflow.config import DataConfig, IngestConfig
@@ -43,8 +45,10 @@ class Rejected(HTTPException):
         self.reason = reason
 
 
-def _rejected_response(exc: Rejected) -> JSONResponse:
-    return JSONResponse({"detail": exc.detail, "reason": exc.reason}, status_code=exc.status_code)
+def _error_response(exc: StarletteHTTPException) -> JSONResponse:
+    """Every error as ``{"detail": text, "reason": code}``."""
+    reason = getattr(exc, "reason", HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"))
+    return JSONResponse({"detail": exc.detail, "reason": reason}, status_code=exc.status_code, headers=exc.headers)
 
 
 class InputInfo(BaseModel):
@@ -105,7 +109,7 @@ class UploadLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            return await _rejected_response(self._too_large())(scope, receive, send)
+            return await _error_response(self._too_large())(scope, receive, send)
         seen = 0
 
         async def limited() -> Message:
@@ -144,15 +148,15 @@ def create_app(
     app.add_middleware(UploadLimit, max_bytes=max_upload_bytes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.exception_handler(Rejected)
-    async def _rejected(_: Request, exc: Rejected) -> JSONResponse:
-        return _rejected_response(exc)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         """Name what is wrong without echoing the (possibly large, binary) input back."""
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return _rejected_response(Rejected(422, "invalid_request", detail))
+        return _error_response(Rejected(422, "invalid_request", detail))
 
     def run(upload: BinaryIO) -> dict[str, Any]:
         data = upload.read()
@@ -179,13 +183,15 @@ def create_app(
         """The champion model: name, version, classes and its test metrics."""
         return ModelInfo(**predictor.info())
 
-    bad = {"model": Error}
-    responses = {400: bad, 413: {"model": Error, "description": "Upload or image dimensions too large"},
+    responses = {400: {"model": Error, "description": "Malformed request body"},
+                 413: {"model": Error, "description": "Upload or image dimensions too large"},
                  415: {"model": Error, "description": "Not a supported image"},
                  422: {"model": Error, "description": "Corrupt, truncated or unusable image"}}
 
     @app.post("/predict", responses=responses)  # type: ignore[arg-type]
-    async def predict(file: UploadFile = File(description="PNG, JPEG, BMP, TIFF or DICOM; type is sniffed")) -> Prediction:
+    async def predict(
+        file: UploadFile = File(description="PNG, JPEG, BMP, TIFF or DICOM; the type is sniffed from the bytes"),
+    ) -> Prediction:
         """Classify one image (content is sniffed; the file name is ignored); probabilities + Grad-CAM."""
         return Prediction(**await anyio.to_thread.run_sync(run, file.file, limiter=limiter))
 

@@ -55,7 +55,7 @@ class Predictor:
         self.model = load_model(self.model_path)
         expected = (self.image_size, self.image_size, self.channels)
         if tuple(self.model.input_shape[1:]) != expected:
-            raise ValueError(f"{self.model_path}: model input {self.model.input_shape[1:]} != champion record {expected}")
+            raise ValueError(f"{self.model_path}: input {self.model.input_shape[1:]} != champion record {expected}")
         self._lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ async function loadModel() {
     if (typeof value !== "number") continue;  // scalars only (skip intervals, tables)
     const row = body.insertRow();
     row.insertCell().textContent = name + (name === m.metric ? " (selection metric)" : "");
-    row.insertCell().textContent = value.toFixed(3);
+    row.insertCell().textContent = Number.isInteger(value) ? String(value) : value.toFixed(3);
   }
 }
 

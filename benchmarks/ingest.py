@@ -1,0 +1,114 @@
+"""Ingest throughput vs the raw OpenCV limit (2 threads), on the malaria sample and BloodMNIST.
+
+    .venv/bin/python benchmarks/ingest.py [--size 128] [--repeat 3] [--no-shards]
+
+raw limit: list files + read bytes + cv2.imdecode + cv2.resize(INTER_AREA) on a 2-thread pool (npz: np.load +
+resize, there is nothing to decode). ingest: ``medflow.data.ingest.ingest`` (workers=2), i.e. the same
+work plus hashing, statistics, quarantine checks and writing pixels.npy / manifest.csv.
+ingest+preprocess adds ``split.run_split`` and ``shards.write_shards`` (TFRecords). Best of --repeat
+runs (the machine is shared). BloodMNIST needs ../shared and is skipped with a note when missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+MALARIA = ROOT / "data" / "raw" / "malaria-cells-400"
+BLOOD = ROOT / ".." / "shared" / "datasets" / "medmnist" / "bloodmnist.npz"
+BLOOD_NAMES = {"0": "basophil", "1": "eosinophil", "2": "erythroblast", "3": "immature granulocyte",
+               "4": "lymphocyte", "5": "monocyte", "6": "neutrophil", "7": "platelet"}
+
+
+def best_seconds(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """Best wall-clock and best CPU seconds (all threads) over ``repeat`` runs."""
+    wall, cpu = [], []
+    for _ in range(repeat):
+        w0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return min(wall), min(cpu)
+
+
+def raw_files(size: int) -> int:
+    files = sorted(str(p) for p in MALARIA.glob("*/*.png"))  # listing counts: ingest lists the folder too
+
+    def one(path: str) -> np.ndarray:
+        with open(path, "rb") as f:
+            img = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_COLOR)
+        return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+    with ThreadPoolExecutor(2) as pool:
+        return len(list(pool.map(one, files)))
+
+
+def raw_npz(size: int) -> int:
+    with np.load(BLOOD) as z:
+        images = [z[f"{s}_images"] for s in ("train", "val", "test")]
+    with ThreadPoolExecutor(2) as pool:
+        return sum(len(list(pool.map(lambda a: cv2.resize(a, (size, size), interpolation=cv2.INTER_AREA), imgs)))
+                   for imgs in images)
+
+
+def run(name: str, source: Path, raw: Callable[[int], int], data: object, args: argparse.Namespace) -> None:
+    from medflow.config import IngestConfig, PreprocessConfig, SplitConfig
+    from medflow.data.ingest import ingest
+
+    cfg = IngestConfig(image_size=args.size, workers=2)
+    n = raw(args.size)
+    with tempfile.TemporaryDirectory(prefix="medflow-bench-") as tmp:
+        out = Path(tmp)
+        (t_raw, c_raw) = best_seconds(lambda: raw(args.size), args.repeat)
+        (t_ingest, c_ingest) = best_seconds(lambda: ingest(source, out / "interim", data, cfg, progress=False),
+                                            args.repeat)
+        line = (f"{name}: {n} images at {args.size}px | raw cv2 decode+resize (2 threads) {n / t_raw:,.0f} img/s | "
+                f"ingest {n / t_ingest:,.0f} img/s = {t_raw / t_ingest:.0%} of raw "
+                f"(CPU per image {c_ingest / n * 1e6:,.0f} vs {c_raw / n * 1e6:,.0f} us = {c_raw / c_ingest:.0%})")
+        if args.shards:
+            from medflow.data.shards import write_shards
+            from medflow.data.split import run_split
+
+            def preprocess() -> None:
+                run_split(out / "interim" / "manifest.csv", out / "splits.csv", out / "counts.csv", SplitConfig())
+                write_shards(out / "interim" / "manifest.csv", out / "interim" / "pixels.npy", out / "splits.csv",
+                             out / "processed", shard_size=PreprocessConfig().shard_size, data=data, progress=False)
+
+            t_pre = best_seconds(preprocess, args.repeat)[0]
+            line += (f" | ingest+preprocess {n / (t_ingest + t_pre):,.0f} img/s = "
+                     f"{t_raw / (t_ingest + t_pre):.0%} of raw")
+        print(line, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=128, help="ingest.image_size (default 128, as params.yaml)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-shards", dest="shards", action="store_false", help="measure ingest alone")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from medflow.config import DataConfig
+
+    if args.shards:
+        import tensorflow  # noqa: F401  (imported before timing: its start-up is not ingest cost)
+
+    run("malaria-cells-400", MALARIA, lambda s: raw_files(s), DataConfig(), args)
+    if BLOOD.is_file():
+        run("bloodmnist", BLOOD, lambda s: raw_npz(s), DataConfig(label_names=BLOOD_NAMES), args)
+    else:
+        print(f"bloodmnist: skipped, {BLOOD} not found (../shared is optional)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Train one registry model: streamed tf.data input, class weights, early stopping, LR schedule,
+per-epoch backup with resume after a kill, DVCLive metrics; frozen backbones train their head on
+the embedding cache and are then assembled into the full model.
+
+Outputs in ``out_dir``: ``model.keras`` (full model, float32, uncompiled), ``history.csv``,
+``train_summary.json``, ``checkpoints/best.weights.h5``, ``backup/`` (only while unfinished), ``dvclive/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medflow.config import ModelConfig, Params
+from medflow.data import shards
+
+if TYPE_CHECKING:
+    import keras
+    import tensorflow as tf
+
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
+
+
+def class_weights(meta: dict, mode: str) -> dict[int, float] | None:
+    """'balanced' inverse-frequency weights n / (k * n_c) from the train class counts; None for 'none'."""
+    if mode == "none":
+        return None
+    counts = [int(meta["class_counts"]["train"].get(c, 0)) for c in meta["classes"]]
+    total, k = sum(counts), len(counts)
+    return {i: (total / (k * n) if n else 1.0) for i, n in enumerate(counts)}
+
+
+def datasets(cfg: ModelConfig, processed_dir: str | Path, seed: int) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """(train, val) pipelines: train shuffled and augmented (Keras layers, training=True); val untouched.
+
+    Both declare their batch count (from meta.json), which Keras uses for progress and epoch ends.
+    """
+    import tensorflow as tf
+
+    from medflow.models.augment import augment_dataset
+
+    counts = shards.read_meta(processed_dir)["counts"]
+
+    def sized(split: str, **kw: Any) -> tf.data.Dataset:
+        ds = shards.dataset(processed_dir, split, batch_size=cfg.batch_size, **kw)
+        return ds.apply(tf.data.experimental.assert_cardinality(-(-int(counts.get(split, 0)) // cfg.batch_size)))
+
+    return augment_dataset(sized("train", shuffle=True, seed=seed), cfg.augment, seed), sized("val")
+
+
+def use_mixed_precision(mode: str) -> bool:
+    """'on', 'off', or 'auto' (on only when a GPU is visible)."""
+    import tensorflow as tf
+
+    return mode == "on" or (mode == "auto" and bool(tf.config.list_physical_devices("GPU")))
+
+
+def _strategy() -> tf.distribute.Strategy:
+    """MirroredStrategy over all visible GPUs when there are several, else the default strategy."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+
+
+def _optimizer(cfg: ModelConfig) -> keras.optimizers.Optimizer:
+    import keras
+
+    return {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
+            "rmsprop": keras.optimizers.RMSprop}[cfg.optimizer](learning_rate=cfg.learning_rate)
+
+
+def _history_callback(path: Path, rows: dict[int, dict]) -> keras.callbacks.Callback:
+    import keras
+
+    class HistoryCSV(keras.callbacks.Callback):
+        """Rewrites ``history.csv`` after every epoch (rows keyed by epoch, so a resumed run continues it)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ran: list[int] = []
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs or {}
+            lr = logs.get("learning_rate", float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+            rows[epoch + 1] = {"epoch": epoch + 1, **{k: logs.get(k, "") for k in HISTORY_COLUMNS[1:5]}, "lr": lr}
+            self.ran.append(epoch + 1)
+            tmp = path.with_suffix(".csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, HISTORY_COLUMNS)
+                w.writeheader()
+                w.writerows(rows[e] for e in sorted(rows))
+            os.replace(tmp, path)
+
+    return HistoryCSV()
+
+
+def _read_history(path: Path) -> dict[int, dict]:
+    if not path.exists():
+        return {}
+    with open(path, newline="") as f:
+        return {int(r["epoch"]): r for r in csv.DictReader(f)}
+
+
+def _run_id(cfg: ModelConfig, params: Params, meta: dict) -> str:
+    """What a backup belongs to: a backup of another config or data is discarded, not resumed."""
+    blob = json.dumps([cfg.model_dump(mode="json"), params.train.model_dump(mode="json"), meta], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _prepare_out_dir(out_dir: Path, run_id: str) -> bool:
+    """Create ``out_dir``; keep a resumable backup of the same run (True), else clear old training state."""
+    backup, run_file = out_dir / "backup", out_dir / "checkpoints" / "run.json"
+    resuming = backup.is_dir() and any(backup.iterdir()) and run_file.exists() and \
+        json.loads(run_file.read_text()).get("run_id") == run_id
+    if not resuming:
+        for name in ("backup", "checkpoints", "dvclive"):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+        (out_dir / "history.csv").unlink(missing_ok=True)
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"run_id": run_id}) + "\n")
+    return resuming
+
+
+def _fit(net: keras.Model, train_ds: Any, val_ds: Any, cfg: ModelConfig, params: Params, out_dir: Path,
+         weights: dict[int, float] | None, has_val: bool, resuming: bool,
+         extra: Sequence[keras.callbacks.Callback]) -> dict:
+    import keras
+    from dvclive import Live
+    from dvclive.keras import DVCLiveCallback
+
+    monitor = "val_loss" if has_val else "loss"
+    history_path = out_dir / "history.csv"
+    rows = _read_history(history_path) if resuming else {}
+    previous = [float(r[monitor]) for r in rows.values() if r.get(monitor) not in (None, "")]
+    best_path = out_dir / "checkpoints" / "best.weights.h5"
+    history = _history_callback(history_path, rows)
+    live = Live(str(out_dir / "dvclive"), resume=resuming, save_dvc_exp=False, dvcyaml=None)
+    live.log_params({"model": cfg.model_dump(mode="json"), "train": params.train.model_dump(mode="json")})
+    stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=params.train.patience)
+    callbacks = [
+        keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.2, patience=params.train.lr_patience,
+                                          min_lr=1e-7, verbose=1),
+        stopper,
+        keras.callbacks.ModelCheckpoint(str(best_path), monitor=monitor, save_best_only=True,
+                                        save_weights_only=True, initial_value_threshold=min(previous, default=None)),
+        history,
+        DVCLiveCallback(live=live),
+        keras.callbacks.BackupAndRestore(str(out_dir / "backup")),  # last: saves the lr just reduced
+        *extra,
+    ]
+    start = time.perf_counter()
+    net.fit(train_ds, validation_data=val_ds if has_val else None, epochs=cfg.epochs, class_weight=weights,
+            callbacks=callbacks, shuffle=False, verbose=2)  # the datasets shuffle themselves
+    seconds = time.perf_counter() - start
+    if best_path.exists():
+        net.load_weights(str(best_path))
+    scored = [r for r in rows.values() if r.get(monitor) not in (None, "")]
+    best = min(scored, key=lambda r: float(r[monitor])) if scored else {}
+    return {"seconds": seconds, "ran": history.ran, "epochs": max(rows, default=0),
+            "stopped_early": stopper.stopped_epoch > 0, "monitor": monitor,
+            "best_epoch": int(best["epoch"]) if best else None,
+            "best": {k: float(best[k]) for k in HISTORY_COLUMNS[1:5] if best and best.get(k) not in (None, "")}}
+
+
+def train(model_name: str, params: Params, processed_dir: str | Path, embeddings_dir: str | Path,
+          out_dir: str | Path, *, callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+    """Fit ``model_name`` on the train split (val for early stopping / LR / best weights) and save it.
+
+    Resumes from ``out_dir/backup`` when a previous run of the same config and data was killed.
+    ``callbacks`` are extra Keras callbacks, run after the built-in ones.
+    """
+    import keras
+    import tensorflow as tf
+
+    from medflow.embed import embed, load_embeddings, uses_embedding_cache
+    from medflow.models.registry import build_head, build_model, input_size, transfer_head
+    from medflow.models.weights import resolve_weights, weights_fingerprint
+
+    cfg = params.model(model_name)
+    meta = shards.read_meta(processed_dir)
+    k, size, channels = len(meta["classes"]), meta["image_size"], meta["channels"]
+    out_dir = Path(out_dir)
+    weights = resolve_weights(cfg, input_size(cfg, size))  # fails before any work if weights are missing
+    resuming = _prepare_out_dir(out_dir, _run_id(cfg, params, meta))
+    keras.utils.set_random_seed(params.train.seed)
+    mixed = use_mixed_precision(params.train.mixed_precision)
+    strategy = _strategy()
+    cached = uses_embedding_cache(cfg)
+    has_val = int(meta["counts"].get("val", 0)) > 0
+    n_train = int(meta["counts"].get("train", 0))
+    policy = keras.config.dtype_policy()
+    embed_info: dict = {}
+    try:
+        if mixed:
+            keras.config.set_dtype_policy("mixed_float16")
+        if cached:
+            if cfg.augment.flip or cfg.augment.rotation or cfg.augment.zoom or cfg.augment.shift \
+                    or cfg.augment.brightness or cfg.augment.contrast:
+                warnings.warn(f"{model_name}: augmentation is not applied when the head trains on cached "
+                              "embeddings (set use_embedding_cache: false to augment)", stacklevel=2)
+            embed_info = embed(model_name, params, processed_dir, embeddings_dir)
+            x, y, _ = load_embeddings(embed_info["dir"], "train")
+            train_ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
+                len(x), seed=params.train.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
+            val_ds = tf.data.Dataset.from_tensor_slices(load_embeddings(embed_info["dir"], "val")[:2]).batch(
+                cfg.batch_size)
+            with strategy.scope():
+                net = build_head(cfg, k, embed_info["dim"])
+        else:
+            train_ds, val_ds = datasets(cfg, processed_dir, params.train.seed)
+            with strategy.scope():
+                net = build_model(cfg, k, size, channels, weights=weights)
+        with strategy.scope():
+            net.compile(optimizer=_optimizer(cfg), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        fit = _fit(net, train_ds.prefetch(tf.data.AUTOTUNE), val_ds, cfg, params, out_dir,
+                   class_weights(meta, cfg.class_weight), has_val, resuming, callbacks)
+    finally:
+        keras.config.set_dtype_policy(policy)
+
+    model = build_model(cfg, k, size, channels, weights=weights)  # float32, uncompiled: for evaluate/serve
+    if cached:
+        transfer_head(net, model)
+    else:
+        model.set_weights(net.get_weights())
+    tmp = out_dir / ".model.tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, out_dir / "model.keras")
+
+    summary = {
+        "model": model_name, "architecture": cfg.architecture, "classes": meta["classes"],
+        "weights": cfg.weights or "none (random initialisation)", "weights_fingerprint": weights_fingerprint(weights),
+        "embedding_cache": embed_info.get("key"), "epochs_planned": cfg.epochs, "epochs_run": fit["epochs"],
+        "epochs_this_run": len(fit["ran"]), "resumed_from_epoch": (fit["ran"][0] - 1) if resuming and fit["ran"]
+        else None, "stopped_early": fit["stopped_early"], "monitor": fit["monitor"], "best_epoch": fit["best_epoch"],
+        "best": fit["best"], "seconds": round(fit["seconds"], 2),
+        "images_per_second": round(n_train * len(fit["ran"]) / max(fit["seconds"], 1e-9), 1),
+        "params": {"total": int(model.count_params()),
+                   "trainable": int(sum(keras.ops.size(w) for w in net.trainable_weights))},
+        "batch_size": cfg.batch_size, "mixed_precision": mixed, "replicas": strategy.num_replicas_in_sync,
+    }
+    tmp_json = out_dir / ".train_summary.json.tmp"
+    tmp_json.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp_json, out_dir / "train_summary.json")
+    print(f"train {model_name}: {summary['epochs_run']} epochs, best {fit['monitor']} "
+          f"{fit['best'].get(fit['monitor'])} at epoch {fit['best_epoch']} -> {out_dir / 'model.keras'}",
+          file=sys.stderr)
+    return summary

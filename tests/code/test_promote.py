@@ -1,0 +1,168 @@
+"""Promotion rule, registry, atomic production swap, rollback and the retraining lock (no Prefect, no TF)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from medflow import promote as pm
+
+CLASSES = ["Parasitized", "Uninfected"]
+
+
+def _candidate(root: Path, version: str, f1: float, *, per_class: dict | None = None, test_hash: str = "T1",
+               metric: str = "macro_f1") -> dict:
+    """A challenger as load_candidate returns it, with its model file written under models/<name>/."""
+    name = version.split("-")[0]
+    model = root / "models" / name / "model.keras"
+    model.parent.mkdir(parents=True, exist_ok=True)
+    model.write_bytes(f"weights of {version}".encode())
+    pc = per_class or {c: {"precision": f1, "recall": f1, "f1": f1, "support": 10} for c in CLASSES}
+    return {"model": name, "model_path": f"models/{name}/model.keras", "classes": CLASSES, "image_size": 32,
+            "channels": 3, "ordered": False, "metric": metric, "metrics": {"macro_f1": f1, "ece": 1 - f1},
+            "data_hash": "d", "params_hash": "p", "version": version, "created": "2025-01-01T00:00:00+00:00",
+            "per_class": pc, "test_hash": test_hash, "data_version": {}}
+
+
+def _rule(cand: dict, champ: dict | None) -> pm.Decision:
+    return pm.decide(cand, champ, min_improvement=0.01, max_class_drop=0.05)
+
+
+def test_better_challenger_is_promoted(tmp_path):
+    assert _rule(_candidate(tmp_path, "a-1", 0.80), None).promote  # first model: nothing to beat
+    d = _rule(_candidate(tmp_path, "a-2", 0.85), _candidate(tmp_path, "a-1", 0.80))
+    assert d.promote and d.delta == pytest.approx(0.05) and (d.challenger, d.champion) == (0.85, 0.80)
+
+
+@pytest.mark.parametrize("f1, why", [(0.78, "improves by -0.0200"), (0.805, "improves by +0.0050"), (0.80, "+0.0000")])
+def test_worse_or_too_small_improvement_is_not_promoted(tmp_path, f1, why):
+    d = _rule(_candidate(tmp_path, "a-2", f1), _candidate(tmp_path, "a-1", 0.80))
+    assert not d.promote and why in d.reason
+
+
+def test_class_regression_blocks_promotion(tmp_path):
+    per_class = {"Parasitized": {"precision": 1.0, "recall": 1.0, "f1": 0.99, "support": 10},
+                 "Uninfected": {"precision": 0.7, "recall": 0.70, "f1": 0.74, "support": 10}}
+    d = _rule(_candidate(tmp_path, "a-2", 0.865, per_class=per_class), _candidate(tmp_path, "a-1", 0.80))
+    assert not d.promote
+    assert d.class_drops == {"Uninfected": {"recall": pytest.approx(0.10), "f1": pytest.approx(0.06)}}
+
+
+def test_lower_is_better_metric_and_other_test_set(tmp_path):
+    champ = _candidate(tmp_path, "a-1", 0.80, metric="ece")  # ece 0.20
+    assert _rule(_candidate(tmp_path, "a-2", 0.85, metric="ece"), champ).promote  # ece 0.15: better
+    assert not _rule(_candidate(tmp_path, "a-3", 0.75, metric="ece"), champ).promote
+    d = _rule(_candidate(tmp_path, "a-4", 0.95, test_hash="T2"), _candidate(tmp_path, "a-1", 0.80))
+    assert not d.promote and "test set differs" in d.reason
+
+
+def test_promote_registers_and_swaps_production(tmp_path):
+    v1 = pm.promote(tmp_path, _candidate(tmp_path, "a-1", 0.80), reason="first")
+    v2 = pm.promote(tmp_path, _candidate(tmp_path, "b-2", 0.90), reason="better")
+    assert pm.production_version(tmp_path) == v2 == "b-2"
+    prod = tmp_path / "models" / "production"
+    assert prod.is_symlink() and (prod / "model.keras").read_bytes() == b"weights of b-2"
+    record = json.loads((prod / "champion.json").read_text())
+    assert record["version"] == "b-2" and record["model_path"] == "models/production/model.keras"
+    reg = pm.load_registry(tmp_path)
+    assert [v["version"] for v in reg["versions"]] == [v1, v2]
+    assert reg["versions"][1]["metrics"]["macro_f1"] == 0.90 and reg["versions"][1]["test_hash"] == "T1"
+    assert [(h["action"], h["version"]) for h in reg["history"]] == [("promote", "a-1"), ("promote", "b-2")]
+    assert pm.production_record(tmp_path)["version"] == "b-2"
+
+
+def test_rollback_to_previous_and_named_version(tmp_path):
+    for i, f1 in enumerate([0.7, 0.8, 0.9], start=1):
+        pm.promote(tmp_path, _candidate(tmp_path, f"m{i}-x", f1))
+    assert pm.rollback(tmp_path) == "m2-x" and pm.production_version(tmp_path) == "m2-x"
+    assert pm.rollback(tmp_path) == "m1-x"
+    with pytest.raises(pm.PromotionError, match="no version before"):
+        pm.rollback(tmp_path)
+    assert pm.rollback(tmp_path, "m3-x") == "m3-x"
+    assert (tmp_path / "models/production/model.keras").read_bytes() == b"weights of m3-x"
+    with pytest.raises(pm.PromotionError, match="unknown version"):
+        pm.rollback(tmp_path, "nope")
+    assert [h["action"] for h in pm.load_registry(tmp_path)["history"]] == ["promote"] * 3 + ["rollback"] * 3
+
+
+def test_failed_swap_or_copy_leaves_production_untouched(tmp_path, monkeypatch):
+    pm.promote(tmp_path, _candidate(tmp_path, "a-1", 0.80))
+    before = pm.load_registry(tmp_path)
+    real_replace = os.replace
+
+    def dies_on_swap(src, dst):
+        if Path(dst).name == "production":
+            raise OSError("killed during the swap")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pm.os, "replace", dies_on_swap)
+    with pytest.raises(OSError, match="killed"):
+        pm.promote(tmp_path, _candidate(tmp_path, "b-2", 0.90))
+    monkeypatch.setattr(pm.os, "replace", real_replace)
+    assert pm.production_version(tmp_path) == "a-1"
+    assert (tmp_path / "models/production/model.keras").read_bytes() == b"weights of a-1"
+    assert pm.load_registry(tmp_path)["history"] == before["history"]
+    assert not list((tmp_path / "models").glob(".production.*"))
+
+    cand = _candidate(tmp_path, "c-3", 0.95)
+    (tmp_path / cand["model_path"]).unlink()  # the copy fails: nothing staged, nothing swapped
+    with pytest.raises(pm.PromotionError, match="not found"):
+        pm.promote(tmp_path, cand)
+    assert pm.production_version(tmp_path) == "a-1"
+    assert sorted(p.name for p in (tmp_path / "models/versions").iterdir()) == ["a-1", "b-2"]
+
+
+def test_decide_and_promote_reads_the_run_and_records_the_decision(tmp_path):
+    cand = _candidate(tmp_path, "a-1", 0.80)
+    per_class = cand.pop("per_class")
+    for k in ("test_hash", "data_version"):
+        cand.pop(k)
+    (tmp_path / "models/champion.json").write_text(json.dumps(cand))
+    (tmp_path / "reports/eval/a").mkdir(parents=True)
+    (tmp_path / "reports/eval/a/details.json").write_text(json.dumps({"per_class": per_class}))
+    (tmp_path / "data/interim").mkdir(parents=True)
+    (tmp_path / "data/interim/splits.csv").write_text("id,split,fold\nx2,test,-1\nx1,train,-1\nx0,test,-1\n")
+    out = pm.decide_and_promote(tmp_path, pm.RetrainConfig())
+    assert out["decision"]["promote"] and out["production"] == "a-1"
+    assert pm.production_record(tmp_path)["test_hash"] == pm.split_fingerprint(tmp_path / "data/interim/splits.csv")
+    again = pm.decide_and_promote(tmp_path, pm.RetrainConfig())
+    assert not again["decision"]["promote"] and "is the production version" in again["decision"]["reason"]
+    assert json.loads((tmp_path / pm.LAST_DECISION).read_text())["decision"] == again["decision"]
+
+
+def test_retrain_lock_rejects_a_second_run(tmp_path):
+    inside, release, errors = threading.Event(), threading.Event(), []
+
+    def first():
+        with pm.retrain_lock(tmp_path):
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert inside.wait(10)
+    try:
+        with pytest.raises(pm.RetrainBusy):
+            with pm.retrain_lock(tmp_path):
+                errors.append("second run got the lock")
+    finally:
+        release.set()
+        t.join()
+    assert errors == []
+    with pm.retrain_lock(tmp_path):  # free again once the first run is done
+        pass
+
+
+def test_retrain_config_defaults_and_validation():
+    class P:
+        retrain = {"min_improvement": 0.02}
+
+    cfg = pm.retrain_config(P())
+    assert cfg.min_improvement == 0.02 and cfg.schedule_retrain == "0 3 * * 0" and cfg.trigger == "auto"
+    P.retrain = {"trigger": "sometimes"}
+    with pytest.raises(ValueError, match="trigger"):
+        pm.retrain_config(P())

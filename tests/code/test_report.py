@@ -1,0 +1,171 @@
+"""The HTML report: every section present, figures embedded, nothing external, graceful when inputs are missing."""
+
+from __future__ import annotations
+
+import base64
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from medflow.config import parse_params
+from medflow.evaluate import calibration_table, compute_metrics, roc_table
+from medflow.layout import Layout
+from medflow.report import build_report
+from medflow.report.figures import image_grid
+
+CLASSES = ["Parasitized", "Uninfected"]
+MODELS = ["basic_cnn", "tiny_net"]
+
+
+class Collector(HTMLParser):
+    """Ids, image sources, links and resource references of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.imgs: list[str] = []
+        self.hrefs: list[str] = []
+        self.resources: list[tuple[str, str]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if "id" in a:
+            self.ids.append(a["id"])
+        if tag == "img":
+            self.imgs.append(a.get("src") or "")
+        if tag == "a" and a.get("href"):
+            self.hrefs.append(a["href"])
+        if tag in {"script", "link", "iframe", "object", "embed", "source"}:
+            self.resources.append((tag, a.get("src") or a.get("href") or ""))
+
+
+def parse(path: Path) -> tuple[str, Collector]:
+    html = path.read_text(encoding="utf-8")
+    c = Collector()
+    c.feed(html)
+    return html, c
+
+
+def params():
+    return parse_params({
+        "models": {m: {"architecture": "basic_cnn"} for m in MODELS},
+        "active_models": MODELS,
+        "evaluate": {"gradcam_per_class": 2, "misclassified_max": 4},
+    })
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def fabricate_project(root: Path) -> Layout:
+    """Every stage output the report reads, in the documented formats."""
+    lay = Layout(root)
+    write(lay.ingest_summary, json.dumps({
+        "found": 402, "accepted": 400, "quarantined": 2, "by_reason": {"corrupt": 1, "empty_file": 1},
+        "classes": CLASSES, "per_class": {"Parasitized": 200, "Uninfected": 200}, "groups": 37, "ungrouped": 0}))
+    write(lay.validation_dir / "validation.json", json.dumps({
+        "success": True, "statistics": {"evaluated": 2, "failed": 0, "successful": 2}, "rows": 400,
+        "results": [{"table": "manifest", "expectation": "expect_column_values_to_not_be_null", "column": "label",
+                     "severity": "critical", "success": True, "kwargs": {"column": "label"}, "offending": []},
+                    {"table": "classes", "expectation": "expect_column_min_to_be_between", "column": "rows",
+                     "severity": "critical", "success": True, "kwargs": {}, "offending": []}]}))
+    write(lay.validation_dir / "validation.html", "<html></html>")
+    write(lay.split_counts, "label,train,val,test,total\nParasitized,120,20,60,200\n"
+                            "Uninfected,120,20,60,200\ntotal,240,40,120,400\n")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    images = rng.integers(0, 255, (60, 16, 16, 3), dtype=np.uint8)
+    rows = []
+    for k, name in enumerate(MODELS):
+        hist = pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.9, 0.6, 0.4], "accuracy": [0.5, 0.7, 0.8],
+                             "val_loss": [0.8, 0.6, 0.5], "val_accuracy": [0.55, 0.7, 0.75], "lr": [1e-3] * 3})
+        write(lay.model_dir(name) / "history.csv", hist.to_csv(index=False))
+        logits = rng.normal(size=(60, 2)) + (2.0 - k) * np.eye(2)[y]
+        proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        m = compute_metrics(y, proba, CLASSES, bootstrap=20, bins=10, seed=0)
+        flat = {key: m[key] for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece")}
+        write(lay.metrics(name), json.dumps(flat))
+        ev = lay.eval_dir(name)
+        write(ev / "details.json", json.dumps({"model": name, "classes": CLASSES, **m}))
+        write(ev / "roc.csv", roc_table(y, proba, CLASSES).to_csv(index=False))
+        write(ev / "calibration.csv", calibration_table(y, proba, 10).to_csv(index=False))
+        wrong = np.flatnonzero(proba.argmax(1) != y)[:4]
+        write(ev / "misclassified.csv", pd.DataFrame({"id": wrong, "label": y[wrong]}).to_csv(index=False))
+        (ev / "misclassified.png").write_bytes(image_grid(list(images[wrong]), ["x"] * len(wrong)))
+        (ev / "gradcam.png").write_bytes(image_grid(list(images[:4]), ["g"] * 4, ncols=4))
+        rows.append({"model": name, **flat})
+    table = pd.DataFrame(rows).sort_values("macro_f1", ascending=False)
+    write(lay.comparison, table.to_csv(index=False))
+    best = table.iloc[0]
+    write(lay.champion, json.dumps({
+        "model": best["model"], "model_path": f"models/{best['model']}/model.keras", "classes": CLASSES,
+        "image_size": 16, "channels": 3, "ordered": False, "metric": "macro_f1",
+        "metrics": {k: float(best[k]) for k in ("accuracy", "macro_f1")}, "data_hash": "a" * 64,
+        "params_hash": "b" * 64, "version": f"{best['model']}-12345678", "created": "2025-01-01T00:00:00+00:00"}))
+    write(lay.monitoring / "history.csv", "time,batch,verdict,drift_share,report\n"
+                                          "2025-01-02T00:00:00,batch-1,ok,0.0,batch-1/report.html\n")
+    write(lay.monitoring / "batch-1" / "report.html", "<html></html>")
+    return lay
+
+
+def test_report_has_every_section_embedded_and_offline(tmp_path):
+    lay = fabricate_project(tmp_path)
+    out = build_report(lay, params())
+    assert out == lay.report
+    html, page = parse(out)
+
+    expected = {"data", "validation", "splits", "comparison", "monitoring"}
+    for m in MODELS:
+        expected |= {f"model-{m}", f"misclassified-{m}", f"gradcam-{m}"}
+    assert expected <= set(page.ids)
+    assert len(page.ids) == len(set(page.ids))  # ids are unique
+
+    # Self-contained: every image is an inline PNG, no external resource, no URL anywhere.
+    assert page.imgs and all(src.startswith("data:image/png;base64,") for src in page.imgs)
+    for src in page.imgs:
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert page.resources == []
+    assert "http://" not in html and "https://" not in html and "//cdn" not in html
+    # Links are in-page anchors or local files next to the report.
+    assert all(h.startswith("#") or not h.startswith(("/", "file:")) for h in page.hrefs)
+    assert "monitoring/batch-1/report.html" in page.hrefs
+    assert "validation/validation.html" in page.hrefs
+
+    # Per model: learning curves, confusion, ROC, calibration, misclassified grid, Grad-CAM = 6 figures.
+    # Plus the class bar chart (data) and split chart.
+    assert len(page.imgs) == 6 * len(MODELS) + 2
+    champion = json.loads(lay.champion.read_text())["model"]
+    assert f"Champion: <strong>{champion}</strong>" in html
+    assert "Not available yet" not in html
+
+
+def test_report_degrades_gracefully_without_inputs(tmp_path):
+    lay = Layout(tmp_path)
+    html, page = parse(build_report(lay, params()))
+    assert {"data", "validation", "splits", "comparison", "monitoring"} <= set(page.ids)
+    for m in MODELS:  # active models get their sections, each saying what to run
+        assert {f"model-{m}", f"misclassified-{m}", f"gradcam-{m}"} <= set(page.ids)
+        assert f"medflow train {m}" in html and f"medflow evaluate {m}" in html
+    for command in ("medflow ingest", "medflow validate", "medflow split", "medflow compare", "medflow monitor"):
+        assert command in html
+    assert page.imgs == []
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_split_counts_wide_or_long(tmp_path, long):
+    lay = Layout(tmp_path)
+    if long:
+        text = "label,split,count\nA,train,3\nA,test,1\nB,train,4\nB,test,2\n"
+    else:
+        text = "label,train,test\nA,3,1\nB,4,2\n"
+    write(lay.split_counts, text)
+    html, page = parse(build_report(lay, params()))
+    section = html.split('id="splits"', 1)[1].split("</section>", 1)[0]
+    assert "<td>B</td><td>4</td><td>2</td>" in section.replace("\n", "").replace(" ", "")
+    assert 'src="data:image/png;base64,' in section

@@ -1,0 +1,228 @@
+"""End-to-end ingest on real data: malaria sample, every bad-input kind, CSV, MedMNIST npz, DICOM folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from medflow.config import CsvSource, DataConfig, IngestConfig
+from medflow.data.images import decode_image, load_image_file, to_model_input
+from medflow.data.ingest import ingest
+from medflow.data.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS
+from test_images import LIMITS, encode, pil_bytes, png_with_size
+from test_sources import write_medmnist
+
+SMALL = IngestConfig(image_size=32, workers=2)
+
+
+def read_outputs(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, dict]:
+    text = {c: str for c in ("id", "path", "label", "group", "source_split", "modality", "window")}
+    manifest = pd.read_csv(out / "manifest.csv", dtype=text)
+    quarantine = pd.read_csv(out / "quarantine.csv", keep_default_na=False)
+    return manifest, quarantine, np.load(out / "pixels.npy"), json.loads((out / "ingest_summary.json").read_text())
+
+
+def assert_pixels_match(manifest: pd.DataFrame, pixels: np.ndarray, root: Path, data: DataConfig | None = None) -> None:
+    """pixels.npy has one row per manifest row, and ``row`` holds the model input of that very file."""
+    assert pixels.shape[0] == len(manifest) and list(manifest["row"]) == list(range(len(manifest)))
+    for path, row in zip(manifest["path"], manifest["row"]):
+        rgb = load_image_file(root / path, data or DataConfig(), IngestConfig()).rgb
+        np.testing.assert_array_equal(pixels[row], to_model_input(rgb, pixels.shape[1], 3), err_msg=path)
+
+
+def test_malaria_sample_reproducible(malaria_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    summary = ingest(malaria_dir, tmp_path / "a", DataConfig(), SMALL, progress=False)
+    assert "found 400 = accepted 400 + quarantined 0" in capsys.readouterr().err
+    manifest, quarantine, pixels, stored = read_outputs(tmp_path / "a")
+    assert stored == summary
+    assert (summary["found"], summary["accepted"], summary["quarantined"]) == (400, 400, 0)
+    assert summary["per_class"] == {"Parasitized": 200, "Uninfected": 200} and summary["groups"] == 148
+    assert summary["ungrouped"] == 0 and summary["format"] == "folder"
+    assert list(manifest.columns) == MANIFEST_COLUMNS and list(quarantine.columns) == QUARANTINE_COLUMNS
+    assert pixels.shape == (400, 32, 32, 3) and pixels.dtype == np.uint8
+    first = manifest.iloc[0]
+    assert first["path"] == "Parasitized/C39P4thinF_original_IMG_20150622_105335_cell_16.png"
+    assert (first["group"], first["format"], first["width"], first["height"], first["channels"]) == \
+        ("C39P4", "png", 112, 91, 3)
+    assert first["bytes"] == (malaria_dir / first["path"]).stat().st_size
+    assert 0 < manifest["mean"].min() and manifest["sharpness"].min() > 0
+    assert list(manifest["row"]) == list(range(400))
+    for row in range(0, 400, 50):
+        rgb = load_image_file(malaria_dir / manifest["path"][row], DataConfig(), SMALL).rgb
+        np.testing.assert_array_equal(pixels[row], to_model_input(rgb, 32, 3))
+    # byte-for-byte reproducible, whatever the thread count
+    ingest(malaria_dir, tmp_path / "b", DataConfig(), IngestConfig(image_size=32, workers=1), progress=False)
+    for name in ("manifest.csv", "quarantine.csv", "pixels.npy", "ingest_summary.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.fixture()
+def messy_tree(malaria_dir: Path, tmp_path: Path) -> Path:
+    """Class folders A/ B/ with real cells, every kind of bad input, and usable odd formats."""
+    root = tmp_path / "src"
+    a, b = root / "A", root / "B"
+    a.mkdir(parents=True)
+    b.mkdir()
+    cells = sorted((malaria_dir / "Parasitized").iterdir())[:5]
+    for i, cell in enumerate(cells[:4]):
+        shutil.copy(cell, (a if i % 2 else b) / cell.name)
+    cell = cells[0].read_bytes()
+    (a / "same_label_copy.png").write_bytes(cells[1].read_bytes())  # duplicate, same label: kept
+    (a / "clash.png").write_bytes(cells[4].read_bytes())  # also in B/ as a BMP: conflicting labels
+    rgb = decode_image(cells[4].read_bytes(), **LIMITS).rgb
+    (b / "clash_reencoded.bmp").write_bytes(encode(rgb[:, :, ::-1], ".bmp"))
+    (a / "empty.png").write_bytes(b"")
+    (a / "truncated.png").write_bytes(cell[: len(cell) // 2])
+    corrupt = bytearray(cell)
+    corrupt[200:400] = bytes(200)
+    (a / "corrupt.png").write_bytes(bytes(corrupt))
+    (a / "notes.jpg").write_text("not an image, despite the name\n" * 5)
+    (a / "float.tiff").write_bytes(encode(np.random.default_rng(0).random((16, 16), np.float32), ".tiff"))
+    cmyk = Image.fromarray(np.full((16, 16, 3), 99, np.uint8)).convert("CMYK")
+    (a / "cmyk.tiff").write_bytes(pil_bytes(cmyk, "TIFF"))
+    (a / "tiny.png").write_bytes(encode(np.zeros((4, 4), np.uint8), ".png"))
+    (a / "wide.png").write_bytes(png_with_size(30000, 16))
+    (a / "bomb.png").write_bytes(png_with_size(12000, 12000))
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    bio = io.BytesIO()
+    ds.save_as(bio)
+    (b / "no_pixels.dcm").write_bytes(bio.getvalue())
+    (root / "loose.png").write_bytes(cell)  # outside any class folder
+    # usable inputs that must be converted, not rejected
+    ramp16 = (np.arange(24 * 24, dtype=np.uint32).reshape(24, 24) * 113).astype(np.uint16)
+    (b / "grey16.png").write_bytes(encode(ramp16, ".png"))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:10, :, 3] = 0
+    (b / "rgba.png").write_bytes(pil_bytes(Image.fromarray(rgba, "RGBA"), "PNG"))
+    (b / "grey.png").write_bytes(encode(rgb[..., 1], ".png"))
+    shutil.copy(get_testdata_file("CT_small.dcm"), b / "ct.dcm")
+    return root
+
+
+def test_every_bad_input_is_quarantined_with_its_reason(messy_tree: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    summary = ingest(messy_tree, tmp_path / "out", DataConfig(), SMALL, progress=False)
+    manifest, quarantine, pixels, stored = read_outputs(tmp_path / "out")
+    reasons = dict(zip(quarantine["path"], quarantine["reason"]))
+    assert reasons == {
+        "A/bomb.png": "decompression_bomb", "A/clash.png": "conflicting_labels",
+        "A/cmyk.tiff": "unsupported_channels", "A/corrupt.png": "corrupt", "A/empty.png": "empty_file",
+        "A/float.tiff": "unsupported_bit_depth", "A/notes.jpg": "not_an_image", "A/tiny.png": "too_small",
+        "A/truncated.png": "truncated", "A/wide.png": "too_large",
+        "B/clash_reencoded.bmp": "conflicting_labels", "B/no_pixels.dcm": "no_pixel_data", "loose.png": "no_label",
+    }
+    assert all(quarantine["detail"].str.len() > 0)
+    accepted = {"A/same_label_copy.png", "B/grey16.png", "B/rgba.png", "B/grey.png", "B/ct.dcm"}
+    assert accepted <= set(manifest["path"]) and len(manifest) == 4 + len(accepted)
+    assert (summary["found"], summary["accepted"], summary["quarantined"]) == (22, 9, 13)
+    assert summary["found"] == summary["accepted"] + summary["quarantined"] == len(manifest) + len(quarantine)
+    line = ("found 22 = accepted 9 + quarantined 13 (conflicting_labels: 2, corrupt: 1, decompression_bomb: 1, "
+            "empty_file: 1, no_label: 1, no_pixel_data: 1, not_an_image: 1, too_large: 1, too_small: 1, "
+            "truncated: 1, unsupported_bit_depth: 1, unsupported_channels: 1)")
+    assert line in capsys.readouterr().err and stored["reconciliation"] == line and stored == summary
+    rows = manifest.set_index("path")
+    assert rows.loc["B/grey16.png", "bit_depth"] == 16 and rows.loc["B/grey16.png", "channels"] == 1
+    assert rows.loc["B/rgba.png", "channels"] == 4 and rows.loc["B/grey.png", "channels"] == 1
+    ct = rows.loc["B/ct.dcm"]
+    assert (ct["format"], ct["modality"], ct["window"], ct["group"]) == ("dicom", "CT", "lung:-600/1500", "1CT1")
+    assert ct["pixel_spacing"] == pytest.approx(0.661468) and ct["slice_thickness"] == 5.0
+    copy_of = sorted((messy_tree / "A").glob("C*.png"))[0].relative_to(messy_tree).as_posix()
+    assert rows.loc["A/same_label_copy.png", "sha256"] == rows.loc[copy_of, "sha256"]
+    assert_pixels_match(manifest, pixels, messy_tree)  # compacted after the clash was removed
+
+
+def test_all_quarantined_and_empty_sources(tmp_path: Path) -> None:
+    (tmp_path / "src" / "x").mkdir(parents=True)
+    (tmp_path / "src" / "x" / "broken.png").write_bytes(b"")
+    summary = ingest(tmp_path / "src", tmp_path / "out", DataConfig(), SMALL, progress=False)
+    assert summary["reconciliation"] == "found 1 = accepted 0 + quarantined 1 (empty_file: 1)"
+    assert np.load(tmp_path / "out" / "pixels.npy").shape == (0, 32, 32, 3)
+    (tmp_path / "void" / "x").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images found"):
+        ingest(tmp_path / "void", tmp_path / "out2", DataConfig(), SMALL, progress=False)
+
+
+def test_csv_source_diabetic_retinopathy_form(malaria_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "train").mkdir()
+    cells = sorted((malaria_dir / "Uninfected").iterdir())
+    names = ["10_left", "10_right", "13_left", "13_right", "16_left"]
+    for name, cell in zip(names, cells):
+        cv2.imwrite(str(tmp_path / "train" / f"{name}.jpeg"), cv2.imread(str(cell)))
+    csv = tmp_path / "trainLabels.csv"
+    csv.write_text("image,level\n10_left,0\n10_right,0\n13_left,2\n13_right,4\n16_left,1\n16_left,3\n21_left,2\n")
+    data = DataConfig(format="csv", labels=["0", "1", "2", "3", "4"], ordered=True,
+                      csv=CsvSource(image_dir="train", extension=".jpeg"))
+    summary = ingest(csv, tmp_path / "out", data, SMALL, progress=False)
+    manifest, quarantine, pixels, _ = read_outputs(tmp_path / "out")
+    assert summary["reconciliation"] == "found 6 = accepted 4 + quarantined 2 (conflicting_labels: 1, missing_file: 1)"
+    assert dict(zip(quarantine["path"], quarantine["reason"])) == {
+        "train/16_left.jpeg": "conflicting_labels", "train/21_left.jpeg": "missing_file"}
+    assert list(manifest["label"]) == ["0", "0", "2", "4"] and list(manifest["group"]) == ["10", "10", "13", "13"]
+    assert set(manifest["format"]) == {"jpeg"} and summary["groups"] == 2
+    assert summary["classes"] == ["0", "1", "2", "3", "4"]
+    assert summary["per_class"] == {"0": 2, "1": 0, "2": 1, "3": 0, "4": 1}
+    assert_pixels_match(manifest, pixels, tmp_path)
+
+
+def test_medmnist_npz_keeps_split_and_catches_clashes(tmp_path: Path) -> None:
+    path = tmp_path / "tinymnist.npz"
+    write_medmnist(path)
+    with np.load(path) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    arrays["val_images"][0] = arrays["train_images"][1]  # train:1 has label 1, val:0 label 0
+    np.savez(path, **arrays)
+    data = DataConfig(label_names={"0": "basophil", "1": "eosinophil", "2": "erythroblast"})
+    summary = ingest(path, tmp_path / "out", data, IngestConfig(image_size=16, channels=1), progress=False)
+    manifest, quarantine, pixels, _ = read_outputs(tmp_path / "out")
+    assert summary["format"] == "npz" and summary["reconciliation"] == \
+        "found 19 = accepted 17 + quarantined 2 (conflicting_labels: 2)"
+    assert set(quarantine["path"]) == {"tinymnist.npz:train:1", "tinymnist.npz:val:0"}
+    assert summary["source_splits"] == {"test": 4, "train": 11, "val": 2}
+    assert summary["ungrouped"] == 17 and summary["groups"] == 17  # each image its own group
+    row = manifest.set_index("path").loc["tinymnist.npz:train:2"]
+    assert (row["label"], row["source_split"], row["format"], row["width"], row["channels"]) == \
+        ("erythroblast", "train", "npz", 28, 3)
+    assert pixels.shape == (17, 16, 16, 1)
+    np.testing.assert_array_equal(pixels[row["row"]], to_model_input(arrays["train_images"][2], 16, 1))
+
+
+def test_grey_npz(tmp_path: Path) -> None:
+    write_medmnist(tmp_path / "grey.npz", grey=True)
+    summary = ingest(tmp_path / "grey.npz", tmp_path / "out", DataConfig(), SMALL, progress=False)
+    manifest, _, pixels, _ = read_outputs(tmp_path / "out")
+    assert summary["accepted"] == 19 and set(manifest["channels"]) == {1}
+    assert (pixels[..., 0] == pixels[..., 2]).all()  # grey replicated to 3 channels
+
+
+def test_dicom_folder(tmp_path: Path) -> None:
+    for cls, names in {"ct": ["CT_small.dcm", "693_UNCI.dcm"], "cr": ["RG1_UNCR.dcm"]}.items():
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for name in names:
+            path = get_testdata_file(name)
+            if path is None:
+                pytest.skip(f"{name} not installed (pydicom-data)")
+            shutil.copy(path, tmp_path / "src" / cls / name)
+    data = DataConfig(dicom={"window": "mediastinum"})
+    summary = ingest(tmp_path / "src", tmp_path / "out", data, SMALL, progress=False)
+    manifest, _, pixels, _ = read_outputs(tmp_path / "out")
+    assert summary["format"] == "dicom" and summary["reconciliation"] == "found 3 = accepted 3 + quarantined 0"
+    rows = manifest.set_index("path")
+    unci = rows.loc["ct/693_UNCI.dcm"]
+    assert (unci["modality"], unci["window"], unci["width"], unci["group"]) == \
+        ("CT", "mediastinum:50/350", 512, "CQ500-CT-310")
+    assert unci["pixel_spacing"] == pytest.approx(0.478516) and unci["slice_thickness"] == 5.0
+    cr = rows.loc["cr/RG1_UNCR.dcm"]
+    assert (cr["modality"], cr["window"], cr["label"]) == ("CR", "file:15000/30000", "cr")
+    assert pd.isna(cr["pixel_spacing"]) and pd.isna(cr["slice_thickness"])  # CR: spacing 0 means unknown
+    assert_pixels_match(manifest, pixels, tmp_path / "src", data)

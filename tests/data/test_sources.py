@@ -1,0 +1,151 @@
+"""Sources -> records: class/split folders, CSV (diabetic-retinopathy form), MedMNIST npz, group rules."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from medflow.config import CsvSource, DataConfig
+from medflow.data.sources import (
+    csv_records, detect_format, folder_records, list_records, natural_key, npz_records, resolve_group,
+)
+
+MALARIA_PATTERN = DataConfig().group_pattern
+
+
+def write_medmnist(path: Path, *, grey: bool = False) -> None:
+    """A tiny .npz in the official MedMNIST layout: {split}_images (N,H,W[,3]) uint8, {split}_labels (N,1)."""
+    rng = np.random.default_rng(0)
+    shape = (28, 28) if grey else (28, 28, 3)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 3), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, *shape), np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 3).reshape(n, 1).astype(np.uint8)
+    np.savez_compressed(path, **arrays)
+
+
+@pytest.mark.parametrize("stem,group", [
+    ("C39P4thinF_original_IMG_20150622_105335_cell_16", "C39P4"),
+    ("C47P8thinOriginalOlympusCX21_IMG_20150717_174222_cell_17", "C47P8"),
+    ("C47P8thin_Original_Motic_IMG_20150714_093715_cell_76", "C47P8"),
+    ("C3thin_original_IMG_20150608_163047_cell_22", "C3"),
+    ("C68P29N_ThinF_IMG_20150819_134625_cell_111", "C68P29N"),
+    ("C101P62ThinF_IMG_20150918_151149_cell_87", "C101P62"),
+    ("C59P20thinF_IMG_20150803_113430_cell_19", "C59P20"),
+    ("C51AP12thinF_IMG_20150724_153313_cell_106", "C51AP12"),
+    ("C12NThinF_IMG_20150614_124212_cell_213", "C12N"),
+    ("C201ThinF_IMG_20150930_142848_cell_32", "C201"),
+    ("C167P128ReThinF_IMG_20151201_110011_cell_239", "C167P128Re"),
+])
+def test_nih_name_forms_resolve(stem: str, group: str) -> None:
+    assert resolve_group(stem, MALARIA_PATTERN) == group
+
+
+def test_group_fallbacks() -> None:
+    assert resolve_group("10_left", MALARIA_PATTERN) == "10"  # DR eye pair, default rule
+    assert resolve_group("10_Right", None) == "10"
+    assert resolve_group("scan_77", r"scan_(\d+)") == "77"  # unnamed group 1
+    assert resolve_group("unrelated", MALARIA_PATTERN) is None
+
+
+def test_every_malaria_file_gets_its_slide(malaria_dir: Path) -> None:
+    records = folder_records(malaria_dir, MALARIA_PATTERN)
+    assert len(records) == 400
+    assert Counter(r.label for r in records) == {"Parasitized": 200, "Uninfected": 200}
+    assert all(r.group and Path(r.path).stem.startswith(r.group) and r.group[0] == "C" for r in records)
+    assert len({r.group for r in records}) == 148
+    assert [r.path for r in records] == sorted((r.path for r in records), key=natural_key)
+    assert records[0].path.startswith("Parasitized/") and records[0].source_split == ""
+
+
+def test_split_tree_and_loose_files(tmp_path: Path, malaria_dir: Path) -> None:
+    cells = sorted((malaria_dir / "Uninfected").iterdir())[:6]
+    for i, split in enumerate(("train", "val", "test")):
+        for cls in ("nevus", "melanoma"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            shutil.copy(cells[2 * i + (cls == "nevus")], tmp_path / split / cls / f"{cls}_{i}.png")
+    shutil.copy(cells[0], tmp_path / "train" / "unlabelled.png")
+    (tmp_path / "README.txt").write_text("metadata, ignored")
+    (tmp_path / "train" / "nevus" / ".DS_Store").write_bytes(b"\0")
+    records = folder_records(tmp_path, MALARIA_PATTERN)
+    by_path = {r.path: r for r in records}
+    assert len(records) == 7 and "README.txt" not in by_path
+    assert by_path["val/melanoma/melanoma_1.png"].source_split == "val"
+    assert by_path["train/nevus/nevus_0.png"].label == "nevus"
+    assert by_path["train/unlabelled.png"].problem == ("no_label", "image is not inside a class folder")
+    assert Counter(r.source_split for r in records if not r.problem) == {"train": 2, "val": 2, "test": 2}
+
+
+def make_dr_csv(root: Path, malaria_dir: Path) -> Path:
+    """Kaggle diabetic-retinopathy form: image,level with names like 10_left (files 10_left.jpeg)."""
+    (root / "train").mkdir()
+    cell = next((malaria_dir / "Parasitized").iterdir())
+    for name in ("10_left", "10_right", "13_left", "13_right", "15_left"):
+        shutil.copy(cell, root / "train" / f"{name}.jpeg")  # content does not matter for records
+    csv = root / "trainLabels.csv"
+    csv.write_text("image,level\n10_left,0\n10_right,0\n13_left,2\n13_right,4\n13_right,4\n"
+                   "15_left,1\n15_left,3\n21_left,2\n22_right,\n")
+    return csv
+
+
+def test_csv_records_dr_form(tmp_path: Path, malaria_dir: Path) -> None:
+    csv = make_dr_csv(tmp_path, malaria_dir)
+    cfg = CsvSource(image_dir="train", extension=".jpeg")
+    records = {r.path: r for r in csv_records(csv, cfg, MALARIA_PATTERN)}
+    assert list(records) == ["train/10_left.jpeg", "train/10_right.jpeg", "train/13_left.jpeg",
+                             "train/13_right.jpeg", "train/15_left.jpeg", "train/21_left.jpeg", "train/22_right.jpeg"]
+    assert records["train/10_right.jpeg"].label == "0" and records["train/13_right.jpeg"].label == "4"
+    assert {r.group for r in records.values() if r.path.startswith("train/1")} == {"10", "13", "15"}
+    assert records["train/13_right.jpeg"].problem is None  # identical repeated row collapsed
+    assert records["train/15_left.jpeg"].problem[0] == "conflicting_labels"
+    assert records["train/21_left.jpeg"].problem[0] == "missing_file"
+    assert records["train/22_right.jpeg"].problem[0] == "no_label"
+    assert records["train/10_left.jpeg"].file == str(tmp_path / "train" / "10_left.jpeg")
+
+
+def test_csv_group_column_and_bad_columns(tmp_path: Path, malaria_dir: Path) -> None:
+    cell = next((malaria_dir / "Parasitized").iterdir())
+    shutil.copy(cell, tmp_path / "a.png")
+    shutil.copy(cell, tmp_path / "b.png")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("file,diagnosis,patient\na.png,benign,P1\nb.png,malignant,\n")
+    records = csv_records(csv, CsvSource(image_column="file", label_column="diagnosis", group_column="patient"), None)
+    assert [(r.path, r.label, r.group) for r in records] == [("a.png", "benign", "P1"), ("b.png", "malignant", None)]
+    with pytest.raises(ValueError, match="missing column"):
+        csv_records(csv, CsvSource(), None)
+
+
+def test_npz_records_keep_official_split(tmp_path: Path) -> None:
+    path = tmp_path / "tinymnist.npz"
+    write_medmnist(path)
+    records = npz_records(path, {"0": "basophil", "1": "eosinophil"})
+    assert len(records) == 19
+    assert Counter(r.source_split for r in records) == {"train": 12, "val": 3, "test": 4}
+    first = records[0]
+    assert first.path == "tinymnist.npz:test:0" and first.label == "basophil" and first.array.shape == (28, 28, 3)
+    assert records[2].label == "2"  # no name given: the integer as a string
+    assert [r.path for r in records][:11] == [f"tinymnist.npz:test:{i}" for i in range(4)] + \
+        [f"tinymnist.npz:train:{i}" for i in range(7)]  # natural order: 2 before 10
+
+
+def test_detect_format(tmp_path: Path, malaria_dir: Path) -> None:
+    assert detect_format(malaria_dir) == "folder"
+    write_medmnist(tmp_path / "x.npz")
+    assert detect_format(tmp_path / "x.npz") == "npz"
+    (tmp_path / "labels.csv").write_text("image,level\n")
+    assert detect_format(tmp_path / "labels.csv") == "csv"
+    ct = get_testdata_file("CT_small.dcm")
+    (tmp_path / "dcm" / "ct").mkdir(parents=True)
+    shutil.copy(ct, tmp_path / "dcm" / "ct" / "a.dcm")
+    assert detect_format(tmp_path / "dcm") == "dicom"
+    assert [r.label for r in list_records(tmp_path / "dcm", "dicom", DataConfig())] == ["ct"]
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match="cannot tell"):
+        detect_format(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError):
+        detect_format(tmp_path / "nothing-here")

@@ -1,0 +1,180 @@
+"""Training: input pipeline, embedding cache, resume after a kill, outputs (tiny data, seconds per test)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from _tfrecords import make_processed  # noqa: E402
+
+from medflow.config import Augment, ModelConfig, Params, parse_params  # noqa: E402
+from medflow.data import shards  # noqa: E402
+from medflow.embed import embed, load_embeddings  # noqa: E402
+from medflow.models.registry import load_model  # noqa: E402
+from medflow.models.weights import WeightsUnavailable  # noqa: E402
+from medflow.train import HISTORY_COLUMNS, class_weights, datasets, train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+LITE0 = ROOT / "models" / "pretrained" / "efficientnet_lite0_imagenet_notop.keras"
+CNN = {"architecture": "basic_cnn", "input_size": 32, "head_units": 8, "epochs": 2, "batch_size": 4,
+       "augment": {"flip": True, "rotation": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_processed(tmp_path_factory.mktemp("data"), {"train": 12, "val": 8, "test": 4})
+
+
+def _params(**models: dict) -> Params:
+    return parse_params({"train": {"seed": 3, "patience": 5, "lr_patience": 2}, "models": models})
+
+
+def _history(out: Path) -> list[dict]:
+    with open(out / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_augmentation_only_touches_training_batches(processed: Path) -> None:
+    strong = Augment(flip=True, rotation=0.25, zoom=0.2, shift=0.2, brightness=0.3, contrast=0.3)
+    cfg = ModelConfig(architecture="basic_cnn", batch_size=4, augment=strong)
+    train_ds, val_ds = datasets(cfg, processed, seed=0)
+
+    raw_val, val_labels, _ = shards.load_arrays(processed, "val")
+    val = list(val_ds.as_numpy_iterator())
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in val]), raw_val.astype(np.float32))
+    np.testing.assert_array_equal(np.concatenate([y for _, y in val]), val_labels)
+
+    raw_train = shards.load_arrays(processed, "train")[0].astype(np.float32)
+
+    def unchanged(ds) -> int:  # noqa: ANN001 - images found verbatim among the raw training images
+        images = np.concatenate([x for x, _ in ds.as_numpy_iterator()])
+        return sum(any(np.array_equal(img, r) for r in raw_train) for img in images)
+
+    assert unchanged(train_ds) == 0  # every training image is altered
+    plain_train, _ = datasets(cfg.model_copy(update={"augment": Augment(flip=False)}), processed, seed=0)
+    assert unchanged(plain_train) == len(raw_train)  # control: without augmentation all are verbatim
+
+
+def test_balanced_class_weights() -> None:
+    meta = {"classes": ["a", "b", "c"], "class_counts": {"train": {"a": 60, "b": 30, "c": 10}}}
+    assert class_weights(meta, "balanced") == pytest.approx({0: 100 / 180, 1: 100 / 90, 2: 100 / 30})
+    assert class_weights(meta, "none") is None
+
+
+def test_train_end_to_end_writes_contract_outputs(processed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "basic_cnn"
+    summary = train("basic_cnn", _params(basic_cnn=CNN), processed, tmp_path / "emb", out)
+
+    rows = _history(out)
+    assert list(rows[0]) == HISTORY_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(float(r["loss"]) > 0 and 0 <= float(r["val_accuracy"]) <= 1 and float(r["lr"]) > 0 for r in rows)
+    saved = json.loads((out / "train_summary.json").read_text())
+    assert saved == summary and summary["epochs_run"] == 2 and summary["resumed_from_epoch"] is None
+    assert summary["best"]["val_loss"] == min(float(r["val_loss"]) for r in rows)
+    assert summary["params"]["total"] == summary["params"]["trainable"] > 0  # basic_cnn trains every layer
+    assert summary["images_per_second"] > 0 and summary["weights_fingerprint"] == "none"
+    assert (out / "dvclive" / "metrics.json").exists() and (out / "dvclive" / "plots" / "metrics").is_dir()
+    assert not (out / "backup").exists()  # finished runs leave no resume state
+    assert keras.config.dtype_policy().name == "float32"
+
+    model = keras.models.load_model(out / "model.keras", safe_mode=True)
+    for name in ("features", "embedding", "probs"):
+        assert model.get_layer(name) is not None
+    assert not [layer for layer in model.layers if type(layer).__name__.startswith("Random")]
+    x, _, _ = shards.load_arrays(processed, "test")
+    p1, p2 = model.predict(x.astype("float32"), verbose=0), model.predict(x.astype("float32"), verbose=0)
+    np.testing.assert_array_equal(p1, p2)  # inference is deterministic: no augmentation in the model
+    np.testing.assert_allclose(p1.sum(axis=1), 1.0, rtol=1e-5)
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+class _Kill(keras.callbacks.Callback):
+    """Dies at the end of epoch ``at`` (0-based), like a killed process; records the epochs it saw."""
+
+    def __init__(self, at: int | None) -> None:
+        super().__init__()
+        self.at, self.seen = at, []
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seen.append(epoch)
+        if epoch == self.at:
+            raise SimulatedKill(f"killed after epoch {epoch + 1}")
+
+
+def test_resume_after_kill_continues_from_last_epoch(processed: Path, tmp_path: Path) -> None:
+    params = _params(basic_cnn=CNN | {"epochs": 3})
+    out = tmp_path / "basic_cnn"
+    first = _Kill(at=1)
+    with pytest.raises(SimulatedKill):
+        train("basic_cnn", params, processed, tmp_path / "emb", out, callbacks=[first])
+    assert first.seen == [0, 1] and not (out / "model.keras").exists()
+    assert [int(r["epoch"]) for r in _history(out)] == [1, 2] and (out / "backup").is_dir()
+    before = _history(out)
+
+    second = _Kill(at=None)
+    summary = train("basic_cnn", params, processed, tmp_path / "emb", out, callbacks=[second])
+    assert second.seen == [2]  # only the third epoch ran
+    assert summary["resumed_from_epoch"] == 2 and summary["epochs_this_run"] == 1 and summary["epochs_run"] == 3
+    rows = _history(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and rows[:2] == before
+    assert (out / "model.keras").exists() and not (out / "backup").exists()
+
+
+def test_backup_of_another_config_is_not_resumed(processed: Path, tmp_path: Path) -> None:
+    out = tmp_path / "basic_cnn"
+    with pytest.raises(SimulatedKill):
+        train("basic_cnn", _params(basic_cnn=CNN), processed, tmp_path / "emb", out, callbacks=[_Kill(at=0)])
+    changed = _params(basic_cnn=CNN | {"learning_rate": 0.01})
+    summary = train("basic_cnn", changed, processed, tmp_path / "emb", out)
+    assert summary["resumed_from_epoch"] is None and [int(r["epoch"]) for r in _history(out)] == [1, 2]
+
+
+def test_frozen_backbone_trains_head_on_shared_cache(processed: Path, tmp_path: Path) -> None:
+    if not LITE0.exists():
+        pytest.skip(f"vendored backbone {LITE0} missing")
+    frozen = {"architecture": "keras_file", "weights": str(LITE0), "trainable": "none", "input_size": 32,
+              "head_units": 0, "dropout": 0.2, "epochs": 2, "batch_size": 4, "augment": {"flip": False}}
+    params = _params(lite=frozen, lite_wide=frozen | {"head_units": 16})
+    emb = tmp_path / "emb"
+    first = embed("lite", params, processed, emb)
+    assert first["cached"] and not first["reused"] and first["dim"] == 1280
+    assert first["counts"] == {"train": 12, "val": 8, "test": 4}
+    x, y, ids = load_embeddings(first["dir"], "val")
+    assert x.shape == (8, 1280) and x.dtype == np.float32
+    assert list(y) == list(shards.load_arrays(processed, "val")[1])
+    assert embed("basic", _params(basic=CNN), processed, emb)["cached"] is False
+
+    summary = train("lite_wide", params, processed, emb, tmp_path / "lite_wide")
+    assert summary["embedding_cache"] == first["key"]  # a second head on the same backbone reuses the cache
+    assert embed("lite_wide", params, processed, emb)["reused"] is True
+    assert summary["params"]["trainable"] == 1280 * 16 + 16 + 16 * 2 + 2  # only the head trained
+
+    model = load_model(tmp_path / "lite_wide" / "model.keras")  # the FULL model: backbone + trained head
+    images = shards.load_arrays(processed, "val")[0].astype("float32")
+    embedded, probs = keras.Model(model.input, [model.get_layer("embedding").output, model.output]).predict(
+        images, verbose=0)
+    np.testing.assert_allclose(embedded, x, rtol=1e-4, atol=1e-4)  # the backbone is the cached one
+    head_only = keras.Sequential([model.get_layer("head"), model.get_layer("probs")])
+    np.testing.assert_allclose(probs, head_only.predict(x, verbose=0), atol=1e-5)  # and the head the trained one
+    best = min(_history(tmp_path / "lite_wide"), key=lambda r: float(r["val_loss"]))
+    val_loss = keras.losses.sparse_categorical_crossentropy(y, probs)
+    assert float(np.mean(val_loss)) == pytest.approx(float(best["val_loss"]), rel=1e-3)  # best epoch's weights
+
+
+def test_missing_imagenet_weights_stop_training_before_it_starts(
+        processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
+    params = _params(vgg={"architecture": "vgg19", "weights": "imagenet", "trainable": "none", "input_size": 32})
+    with pytest.raises(WeightsUnavailable, match="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"):
+        train("vgg", params, processed, tmp_path / "emb", tmp_path / "vgg")
+    assert not (tmp_path / "vgg").exists()
