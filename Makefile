@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MPLBACKEND := Agg
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup run test test-fast browser-deps report clean help
+.PHONY: setup run test test-fast browser-deps serve-flows stop-flows demo-retrain clean help
 
 help:            ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -35,6 +35,15 @@ test: setup browser-deps  ## the whole test suite
 
 test-fast: setup ## tests not marked slow
 	$(PY) -m pytest -n 2 -m "not slow and not browser" tests
+
+serve-flows: setup ## local Prefect server (127.0.0.1) + deployments with cron schedules
+	scripts/serve_flows.sh
+
+stop-flows:      ## stop the server and deployments (PID files in .prefect/)
+	scripts/stop_flows.sh
+
+demo-retrain: setup ## end-to-end: drifted labelled batch -> monitoring -> retraining -> promotion decision
+	scripts/demo_retrain.sh
 
 clean:           ## remove generated data (keeps .venv and the DVC cache)
 	rm -rf data/interim data/processed data/embeddings reports/eval reports/metrics reports/index.html

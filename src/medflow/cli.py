@@ -33,7 +33,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input/config: shown as one clear message, exit code 1."""
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     for mod, name in [("medflow.data.validate", "ValidationFailed"), ("medflow.models.weights", "WeightsUnavailable"),
-                      ("medflow.data.images", "BadImage"), ("medflow.data.sources", "SourceError")]:
+                      ("medflow.data.images", "BadImage"), ("medflow.data.sources", "SourceError"),
+                      ("medflow.promote", "PromotionError"), ("medflow.promote", "RetrainBusy")]:
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):
@@ -65,11 +66,14 @@ def ingest(
     out: Annotated[Path, typer.Option(help="Output folder for manifest.csv, quarantine.csv, pixels.npy.")] = Layout().interim,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Read every image of SOURCE: manifest (one row per image), quarantine (rejected files + reason), pixels."""
+    """Read every image of SOURCE: manifest (one row per image), quarantine (rejected files + reason), pixels.
+
+    Without SOURCE: data.source plus the data.extra_sources folders (labelled batches, train split)."""
     p = _params(params)
     from medflow.data.ingest import ingest as run
 
-    _run(lambda: run(Path(source or p.data.source), out, p.data, p.ingest))
+    extra = p.data.extra_sources if source is None else []
+    _run(lambda: run(Path(source or p.data.source), out, p.data, p.ingest, extra_sources=extra))
 
 
 @app.command()
@@ -176,6 +180,25 @@ def serve(
                                         max_upload_bytes=int(p.serve.max_upload_mb * 1024 * 1024),
                                         workers=p.serve.workers),
                              host=host or p.serve.host, port=port or p.serve.port))
+
+
+@app.command()
+def promote(params: ParamsOpt = Path("params.yaml")) -> None:
+    """Promote this run's champion (models/champion.json) if it beats production (the `retrain` rule)."""
+    from medflow.promote import decide_and_promote, retrain_config
+
+    p = _params(params)
+    _run(lambda: decide_and_promote(Path("."), retrain_config(p)))
+
+
+@app.command()
+def rollback(
+    version: Annotated[Optional[str], typer.Argument(help="Version (default: the one before production).")] = None,
+) -> None:
+    """Point models/production back at an earlier registered version (atomic)."""
+    from medflow.promote import rollback as run
+
+    _run(lambda: {"production": run(Path("."), version)})
 
 
 def main() -> None:  # pragma: no cover

@@ -50,6 +50,9 @@ class DataConfig(_Section):
     labels: list[str] | None = None  # fixed label order; required for ordered grades
     ordered: bool = False  # labels are ordinal grades (quadratic weighted kappa is reported)
     label_names: dict[str, str] | None = None  # npz: {"0": "basophil", ...}
+    # Extra labelled folders (globs, relative to the project root), e.g. batches added by retraining:
+    # read like class-folder sources and always assigned to the train split (the test set stays fixed).
+    extra_sources: list[str] = []
     csv: CsvSource = CsvSource()
     dicom: DicomSource = DicomSource()
 
@@ -155,6 +158,23 @@ class EvaluateConfig(_Section):
     misclassified_max: int = Field(24, ge=0)
 
 
+class RetrainConfig(_Section):
+    """``retrain:`` section of params.yaml (monitoring triggers, promotion rule, schedules)."""
+
+    min_new_labelled: int = Field(50, ge=1)  # labelled images waiting in processed batches that trigger a retrain
+    min_improvement: float = Field(0.005, ge=0)  # challenger must beat production by at least this (champion metric)
+    max_class_drop: float = Field(0.02, ge=0, le=1)  # largest tolerated drop of any class's recall or F1
+    schedule_monitor: str = "0 2 * * *"  # cron: look for new batches daily at 02:00
+    schedule_retrain: str = "0 3 * * 0"  # cron: retrain weekly, Sunday 03:00
+    timezone: str = "UTC"
+    trigger: Literal["auto", "deployment", "subflow", "none"] = "auto"  # how monitoring starts a retrain
+    task_retries: int = Field(1, ge=0)  # retries of a failed stage task (transient errors only)
+    retry_delay_s: float = Field(30.0, ge=0)
+    incoming_dir: str = "data/batches/incoming"  # one folder per new batch
+    processed_dir: str = "data/batches/processed"  # batches already monitored
+    extra_dir: str = "data/raw/extra"  # labelled batches added to training (DVC-tracked, train split only)
+
+
 class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -174,7 +194,7 @@ class Params(_Section):
     active_models: list[str] = []  # what `dvc repro` / `make run` trains; the rest on demand
     evaluate: EvaluateConfig = EvaluateConfig()
     monitor: dict[str, Any] = {}
-    retrain: dict[str, Any] = {}
+    retrain: RetrainConfig = RetrainConfig()
     serve: ServeConfig = ServeConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from medflow.config import RetrainConfig
 
 REGISTRY = Path("models/registry.json")
 VERSIONS = Path("models/versions")
@@ -38,29 +38,10 @@ REGISTRY_LOCK = Path("models/.registry.lock")
 LAST_DECISION = Path("reports/retraining/last_decision.json")
 
 
-class RetrainConfig(BaseModel):
-    """``retrain:`` section of params.yaml (monitoring triggers, promotion rule, schedules)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    min_new_labelled: int = Field(50, ge=1)  # labelled images waiting in processed batches that trigger a retrain
-    min_improvement: float = Field(0.005, ge=0)  # challenger must beat production by at least this (champion metric)
-    max_class_drop: float = Field(0.02, ge=0, le=1)  # largest tolerated drop of any class's recall or F1
-    schedule_monitor: str = "0 2 * * *"  # cron: look for new batches daily at 02:00
-    schedule_retrain: str = "0 3 * * 0"  # cron: retrain weekly, Sunday 03:00
-    timezone: str = "UTC"
-    trigger: Literal["auto", "deployment", "subflow", "none"] = "auto"  # how monitoring starts a retrain
-    task_retries: int = Field(1, ge=0)  # retries of a failed stage task (transient errors only)
-    retry_delay_s: float = Field(30.0, ge=0)
-    incoming_dir: str = "data/batches/incoming"  # one folder per new batch
-    processed_dir: str = "data/batches/processed"  # batches already monitored
-    extra_dir: str = "data/raw/extra"  # labelled batches added to training (DVC-tracked, train split only)
-
-
 def retrain_config(params: Any) -> RetrainConfig:
-    """The typed ``retrain`` section, whether ``Params.retrain`` is still a dict or already a model."""
+    """The typed ``retrain`` section of ``params`` (a mapping is validated, e.g. in tests)."""
     raw = params.retrain
-    return RetrainConfig.model_validate(raw.model_dump() if isinstance(raw, BaseModel) else dict(raw or {}))
+    return raw if isinstance(raw, RetrainConfig) else RetrainConfig.model_validate(dict(raw or {}))
 
 
 class PromotionError(RuntimeError):

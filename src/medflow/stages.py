@@ -20,8 +20,10 @@ def ingest(params: Params, layout: Layout = Layout(), source: str | Path | None 
     """Source (folder | CSV | npz | DICOM) -> manifest, quarantine, pixels, summary."""
     from medflow.data.ingest import ingest as run
 
-    src = Path(source) if source is not None else layout.root / params.data.source
-    return run(src, layout.interim, params.data, params.ingest)
+    if source is not None:  # an explicit source (e.g. a batch) is ingested alone
+        return run(Path(source), layout.interim, params.data, params.ingest)
+    return run(layout.root / params.data.source, layout.interim, params.data, params.ingest,
+               extra_sources=params.data.extra_sources)
 
 
 def validate(params: Params, layout: Layout = Layout()) -> dict:
@@ -52,6 +54,7 @@ def embed(params: Params, layout: Layout = Layout(), models: list[str] | None = 
     from medflow.embed import embed as run
 
     out = {}
+    layout.embeddings.mkdir(parents=True, exist_ok=True)  # the DVC output exists even with no frozen model
     for name in models if models is not None else params.active_models:
         out[name] = run(name, params, layout.processed, layout.embeddings)
     return out
@@ -76,12 +79,13 @@ def evaluate(params: Params, model: str, layout: Layout = Layout()) -> dict:
 
 def compare(params: Params, layout: Layout = Layout(), models: list[str] | None = None) -> dict:
     """Comparison table across evaluated models; records the champion."""
+    from medflow.data.shards import read_meta
     from medflow.evaluate import compare as run, dir_hash, params_hash
 
     names = models if models is not None else params.active_models
     return run({m: layout.metrics(m) for m in names}, layout.comparison, layout.champion,
                metric=params.evaluate.champion_metric, data_hash=dir_hash(layout.processed),
-               params_hash=params_hash(params))
+               params_hash=params_hash(params), meta=read_meta(layout.processed), root=layout.root)
 
 
 def report(params: Params, layout: Layout = Layout()) -> dict:

@@ -57,6 +57,18 @@ def datasets(cfg: ModelConfig, processed_dir: str | Path, seed: int) -> tuple[tf
     return augment_dataset(sized("train", shuffle=True, seed=seed), cfg.augment, seed), sized("val")
 
 
+def embedding_datasets(cache_dir: str | Path, batch_size: int, seed: int) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """(train shuffled, val) batches of cached ``(embedding, label)`` pairs (small: N×D floats)."""
+    import tensorflow as tf
+
+    from medflow.embed import load_embeddings
+
+    x, y, _ = load_embeddings(cache_dir, "train")
+    train_ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    val_ds = tf.data.Dataset.from_tensor_slices(load_embeddings(cache_dir, "val")[:2])
+    return train_ds.batch(batch_size), val_ds.batch(batch_size)
+
+
 def use_mixed_precision(mode: str) -> bool:
     """'on', 'off', or 'auto' (on only when a GPU is visible)."""
     import tensorflow as tf
@@ -111,9 +123,9 @@ def _read_history(path: Path) -> dict[int, dict]:
         return {int(r["epoch"]): r for r in csv.DictReader(f)}
 
 
-def _run_id(cfg: ModelConfig, params: Params, meta: dict) -> str:
+def _run_id(cfg: ModelConfig, params: Params, data: str) -> str:
     """What a backup belongs to: a backup of another config or data is discarded, not resumed."""
-    blob = json.dumps([cfg.model_dump(mode="json"), params.train.model_dump(mode="json"), meta], sort_keys=True)
+    blob = json.dumps([cfg.model_dump(mode="json"), params.train.model_dump(mode="json"), data], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -182,7 +194,7 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
     import keras
     import tensorflow as tf
 
-    from medflow.embed import embed, load_embeddings, uses_embedding_cache
+    from medflow.embed import data_fingerprint, embed, uses_embedding_cache
     from medflow.models.registry import build_head, build_model, input_size, transfer_head
     from medflow.models.weights import resolve_weights, weights_fingerprint
 
@@ -191,7 +203,7 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
     k, size, channels = len(meta["classes"]), meta["image_size"], meta["channels"]
     out_dir = Path(out_dir)
     weights = resolve_weights(cfg, input_size(cfg, size))  # fails before any work if weights are missing
-    resuming = _prepare_out_dir(out_dir, _run_id(cfg, params, meta))
+    resuming = _prepare_out_dir(out_dir, _run_id(cfg, params, data_fingerprint(processed_dir)))
     keras.utils.set_random_seed(params.train.seed)
     mixed = use_mixed_precision(params.train.mixed_precision)
     strategy = _strategy()
@@ -204,16 +216,11 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
         if mixed:
             keras.config.set_dtype_policy("mixed_float16")
         if cached:
-            if cfg.augment.flip or cfg.augment.rotation or cfg.augment.zoom or cfg.augment.shift \
-                    or cfg.augment.brightness or cfg.augment.contrast:
+            if any(cfg.augment.model_dump().values()):
                 warnings.warn(f"{model_name}: augmentation is not applied when the head trains on cached "
                               "embeddings (set use_embedding_cache: false to augment)", stacklevel=2)
             embed_info = embed(model_name, params, processed_dir, embeddings_dir)
-            x, y, _ = load_embeddings(embed_info["dir"], "train")
-            train_ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
-                len(x), seed=params.train.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
-            val_ds = tf.data.Dataset.from_tensor_slices(load_embeddings(embed_info["dir"], "val")[:2]).batch(
-                cfg.batch_size)
+            train_ds, val_ds = embedding_datasets(embed_info["dir"], cfg.batch_size, params.train.seed)
             with strategy.scope():
                 net = build_head(cfg, k, embed_info["dim"])
         else:

@@ -226,3 +226,24 @@ def test_dicom_folder(tmp_path: Path) -> None:
     assert (cr["modality"], cr["window"], cr["label"]) == ("CR", "file:15000/30000", "cr")
     assert pd.isna(cr["pixel_spacing"]) and pd.isna(cr["slice_thickness"])  # CR: spacing 0 means unknown
     assert_pixels_match(manifest, pixels, tmp_path / "src", data)
+
+
+def test_extra_sources_join_the_train_split(malaria_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Labelled batches under data.extra_sources are ingested with the source, prefixed and train-only."""
+    main, batch = tmp_path / "main", tmp_path / "extra" / "batch-01"
+    for cls in ("Parasitized", "Uninfected"):
+        (main / cls).mkdir(parents=True)
+        (batch / cls).mkdir(parents=True)
+        files = sorted((malaria_dir / cls).glob("*.png"))
+        for f in files[:5]:
+            shutil.copy(f, main / cls / f.name)
+        for f in files[5:8]:
+            shutil.copy(f, batch / cls / f.name)
+    monkeypatch.chdir(tmp_path)
+    summary = ingest(main, tmp_path / "out", DataConfig(), IngestConfig(image_size=16, workers=1),
+                     extra_sources=["extra/*/", "nothing/*/"], progress=False)
+    manifest, _, pixels, _ = read_outputs(tmp_path / "out")
+    assert summary["found"] == summary["accepted"] == 16 and len(pixels) == 16
+    extra = manifest[manifest["id"].str.startswith("extra/batch-01/")]
+    assert len(extra) == 6 and set(extra["source_split"]) == {"train"}
+    assert manifest.loc[~manifest["id"].str.startswith("extra/"), "source_split"].isna().all()

@@ -127,6 +127,10 @@ def test_resume_after_kill_continues_from_last_epoch(processed: Path, tmp_path: 
     assert summary["resumed_from_epoch"] == 2 and summary["epochs_this_run"] == 1 and summary["epochs_run"] == 3
     rows = _history(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and rows[:2] == before
+    with open(out / "dvclive" / "plots" / "metrics" / "val_loss.tsv", newline="") as f:
+        logged = list(csv.DictReader(f, delimiter="\t"))
+    assert [int(r["step"]) for r in logged] == [0, 1, 2]  # DVCLive continues its steps too
+    assert [float(r["val_loss"]) for r in logged] == [float(r["val_loss"]) for r in rows]
     assert (out / "model.keras").exists() and not (out / "backup").exists()
 
 
@@ -178,3 +182,30 @@ def test_missing_imagenet_weights_stop_training_before_it_starts(
     with pytest.raises(WeightsUnavailable, match="vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"):
         train("vgg", params, processed, tmp_path / "emb", tmp_path / "vgg")
     assert not (tmp_path / "vgg").exists()
+
+
+def test_mixed_precision_trains_in_float16_and_saves_float32(processed: Path, tmp_path: Path) -> None:
+    params = parse_params({"train": {"seed": 3, "mixed_precision": "on"}, "models": {"cnn": CNN | {"epochs": 1}}})
+    seen: list[str] = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            seen.extend(self.model.get_layer(n).compute_dtype for n in ("block1_conv", "probs"))
+
+    summary = train("cnn", params, processed, tmp_path / "emb", tmp_path / "cnn", callbacks=[Probe()])
+    assert summary["mixed_precision"] is True and seen == ["float16", "float32"]
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    model = load_model(tmp_path / "cnn" / "model.keras")
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}  # serving runs in float32
+
+
+def test_embedding_cache_is_recomputed_for_other_data(processed: Path, tmp_path: Path) -> None:
+    params = _params(frozen_cnn=CNN | {"trainable": "none"})  # a random (seeded) frozen backbone: cheap
+    emb = tmp_path / "emb"
+    first = embed("frozen_cnn", params, processed, emb)
+    assert first["reused"] is False and embed("frozen_cnn", params, processed, emb)["reused"] is True
+    before = load_embeddings(first["dir"], "val")[0]
+    other = make_processed(tmp_path / "other", {"train": 12, "val": 8, "test": 4}, seed=1)  # same shapes
+    again = embed("frozen_cnn", params, other, emb)
+    assert again["key"] == first["key"] and again["reused"] is False  # same backbone, other images
+    assert not np.allclose(load_embeddings(again["dir"], "val")[0], before)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from medflow.config import DataConfig, IngestConfig
 from medflow.data.images import BadImage, decode_any, decode_array, image_stats, pixel_sha256, to_model_input
 from medflow.data.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS
-from medflow.data.sources import Record, SourceError, detect_format, list_records, natural_key
+from medflow.data.sources import Record, SourceError, extra_records, detect_format, list_records, natural_key
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -124,11 +124,12 @@ def reconciliation_line(found: int, accepted: int, quarantined: int, by_reason: 
 
 
 def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: IngestConfig, *,
-           progress: bool = True) -> dict[str, Any]:
-    """Ingest ``source`` into ``out_dir``; return the summary written to ``ingest_summary.json``."""
+           extra_sources: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
+    """Ingest ``source`` (plus the class folders matching ``extra_sources``, train split only) into
+    ``out_dir``; return the summary written to ``ingest_summary.json``."""
     source, out_dir = Path(source), Path(out_dir)
     fmt = detect_format(source) if data.format == "auto" else data.format
-    records = list_records(source, fmt, data)
+    records = list_records(source, fmt, data) + extra_records(list(extra_sources), data.group_pattern)
     if not records:
         raise SourceError(f"{source}: no images found (format {fmt})")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -202,3 +202,16 @@ def list_records(source: str | Path, fmt: Format, data: DataConfig) -> list[Reco
     if fmt == "npz":
         return npz_records(source, data.label_names)
     raise SourceError(f"unknown data format {fmt!r}")
+
+
+def extra_records(patterns: list[str] | tuple[str, ...], group_pattern: str | None, root: str | Path = ".") -> list[Record]:
+    """Records of every class-folder source matching ``patterns`` (globs relative to ``root``),
+    ids prefixed with the folder's relative path and forced into the train split."""
+    root = Path(root)
+    folders = sorted({p for pat in patterns for p in root.glob(pat) if p.is_dir()}, key=lambda p: natural_key(str(p)))
+    out = []
+    for folder in folders:
+        prefix = folder.relative_to(root).as_posix()
+        for r in folder_records(folder, group_pattern):
+            out.append(Record(f"{prefix}/{r.path}", r.label, r.group, "train", r.file, r.array, r.problem))
+    return out

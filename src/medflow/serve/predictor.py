@@ -18,14 +18,16 @@ from medflow.data.images import Decoded, decode_any, to_model_input
 def load_champion(champion_json: str | Path) -> tuple[dict[str, Any], Path]:
     """Read the champion record; return it and the model file it names.
 
-    ``model_path`` is relative to the project root, which holds ``models/champion.json``
+    A ``model.keras`` beside the record wins (a promoted version folder, e.g. ``models/production``);
+    otherwise ``model_path`` is relative to the project root, which holds ``models/champion.json``
     (an absolute ``model_path`` is used as is).
     """
     champion_json = Path(champion_json)
     if not champion_json.is_file():
         raise FileNotFoundError(f"{champion_json}: no champion record (run `medflow compare` or `dvc repro`)")
     record = json.loads(champion_json.read_text())
-    model_path = champion_json.resolve().parent.parent / record["model_path"]
+    beside = champion_json.parent / "model.keras"
+    model_path = beside if beside.is_file() else champion_json.resolve().parent.parent / record["model_path"]
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: model named by {champion_json} is missing")
     return record, model_path
