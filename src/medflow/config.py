@@ -130,7 +130,9 @@ class ModelConfig(_Section):
     ]
     weights: str | None = None  # None | "imagenet" | path to a .keras / .weights.h5 file
     weights_sha256: str | None = None  # checked when weights is a file
-    trainable: Literal["none", "all"] | list[str] = "all"  # "none" = frozen feature extractor; list = layer-name prefixes
+    # "none" = frozen feature extractor; a list of layer-name prefixes = train from the first matching
+    # layer to the end (BatchNorm stays frozen), e.g. [block4] for VGG blocks 4-5, [mixed9] for InceptionV3
+    trainable: Literal["none", "all"] | list[str] = "all"
     input_size: int | None = None  # None = ingest.image_size; backbone resizes in-graph
     head_units: int = Field(256, ge=0)  # 0 = linear head on pooled features
     dropout: float = Field(0.5, ge=0, lt=1)

@@ -149,3 +149,16 @@ def test_run_split_writes_splits_and_counts(tmp_path, capsys):
     assert "split: 50 rows in 25 independent groups" in capsys.readouterr().err
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
     assert read_manifest(tmp_path / "manifest.csv")["label"].tolist()[:2] == ["0", "1"]
+
+
+def test_extra_train_data_leaves_the_test_set_unchanged():
+    """Retraining adds labelled batches as official 'train' rows: the held-out test set must not move."""
+    base = malaria_frame()
+    extra = base.head(30).assign(id=lambda d: "extra/b1/" + d["id"], group=lambda d: "new-" + d["group"],
+                                 sha256=lambda d: "x" + d["sha256"], source_split="train")
+    before = assign_splits(base, SplitConfig())
+    after = assign_splits(pd.concat([base, extra], ignore_index=True), SplitConfig())
+    test_before = set(before.loc[before["split"] == "test", "id"])
+    test_after = set(after.loc[after["split"] == "test", "id"])
+    assert test_before == test_after and test_before
+    assert set(after.loc[after["id"].str.startswith("extra/"), "split"]) == {"train"}

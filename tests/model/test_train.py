@@ -127,10 +127,10 @@ def test_resume_after_kill_continues_from_last_epoch(processed: Path, tmp_path: 
     assert summary["resumed_from_epoch"] == 2 and summary["epochs_this_run"] == 1 and summary["epochs_run"] == 3
     rows = _history(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and rows[:2] == before
-    with open(out / "dvclive" / "plots" / "metrics" / "val_loss.tsv", newline="") as f:
+    with open(out / "dvclive" / "plots" / "metrics" / "eval" / "loss.tsv", newline="") as f:  # DVCLive's val_loss
         logged = list(csv.DictReader(f, delimiter="\t"))
     assert [int(r["step"]) for r in logged] == [0, 1, 2]  # DVCLive continues its steps too
-    assert [float(r["val_loss"]) for r in logged] == [float(r["val_loss"]) for r in rows]
+    assert [float(r["loss"]) for r in logged] == [float(r["val_loss"]) for r in rows]
     assert (out / "model.keras").exists() and not (out / "backup").exists()
 
 

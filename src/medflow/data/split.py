@@ -116,7 +116,7 @@ def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
         split[free] = [picked[c] for c in sub]
     official = set(source) - {""}
     carve = (split == "train") & ~free
-    if official and "val" not in official and carve.any():
+    if official and "val" not in official and carve.any() and not free.any():
         sub = pd.factorize(comp[carve])[0]
         picked = _greedy(sub, y[carve], ["train", "val"], [cfg.train / (cfg.train + cfg.val),
                                                           cfg.val / (cfg.train + cfg.val)], cfg.seed)
