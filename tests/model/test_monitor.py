@@ -21,29 +21,35 @@ from medflow.monitor import MonitorConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MALARIA = ROOT / "data" / "raw" / "malaria-cells-400"
+BACKBONE = ROOT / "models" / "pretrained" / "efficientnet_lite0_imagenet_notop.keras"
 SIZE = 32
 BATCH = 80
 
 
-def tiny_champion_model(num_classes: int, size: int, channels: int = 3):
-    """The model contract in miniature: Input -> Conv2D -> 'features' -> GAP -> 'embedding' -> 'probs'."""
+def champion_model(backbone_path: Path, classes: list[str], x: np.ndarray, y: np.ndarray):
+    """The model contract in miniature: Input -> Resizing(64) -> frozen EfficientNet-Lite0 (the repo's vendored
+    ImageNet weights) -> 'features' -> GAP -> Dense 'embedding' -> Dense softmax 'probs'. Only the head is
+    trained, on pooled features computed once (a few seconds)."""
     import keras
 
-    inputs = keras.Input((size, size, channels), dtype="float32")
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(16, 3, activation="relu", padding="same")(x)
-    x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Conv2D(32, 3, activation="relu", padding="same", name="features")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.Dense(16, activation="relu", name="embedding")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probs")(x)
-    return keras.Model(inputs, outputs)
+    keras.utils.set_random_seed(0)
+    backbone = keras.models.load_model(backbone_path, compile=False)
+    backbone.trainable = False
+    inputs = keras.Input(x.shape[1:], dtype="float32")
+    feats = keras.layers.Activation("linear", name="features")(backbone(keras.layers.Resizing(64, 64)(inputs)))
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(feats)
+    emb_layer = keras.layers.Dense(16, activation="relu", name="embedding")
+    probs_layer = keras.layers.Dense(len(classes), activation="softmax", name="probs")
+    model = keras.Model(inputs, probs_layer(emb_layer(pooled)))
+    head_in = keras.Input(pooled.shape[1:])
+    head = keras.Model(head_in, probs_layer(emb_layer(head_in)))
+    head.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
+    head.fit(keras.Model(inputs, pooled).predict(x, verbose=0), y, epochs=60, batch_size=32, verbose=0)
+    return model  # shares the trained head layers
 
 
-def build_project(root: Path, source: Path, data: DataConfig, ingest_cfg: IngestConfig, epochs: int) -> SimpleNamespace:
+def build_project(root: Path, source: Path, data: DataConfig, ingest_cfg: IngestConfig) -> SimpleNamespace:
     """Ingest + split ``source``, train the tiny champion, evaluate it on test, write models/champion.json."""
-    import keras
-
     from medflow.data.ingest import ingest
     from medflow.data.split import run_split
     from medflow.evaluate import compute_metrics
@@ -62,11 +68,7 @@ def build_project(root: Path, source: Path, data: DataConfig, ingest_cfg: Ingest
         part = df[df["split"] == split]
         return pixels[part["row"]].astype("float32"), part["label"].map(classes.index).to_numpy()
 
-    keras.utils.set_random_seed(0)
-    model = tiny_champion_model(len(classes), ingest_cfg.image_size, ingest_cfg.channels)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    x, y = xy("train")
-    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    model = champion_model(BACKBONE, classes, *xy("train"))
     (root / "models" / "tiny").mkdir(parents=True)
     model.save(root / "models" / "tiny" / "model.keras")
     xt, yt = xy("test")
@@ -83,14 +85,17 @@ def build_project(root: Path, source: Path, data: DataConfig, ingest_cfg: Ingest
 
 @pytest.fixture(scope="session")
 def project(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    if not MALARIA.is_dir():
-        pytest.skip(f"embedded malaria sample missing at {MALARIA}")
-    p = build_project(tmp_path_factory.mktemp("monitor"), MALARIA, DataConfig(source=str(MALARIA)),
-                      IngestConfig(image_size=SIZE, workers=2), epochs=8)
+    for need in (MALARIA, BACKBONE):
+        if not need.exists():
+            pytest.skip(f"embedded test asset missing: {need}")
+    # group_pattern None: every cell its own group, so train and test are random halves of one
+    # population and a clean batch (random test images) must not alarm.
+    data = DataConfig(source=str(MALARIA), group_pattern=None)
+    p = build_project(tmp_path_factory.mktemp("monitor"), MALARIA, data, IngestConfig(image_size=SIZE, workers=2))
     from medflow.monitor.simulate import held_out
 
     p.images, p.labels = held_out(p.source, p.reference.manifest, p.reference.splits, p.data, p.ingest)
-    p.params = parse_params({"data": {"source": str(MALARIA)}, "ingest": {"image_size": SIZE}})
+    p.params = parse_params({"data": {"source": str(MALARIA), "group_pattern": None}, "ingest": {"image_size": SIZE}})
     return p
 
 

@@ -76,10 +76,13 @@ def load_model(path: str | Path) -> keras.Model:
 
 
 def _basic_cnn(x):  # noqa: ANN001, ANN202 - Keras tensors
-    """Three conv blocks as in the malaria study (Rajaraman et al. 2018); the third feeds ``features``."""
+    """Three conv blocks as in the malaria study (Rajaraman et al. 2018), with batch normalisation
+    so it learns from a few hundred images; the third block feeds ``features``."""
     x = keras.layers.Rescaling(1.0 / 255, name="preprocess")(x)
     for i, filters in enumerate((32, 64, 128), start=1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"block{i}_conv")(x)
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn")(x)  # few steps per epoch
+        x = keras.layers.Activation("relu", name=f"block{i}_relu")(x)
         if i < 3:
             x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
     return x
