@@ -156,7 +156,11 @@ def _fit(net: keras.Model, train_ds: Any, val_ds: Any, cfg: ModelConfig, params:
     previous = [float(r[monitor]) for r in rows.values() if r.get(monitor) not in (None, "")]
     best_path = out_dir / "checkpoints" / "best.weights.h5"
     history = _history_callback(history_path, rows)
-    live = Live(str(out_dir / "dvclive"), resume=resuming, save_dvc_exp=False, dvcyaml=None)
+    try:
+        live = Live(str(out_dir / "dvclive"), resume=resuming, save_dvc_exp=False, dvcyaml=None)
+    except Exception as e:  # scmrepo.SCMError on a git repository without commits
+        raise RuntimeError(f"DVCLive cannot log this run: {e}. Commit once (`git add -A && git commit`) "
+                           "or run outside a git repository.") from e
     live.log_params({"model": cfg.model_dump(mode="json"), "train": params.train.model_dump(mode="json")})
     stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=params.train.patience)
     callbacks = [

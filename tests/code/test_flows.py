@@ -369,6 +369,7 @@ def _tiny_project(dest: Path) -> Path:
             (dest / "data/raw/cells" / cls).mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dest / "data/raw/cells" / cls / f.name)
     shutil.copytree(ROOT / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "data/raw/extra", dest / "data/raw/extra")  # git-tracked, exists in every clone
     shutil.copy2(ROOT / "dvc.yaml", dest / "dvc.yaml")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"]["source"] = "data/raw/cells"
@@ -381,6 +382,9 @@ def _tiny_project(dest: Path) -> Path:
     (dest / "params.yaml").write_text(yaml.safe_dump(raw))
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     Repo.init(str(dest)).close()
+    git = ["git", "-c", "user.name=medflow-test", "-c", "user.email=test@localhost"]
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "tiny project"], cwd=dest, check=True)  # DVCLive needs a commit
     return dest
 
 

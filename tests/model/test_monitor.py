@@ -24,6 +24,7 @@ MALARIA = ROOT / "data" / "raw" / "malaria-cells-400"
 BACKBONE = ROOT / "models" / "pretrained" / "efficientnet_lite0_imagenet_notop.keras"
 SIZE = 32
 BATCH = 80
+pytestmark = pytest.mark.xdist_group("monitor")  # one worker builds the session champion once
 
 
 def champion_model(backbone_path: Path, classes: list[str], x: np.ndarray, y: np.ndarray):
@@ -99,11 +100,221 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return p
 
 
-def monitor(project: SimpleNamespace, tmp: Path, name: str, **sim) -> dict:
+def monitor(project: SimpleNamespace, out_root: Path, name: str, **sim) -> dict:
+    """Simulate batch ``name`` beside ``out_root`` and monitor it into ``out_root``."""
     from medflow.monitor.run import monitor_batch
     from medflow.monitor.simulate import simulate_batch
 
-    batch = tmp / "batches" / name
+    batch = out_root.parent / "batches" / name
     simulate_batch(project.images, project.labels, batch, n=BATCH, **sim)
     return monitor_batch(batch, champion_json=project.champion, reference=project.reference,
-                         out_root=tmp / "monitoring", params=project.params)
+                         out_root=out_root, params=project.params)
+
+
+@pytest.fixture(scope="session")
+def out_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("monitor-run") / "monitoring"
+
+
+@pytest.fixture(scope="session")
+def clean(project: SimpleNamespace, out_root: Path) -> dict:
+    return monitor(project, out_root, "clean", shift="none", seed=0)
+
+
+def test_clean_batch_is_ok_and_writes_its_outputs(project: SimpleNamespace, out_root: Path, clean: dict) -> None:
+    from medflow.monitor.features import IMAGE_FEATURES
+    from medflow.monitor.run import monitoring_index
+
+    assert clean["verdict"] == "ok", clean["reasons"]
+    assert clean["reasons"] == [] and clean["n_images"] == BATCH and clean["n_quarantined"] == 0
+    batch_dir = out_root / "clean"
+    for f in ("report.html", "summary.json", "predictions.csv", "quarantine.csv", "ingest_summary.json"):
+        assert (batch_dir / f).is_file(), f
+    assert json.loads((batch_dir / "summary.json").read_text()) == clean
+    features = clean["drift"]["features"]
+    pcs = {f"emb_pc{i}" for i in range(MonitorConfig().embedding_components)}
+    assert set(features) == set(IMAGE_FEATURES) | pcs | {"prediction", "confidence"}
+    assert all(0.0 <= f["p_value"] <= 1.0 for f in features.values())
+    assert features["prediction"]["test"] == "chisquare" and features["sharpness"]["test"] == "ks"
+    n_drifted = sum(f["drifted"] for f in features.values())
+    assert clean["drift"]["share"] == pytest.approx(n_drifted / len(features))
+    assert set(clean["drift"]["groups"]) == {"image", "embedding", "prediction"}
+    assert 0.0 <= clean["drift"]["embedding_auc"] <= 1.0
+    history = pd.read_csv(out_root / "history.csv")
+    assert list(history["batch"]) == ["clean"] and list(history["verdict"]) == ["ok"]
+    index = monitoring_index(out_root)
+    assert [(r["batch"], r["verdict"]) for r in index] == [("clean", "ok")]
+    assert (out_root / index[0]["report"]).is_file()
+    assert index[0]["accuracy"] == pytest.approx(clean["performance"]["batch"]["accuracy"])
+
+
+def test_per_class_metrics_equal_scikit_learn(project: SimpleNamespace, out_root: Path, clean: dict) -> None:
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+
+    preds = pd.read_csv(out_root / "clean" / "predictions.csv", dtype={"label": str, "prediction": str})
+    assert len(preds) == BATCH
+    p, r, f, s = precision_recall_fscore_support(preds["label"], preds["prediction"], labels=project.classes,
+                                                 zero_division=0)
+    batch = clean["performance"]["batch"]
+    for i, c in enumerate(project.classes):
+        got = batch["per_class"][c]
+        assert (got["precision"], got["recall"], got["f1"], got["support"]) == pytest.approx((p[i], r[i], f[i], s[i]))
+    assert batch["accuracy"] == pytest.approx(accuracy_score(preds["label"], preds["prediction"]))
+    assert batch["macro_f1"] == pytest.approx(f1_score(preds["label"], preds["prediction"], average="macro"))
+    assert clean["performance"]["champion_test"]["per_class"] == project.metrics["per_class"]
+    assert clean["performance"]["champion_test"]["accuracy"] == project.metrics["accuracy"]
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for key, value in attrs:
+            if key in ("src", "href") and value and value.startswith(("http:", "https:", "//")):
+                self.external.append(f"<{tag} {key}={value}>")
+
+
+def test_report_is_offline_and_has_every_section(out_root: Path, clean: dict) -> None:
+    html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
+    parser = _Tags()
+    parser.feed(html)
+    assert parser.external == []
+    for section in ("Monitoring summary", "Drift by group", "Per-feature drift tests", "Predicted classes",
+                    "Per-class performance, batch / champion test",
+                    "Drift: image statistics, embeddings, predictions (Evidently)", "Embedding drift (domain-classifier ROC AUC)",
+                    "Classification quality of the labelled batch (Evidently)"):
+        assert section in html, section
+    for feature in ("sharpness", "mean_r", "width", "emb_pc0", "confidence", "prediction"):
+        assert feature in html
+    size = len(html.encode())
+    assert size < 15_000_000  # Evidently's bundled JS (~3.7 MB) + aggregated plots, no raw rows
+
+
+SHIFT_GROUP = {"stain": "image", "brightness": "image", "contrast": "image", "blur": "image", "jpeg": "image",
+               "resolution": "image", "noise": "image", "prior": "prediction"}
+
+
+@pytest.mark.parametrize("shift", sorted(SHIFT_GROUP))
+def test_each_strong_shift_drifts(project: SimpleNamespace, out_root: Path, shift: str) -> None:
+    s = monitor(project, out_root, f"shift-{shift}", shift=shift, strength=1.0, seed=1)
+    groups = s["drift"]["groups"]
+    assert groups[SHIFT_GROUP[shift]]["drifted"], groups
+    assert any(r.startswith(f"{SHIFT_GROUP[shift]} drift") for r in s["reasons"])
+    # a shift may also cost accuracy; then the verdict is the stronger "degraded", with the drift reasons too
+    assert s["verdict"] in ("drift", "degraded")
+    if s["verdict"] == "degraded":
+        assert s["reasons"][0].startswith(("accuracy", "macro_f1"))
+
+
+def test_shuffled_labels_are_degraded(project: SimpleNamespace, out_root: Path) -> None:
+    s = monitor(project, out_root, "shuffled", shift="none", seed=3, shuffle_labels=True)
+    assert s["verdict"] == "degraded", s["reasons"]
+    champion_acc = project.metrics["accuracy"]
+    assert s["performance"]["batch"]["accuracy"] < champion_acc - MonitorConfig().degradation_tolerance
+    assert any(r.startswith("accuracy") for r in s["reasons"])
+
+
+def test_bad_files_are_quarantined_and_the_batch_still_reported(project: SimpleNamespace, tmp_path: Path,
+                                                                out_root: Path) -> None:
+    from medflow.monitor.run import monitor_batch
+    from medflow.monitor.simulate import simulate_batch
+
+    batch = tmp_path / "with-bad-files"
+    simulate_batch(project.images, project.labels, batch, n=60, seed=4)
+    folder = batch / project.classes[0]
+    good = next(folder.glob("*.png")).read_bytes()
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("not an image at all")
+    (folder / "truncated.png").write_bytes(good[: len(good) // 3])
+    s = monitor_batch(batch, champion_json=project.champion, reference=project.reference, out_root=out_root,
+                      params=project.params)
+    assert s["n_found"] == 63 and s["n_images"] == 60 and s["n_quarantined"] == 3
+    quarantine = pd.read_csv(out_root / "with-bad-files" / "quarantine.csv")
+    assert sorted(Path(p).name for p in quarantine["path"]) == ["empty.png", "text.png", "truncated.png"]
+    assert (out_root / "with-bad-files" / "report.html").is_file()
+    assert s["performance"]["batch"]["n"] == 60 and s["verdict"] in ("ok", "drift", "degraded")
+    assert not any(r.startswith("quarantined share") for r in s["reasons"])  # 3/63 is within the default 10 %
+
+
+def test_reference_is_cached_per_champion_version(project: SimpleNamespace, out_root: Path, clean: dict) -> None:
+    from medflow.monitor.run import monitor_batch
+
+    cached = list((out_root / "reference").glob("reference-tiny-test0001-*.parquet"))
+    assert len(cached) == 1 and Path(clean["reference"]["cache"]) == cached[0]
+    splits = pd.read_csv(project.reference.splits)
+    assert clean["reference"]["rows"] == int((splits["split"] == "train").sum())
+    before = cached[0].stat().st_mtime_ns
+    batch = out_root.parent / "again"
+    from medflow.monitor.simulate import simulate_batch
+
+    simulate_batch(project.images, project.labels, batch, n=60, seed=9)
+    s = monitor_batch(batch, champion_json=project.champion, reference=project.reference, out_root=out_root,
+                      params=project.params, name="again")
+    assert s["reference"]["cache"] == str(cached[0]) and cached[0].stat().st_mtime_ns == before
+
+
+def test_unlabelled_images_are_monitored_without_a_performance_verdict(project: SimpleNamespace, tmp_path: Path,
+                                                                       out_root: Path) -> None:
+    from medflow.monitor.run import monitor_batch
+    from medflow.monitor.simulate import simulate_batch
+
+    batch = tmp_path / "unlabelled-src"
+    simulate_batch(project.images, project.labels, batch, n=60, seed=6)
+    target = tmp_path / "unlabelled" / "unlabelled"
+    target.mkdir(parents=True)
+    for i, f in enumerate(sorted(batch.rglob("*.png"))):
+        shutil.copy(f, target / f"{i:03d}.png")
+    s = monitor_batch(tmp_path / "unlabelled", champion_json=project.champion, reference=project.reference,
+                      out_root=out_root, params=project.params)
+    assert s["performance"] is None and s["n_images"] == 60
+    assert "Per-class performance" not in (out_root / "unlabelled" / "report.html").read_text(encoding="utf-8")
+
+
+def _features(ps: dict[str, tuple[str, float]], alpha: float = 0.05) -> dict[str, dict]:
+    return {n: {"group": g, "test": "ks", "p_value": p, "drifted": p < alpha} for n, (g, p) in ps.items()}
+
+
+def test_verdict_rules_bonferroni_share_and_degradation() -> None:
+    from medflow.monitor.verdict import decide, group_drift
+
+    cfg = MonitorConfig()
+    image = {f"f{i}": ("image", 0.5) for i in range(8)}
+    # 0.002 < family_alpha 0.01 but not < 0.01 / 8: no alarm; 0.001 is.
+    g = group_drift(_features({**image, "f0": ("image", 0.002)}), 0.5, cfg)
+    assert not g["image"]["drifted"] and g["image"]["threshold"] == pytest.approx(0.01 / 8)
+    g = group_drift(_features({**image, "f0": ("image", 0.001)}), None, cfg)
+    assert g["image"]["drifted"] and decide(g, 0.1, None, {}, 0.0, cfg)["verdict"] == "drift"
+    # the embedding group also drifts on the domain classifier's AUC alone
+    emb = {f"pc{i}": ("embedding", 0.3) for i in range(4)}
+    assert group_drift(_features(emb), 0.75, cfg)["embedding"]["drifted"]
+    assert not group_drift(_features(emb), 0.6, cfg)["embedding"]["drifted"]
+    # many weakly drifted features: the drift-share rule
+    calm = group_drift(_features({f"f{i}": ("image", 0.03) for i in range(8)}), None, cfg)
+    assert not calm["image"]["drifted"]
+    assert decide(calm, 1.0, None, {}, 0.0, cfg)["verdict"] == "drift"
+    assert decide(calm, 0.4, None, {}, 0.0, cfg)["verdict"] == "ok"
+    assert decide(calm, 0.0, None, {}, 0.2, cfg)["reasons"] == ["quarantined share 0.20 > 0.1"]
+    # degraded beats drift; too few labels give no performance verdict
+    champ = {"accuracy": 0.9, "macro_f1": 0.9}
+    perf = {"n": 60, "accuracy": 0.75, "macro_f1": 0.85}
+    out = decide(g, 0.1, perf, champ, 0.0, cfg)
+    assert out["verdict"] == "degraded" and out["reasons"][0].startswith("accuracy 0.750 < champion test 0.900")
+    assert len(out["reasons"]) == 2
+    assert decide(calm, 0.0, {**perf, "n": 10}, champ, 0.0, cfg)["verdict"] == "ok"
+    assert decide(calm, 0.0, {**perf, "accuracy": 0.85}, champ, 0.0, cfg)["verdict"] == "ok"
+
+
+def test_monitor_config_from_plain_params_dict() -> None:
+    from pydantic import ValidationError
+
+    from medflow.monitor import monitor_config
+
+    assert monitor_config(None) == MonitorConfig()
+    assert monitor_config({"family_alpha": 0.02, "num_stattest": "mannw"}).num_stattest == "mannw"
+    assert monitor_config(parse_params({"monitor": {"drift_share": 0.3}}).monitor).drift_share == 0.3
+    with pytest.raises(ValidationError):
+        monitor_config({"num_stattest": "wasserstein"})  # not a p-value test
+    with pytest.raises(ValidationError):
+        monitor_config({"unknown": 1})

@@ -22,7 +22,7 @@ import pandas as pd
 
 from medflow.config import Params
 from medflow.monitor import MonitorConfig, monitor_config
-from medflow.monitor.drift import classification_snapshot, drift_snapshot, drift_values
+from medflow.monitor.drift import classification_snapshot, drift_snapshot, drift_values, embedding_auc
 from medflow.monitor.features import (ReferenceData, feature_frame, load_champion, model_inputs, pc_columns,
                                       reference_features)
 from medflow.monitor.verdict import decide, group_drift
@@ -47,7 +47,13 @@ def external_references(html: str) -> list[str]:
 
 def _performance(current: pd.DataFrame, proba: np.ndarray, champion_record: dict[str, Any],
                  bins: int) -> dict[str, Any] | None:
-    """scikit-learn metrics (medflow.evaluate.compute_metrics) of the rows whose label is a champion class."""
+    """scikit-learn metrics (medflow.evaluate.compute_metrics) of the rows whose label is a champion class.
+
+    ``macro_f1`` averages the classes present in the batch (a class-prior shift that leaves a class out
+    must not count as a performance drop); ``per_class`` lists every class (support 0 when absent).
+    """
+    from sklearn.metrics import f1_score
+
     from medflow.evaluate import compute_metrics
 
     classes = list(champion_record["classes"])
@@ -57,6 +63,8 @@ def _performance(current: pd.DataFrame, proba: np.ndarray, champion_record: dict
     y = current.loc[known, "label"].map({c: i for i, c in enumerate(classes)}).to_numpy(dtype=int)
     m = compute_metrics(y, proba[known], classes, ordered=bool(champion_record.get("ordered", False)),
                         bootstrap=0, bins=bins)
+    m["macro_f1"] = float(f1_score(y, proba[known].argmax(axis=1), labels=np.unique(y), average="macro",
+                                   zero_division=0))
     return {k: m.get(k) for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "qwk", "per_class", "confusion")
             if k in m}
 
@@ -75,6 +83,7 @@ def _summary_widgets(summary: dict[str, Any]) -> list[Any]:
             CounterData("Verdict", summary["verdict"].upper()),
             CounterData("Images (quarantined)", f"{summary['n_images']} ({summary['n_quarantined']})"),
             CounterData("Drifted feature share", f"{drift['share']:.2f}"),
+            CounterData("Embedding drift (domain-classifier ROC AUC)", f"{drift['embedding_auc']:.3f}"),
             CounterData("Accuracy (batch / champion test)",
                         f"{_fmt(perf['batch']['accuracy'])} / {_fmt(perf['champion_test'].get('accuracy'))}"
                         if perf else "no labels")]),
@@ -123,8 +132,8 @@ def render_report(summary: dict[str, Any], drift_snap: Any, cls_snap: Any | None
 
 
 def _append_history(path: Path, row: dict[str, Any]) -> None:
-    old = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=HISTORY_COLUMNS)
-    new = pd.concat([old, pd.DataFrame([row], columns=HISTORY_COLUMNS)], ignore_index=True)
+    line = pd.DataFrame([row], columns=HISTORY_COLUMNS)
+    new = pd.concat([pd.read_csv(path), line], ignore_index=True) if path.is_file() else line
     _write_atomic(path, new.to_csv(index=False))
 
 
@@ -164,7 +173,8 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
 
     drift_snap = drift_snapshot(ref, current, pcs, cfg)
     values = drift_values(drift_snap, pcs, cfg)
-    groups = group_drift(values["features"], values.get("embedding_auc"), cfg)
+    values["embedding_auc"] = embedding_auc(ref, current, pcs, cfg)
+    groups = group_drift(values["features"], values["embedding_auc"], cfg)
     perf_batch = _performance(current, proba, champion.record, bins=10)
     champ_metrics = champion.record.get("metrics", {})
     labelled = current[current["label"].isin(classes)]
@@ -179,7 +189,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
         "n_found": int(ing["found"]), "n_images": int(len(current)), "n_quarantined": int(ing["quarantined"]),
         "quarantine_share": quarantine_share, "quarantine_by_reason": ing.get("by_reason", {}),
         "drift": {"share": values["drift_share"], "drifted_count": values["drifted_count"],
-                  "n_features": len(values["features"]), "embedding_auc": values.get("embedding_auc"),
+                  "n_features": len(values["features"]), "embedding_auc": values["embedding_auc"],
                   "groups": groups, "features": values["features"]},
         "predictions": {
             "batch_share": {c: float((current["prediction"] == c).mean()) for c in classes},
@@ -202,7 +212,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
         "time": summary["time"], "batch": name, "verdict": summary["verdict"], "n_images": summary["n_images"],
         "n_quarantined": summary["n_quarantined"], "drift_share": round(values["drift_share"], 4),
         "drifted_groups": " ".join(g for g, v in groups.items() if v["drifted"]),
-        "embedding_auc": values.get("embedding_auc"),
+        "embedding_auc": values["embedding_auc"],
         "accuracy": perf_batch["accuracy"] if perf_batch else None,
         "macro_f1": perf_batch["macro_f1"] if perf_batch else None,
         "champion_version": champion.version, "reasons": "; ".join(summary["reasons"]),

@@ -1,0 +1,334 @@
+"""Accuracy on public data through medflow's own pipeline, beside published figures.
+
+    .venv/bin/python benchmarks/accuracy.py [--dataset {bloodmnist,pneumoniamnist,malaria,all}] [--seeds 3] [--quick]
+
+BloodMNIST / PneumoniaMNIST (``../shared/datasets/medmnist``, skipped with a note when missing): the
+official npz goes through ``stages.ingest`` -> ``stages.split`` (``respect_source_split``: the official
+train/val/test are kept) -> ``stages.preprocess`` (shards) -> ``stages.train`` (EfficientNet-Lite0 with
+real ImageNet weights, fine-tuned from ``block4`` at 64 px, val split for early stopping / best weights),
+once per training seed; the saved ``model.keras`` is scored on the official test split with
+``evaluate.compute_metrics``. Extra step (reported as its own row): horizontal-flip test-time averaging.
+
+Malaria sample (``data/raw/malaria-cells-400``): ``stages.ingest`` (slide groups from the file names),
+``stages.split`` with ``split.folds: 5`` (StratifiedGroupKFold over slide components), the frozen
+Lite0 embedding cache (``stages.embed``) + scikit-learn logistic regression per fold (extra step;
+its C is chosen by an inner grouped 3-fold CV on the training folds only). Variants: 128 px (the
+product default), 224 px, and 224 px with the embedding averaged over 8 flips/rotations (extra step).
+Each seed re-draws the fold assignment (``split.seed``).
+
+Per-dataset results are kept as JSON in ``--work``; the table covers every result there, and a full
+(non ``--quick``) run rewrites the ``## Accuracy (benchmarks/accuracy.py)`` section of
+``benchmarks/RESULTS.md`` (other sections untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT / ".." / "shared"
+MEDMNIST = SHARED / "datasets" / "medmnist"
+MALARIA = ROOT / "data" / "raw" / "malaria-cells-400"
+LITE0 = ROOT / "models" / "pretrained" / "efficientnet_lite0_imagenet_notop.keras"
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+HEADING = "## Accuracy (benchmarks/accuracy.py)"
+
+PUBLISHED = {
+    "bloodmnist": "MedMNIST v2 ACC: ResNet-18 (28) 0.958, Google AutoML Vision 0.966",
+    "pneumoniamnist": "MedMNIST v2 ACC: ResNet-50 (224) 0.884, Google AutoML Vision 0.946",
+    "malaria": "frozen EfficientNet-Lite0 + logistic regression, 128 px: about 0.93",
+}
+TARGETS = {"bloodmnist": 0.97, "pneumoniamnist": 0.93, "malaria": 0.95}
+BLOOD_NAMES = {"0": "basophil", "1": "eosinophil", "2": "erythroblast", "3": "immature granulocyte",
+               "4": "lymphocyte", "5": "monocyte", "6": "neutrophil", "7": "platelet"}
+# Fine-tuning recipe per MedMNIST set (params.yaml `models:` entry fields).
+FINETUNE: dict[str, dict[str, Any]] = {
+    "bloodmnist": {"epochs": 5, "augment": {"flip": True, "rotation": 0.25, "zoom": 0.1, "brightness": 0.1,
+                                            "contrast": 0.1}},
+    "pneumoniamnist": {"epochs": 5, "augment": {"flip": True, "rotation": 0.03, "zoom": 0.1, "brightness": 0.1,
+                                                "contrast": 0.1}},
+}
+QUICK_COUNTS = {"train": 256, "val": 64, "test": 128}
+
+
+def base_raw() -> dict[str, Any]:
+    """params.yaml as a dict, pointed away from the project's batches."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"]["extra_sources"] = []
+    return raw
+
+
+def lite0(**fields: Any) -> dict[str, Any]:
+    """A Lite0 ``models:`` entry (the vendored ImageNet weights) with ``fields`` overriding."""
+    raw = base_raw()["models"]["effnet_lite0_finetune"]
+    return raw | {"weights": str(LITE0)} | fields
+
+
+def make_params(raw: dict[str, Any]):  # noqa: ANN201 - medflow.config.Params
+    from medflow.config import parse_params
+
+    return parse_params(raw)
+
+
+def prepare(raw: dict[str, Any], work: Path):  # noqa: ANN201 - Layout
+    """ingest -> split -> preprocess into ``work`` (reused when already there); returns the Layout."""
+    from medflow import stages
+    from medflow.layout import Layout
+
+    layout = Layout(work)
+    done = work / "prepared.json"
+    if done.exists():
+        return layout, json.loads(done.read_text())
+    params = make_params(raw)
+    info = {"ingest": stages.ingest(params, layout), "split": stages.split(params, layout),
+            "shards": stages.preprocess(params, layout)}
+    done.write_text(json.dumps(info, indent=2, default=str))
+    return layout, info
+
+
+def quick_npz(src: Path, dst: Path) -> Path:
+    """A seeded random QUICK_COUNTS images of each official split (smoke runs)."""
+    rng = np.random.default_rng(0)
+    with np.load(src) as z:
+        picks = {s: np.sort(rng.choice(len(z[f"{s}_labels"]), n, replace=False)) for s, n in QUICK_COUNTS.items()}
+        np.savez(dst, **{f"{s}_{k}": z[f"{s}_{k}"][picks[s]] for s in picks for k in ("images", "labels")})
+    return dst
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values), "values": [round(float(v), 4) for v in values]}
+
+
+# --------------------------------------------------------------------------- MedMNIST
+def run_medmnist(name: str, seeds: int, quick: bool, work: Path) -> dict[str, Any]:
+    from medflow.data import shards
+    from medflow.evaluate import compute_metrics
+    from medflow.models.registry import load_model
+    from medflow.train import train
+
+    source = MEDMNIST / f"{name}.npz"
+    if not source.exists():
+        return {"dataset": name, "skipped": f"{source} not found (../shared is not beside this checkout)"}
+    work.mkdir(parents=True, exist_ok=True)
+    if quick:
+        source = quick_npz(source, work / f"{name}-quick.npz")
+    raw = base_raw()
+    raw["data"].update(source=str(source), format="npz", group_pattern=None,
+                       label_names=BLOOD_NAMES if name == "bloodmnist" else None)
+    raw["ingest"]["image_size"] = 28  # native size; the model upsamples in-graph to its input_size
+    raw["split"]["respect_source_split"] = True
+    layout, info = prepare(raw, work)
+    recipe = FINETUNE[name] | ({"epochs": 1} if quick else {})
+    model = "lite0_ft64"
+    raw["models"] = {model: lite0(input_size=64, trainable=["block4"], learning_rate=3e-4, batch_size=64,
+                                  head_units=0, dropout=0.3, **recipe)}
+    raw["active_models"] = [model]
+    classes = shards.read_meta(layout.processed)["classes"]
+    x, y, _ = shards.load_arrays(layout.processed, "test")
+    x = x.astype("float32")
+    plain, tta, seconds = [], [], []
+    for seed in range(seeds):
+        raw["train"]["seed"] = seed
+        params = make_params(raw)
+        run = layout.model_dir(f"{model}-seed{seed}")
+        start = time.perf_counter()
+        summary_ = train(model, params, layout.processed, layout.embeddings, run)
+        net = load_model(run / "model.keras")
+        proba = net.predict(x, batch_size=256, verbose=0)
+        flipped = net.predict(np.ascontiguousarray(x[:, :, ::-1]), batch_size=256, verbose=0)
+        seconds.append(time.perf_counter() - start)
+        plain.append(compute_metrics(y, proba, classes, bootstrap=0)["accuracy"])
+        tta.append(compute_metrics(y, (proba + flipped) / 2, classes, bootstrap=0)["accuracy"])
+        print(f"{name} seed {seed}: test accuracy {plain[-1]:.4f} (flip TTA {tta[-1]:.4f}), "
+              f"{summary_['epochs_run']} epochs, best epoch {summary_['best_epoch']}, {seconds[-1]:.0f}s",
+              file=sys.stderr, flush=True)
+    method = "Lite0 ImageNet, fine-tuned block4+ at 64 px (medflow train), {} epochs, augment".format(
+        recipe["epochs"])
+    counts = info["split"]["counts"]
+    return {
+        "dataset": name,
+        "rows": [{"method": method, "accuracy": summary(plain), "unit": "seeds"},
+                 {"method": method + " + flip TTA (extra step)", "accuracy": summary(tta), "unit": "seeds"}],
+        "notes": (f"test n={counts['test']} (official split kept; ingest {info['ingest']['reconciliation']}; "
+                  f"{info['split']['moved_from_source_split']} duplicate rows moved to the more held-out split); "
+                  f"train {counts['train']}, val {counts['val']}; {np.mean(seconds):.0f}s per seed"),
+        "seconds": float(np.sum(seconds)),
+    }
+
+
+# --------------------------------------------------------------------------- malaria
+def view_embeddings(params, model: str, images: np.ndarray, views: int) -> np.ndarray:  # noqa: ANN001
+    """Mean ``embedding`` of the product model over ``views`` of the 8 flips/rotations (extra step)."""
+    import keras
+
+    from medflow.models.registry import EMBEDDING, build_model
+
+    cfg = params.model(model)
+    net = build_model(cfg, 2, images.shape[1], images.shape[3])
+    extractor = keras.Model(net.inputs, net.get_layer(EMBEDDING).output)
+    out = []
+    for k in range(views):
+        v = np.rot90(images if k < 4 else images[:, :, ::-1], k % 4, axes=(1, 2))
+        out.append(extractor.predict(np.ascontiguousarray(v, dtype=np.float32), batch_size=64, verbose=0))
+    return np.mean(out, axis=0)
+
+
+def grouped_cv(features: np.ndarray, y: np.ndarray, fold: np.ndarray, groups: np.ndarray) -> list[float]:
+    """Per-fold test accuracy of standardised logistic regression; C from an inner grouped 3-fold CV."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    accs = []
+    for k in sorted(set(fold)):
+        tr, te = fold != k, fold == k
+        inner = StratifiedGroupKFold(3, shuffle=True, random_state=0).split(features[tr], y[tr], groups[tr])
+        search = GridSearchCV(make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)),
+                              {"logisticregression__C": [0.01, 0.1, 1.0]}, cv=list(inner))
+        accs.append(float(search.fit(features[tr], y[tr]).score(features[te], y[te])))
+    return accs
+
+
+def run_malaria(seeds: int, quick: bool, work: Path) -> dict[str, Any]:
+    from medflow import stages
+    from medflow.config import SplitConfig
+    from medflow.data import shards
+    from medflow.data.manifest import SPLITS
+    from medflow.data.split import assign_splits, components, read_manifest
+    from medflow.embed import load_embeddings
+    from medflow.layout import Layout
+
+    raw = base_raw()
+    raw["data"]["source"] = str(MALARIA)
+    raw["ingest"]["image_size"] = 128
+    raw["split"]["folds"] = 5
+    layout, info = prepare(raw, work)
+    sizes = (128,) if quick else (128, 224)
+    raw["models"] = {f"lite0_frozen{s}": base_raw()["models"]["effnet_lite0_frozen"] | {"weights": str(LITE0),
+                                                                                      "input_size": s}
+                     for s in sizes}
+    raw["active_models"] = list(raw["models"])
+    params = make_params(raw)
+    start = time.perf_counter()
+    cache = stages.embed(params, Layout(work))
+    ids: list[str] = []
+    feats: dict[str, np.ndarray] = {}
+    for name, c in cache.items():
+        parts = [load_embeddings(c["dir"], s) for s in SPLITS]
+        feats[name] = np.concatenate([p[0] for p in parts])
+        ids = [i for p in parts for i in p[2]]
+    arrays = [shards.load_arrays(layout.processed, s) for s in SPLITS]
+    images = np.concatenate([a[0] for a in arrays])
+    if [i for a in arrays for i in a[2]] != ids:
+        raise RuntimeError("embedding cache and shards disagree on the image order")
+    views = 2 if quick else 8
+    tta_name = f"lite0_frozen{sizes[-1]}"
+    feats[tta_name + "_tta"] = view_embeddings(params, tta_name, images, views)
+    manifest = read_manifest(layout.manifest).set_index("id").loc[ids].reset_index()
+    groups = components(manifest)
+    y = np.asarray([shards.read_meta(layout.processed)["classes"].index(v) for v in manifest["label"]])
+    scores: dict[str, list[float]] = {k: [] for k in feats}
+    for seed in range(seeds):
+        fold = assign_splits(manifest, SplitConfig(folds=5, seed=42 + seed))["fold"].to_numpy()
+        for name, f in feats.items():
+            scores[name] += grouped_cv(f, y, fold, groups)
+        print(f"malaria seed {seed}: " + ", ".join(f"{k} {np.mean(v[-5:]):.4f}" for k, v in scores.items()),
+              file=sys.stderr, flush=True)
+    labels = {f"lite0_frozen{s}": f"frozen Lite0 {s} px (medflow embed) + LR" for s in sizes}
+    labels[tta_name + "_tta"] = f"frozen Lite0 {sizes[-1]} px, embedding averaged over {views} flips/rotations " \
+                                "(extra step) + LR"
+    return {
+        "dataset": "malaria",
+        "rows": [{"method": labels[k], "accuracy": summary(v), "unit": f"folds ({seeds} seeds x 5)"}
+                 for k, v in scores.items()],
+        "notes": (f"{info['ingest']['accepted']} images, {info['split']['components']} independent slide groups; "
+                  "grouped 5-fold CV (StratifiedGroupKFold via medflow split), LR C chosen by inner grouped "
+                  "3-fold CV"),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# --------------------------------------------------------------------------- report
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| dataset | method | accuracy mean ± sd (n) | published reference | target | met? |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['dataset']} | skipped: {r['skipped']} | | | | |")
+            continue
+        for row in r["rows"]:
+            a = row["accuracy"]
+            target = TARGETS[r["dataset"]]
+            lines.append(f"| {r['dataset']} | {row['method']} | {a['mean']:.4f} ± {a['sd']:.4f} "
+                         f"({a['n']} {row['unit']}) | {PUBLISHED[r['dataset']]} | ≥ {target:.2f} | "
+                         f"{'yes' if a['mean'] >= target else 'no'} |")
+    return "\n".join(lines)
+
+
+def notes(results: list[dict[str, Any]]) -> str:
+    return "\n".join(f"- {r['dataset']}: {r['notes']}; command: `{r['command']}`"
+                     for r in results if "notes" in r)
+
+
+def write_section(body: str, path: Path = RESULTS_MD) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md; other sections are kept as they are."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = f"{HEADING}\n\n{body.strip()}\n"
+    if HEADING in text:
+        head, rest = text.split(HEADING, 1)
+        nxt = rest.find("\n## ")
+        tail = rest[nxt + 1:] if nxt >= 0 else ""
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", choices=["bloodmnist", "pneumoniamnist", "malaria", "all"], default="all")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="tiny subsets, 1 epoch (smoke run)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/medflow-accuracy"),
+                    help="working folder (data, models, per-dataset result JSON)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "src"))
+    work = args.work / ("quick" if args.quick else "full")
+    command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    names = ["bloodmnist", "pneumoniamnist", "malaria"] if args.dataset == "all" else [args.dataset]
+    for name in names:
+        start = time.perf_counter()
+        if name == "malaria":
+            result = run_malaria(args.seeds, args.quick, work / name)
+        else:
+            result = run_medmnist(name, args.seeds, args.quick, work / name)
+        result |= {"command": command, "wall_seconds": round(time.perf_counter() - start, 1)}
+        (work / f"result_{name}.json").write_text(json.dumps(result, indent=2))
+    results = [json.loads((work / f"result_{n}.json").read_text())
+               for n in ("bloodmnist", "pneumoniamnist", "malaria") if (work / f"result_{n}.json").exists()]
+    out = table(results) + "\n\n" + notes(results)
+    print(out)
+    if not args.quick:
+        write_section(out + "\n")
+        print(f"\nwrote the '{HEADING}' section of {RESULTS_MD}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
