@@ -12,11 +12,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
 from prefect import Flow, serve
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.client.schemas.objects import (
+    ConcurrencyLimitConfig,
+    ConcurrencyLimitStrategy,
+)
 from prefect.schedules import Cron
 
+import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
 from flows.monitoring import monitoring_flow
 from flows.retraining import retraining_flow
 from flows.training import training_flow

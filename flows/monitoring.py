@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
 from flows.retraining import pending_batches, retraining_flow
 from medflow.config import load_params
 from medflow.layout import Layout

@@ -15,15 +15,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
 from flows.training import training_flow
 from medflow.config import Params, load_params
 from medflow.orchestrate import dvc_repo
-from medflow.promote import RetrainConfig, decide_and_promote, dvc_data_version, retrain_lock, retrain_config
+from medflow.promote import (
+    RetrainConfig,
+    decide_and_promote,
+    dvc_data_version,
+    retrain_config,
+    retrain_lock,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 

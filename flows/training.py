@@ -11,12 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import task_run
 
+import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
 from medflow import orchestrate
 from medflow.config import load_params
 from medflow.layout import Layout

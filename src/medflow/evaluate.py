@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
@@ -32,19 +30,15 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from medflow.io import atomic_write, atomic_write_csv, atomic_write_json, sha256_file
+
 # Scalar metrics written to the metrics JSON; the champion metric must be one of them.
 SCALAR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "qwk", "ece")
 LOWER_IS_BETTER = frozenset({"ece"})
 
 
 # --------------------------------------------------------------------------- hashing helpers
-def file_hash(path: str | Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+file_hash = sha256_file
 
 
 def dir_hash(path: str | Path) -> str:
@@ -62,21 +56,8 @@ def params_hash(params: Any) -> str:
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
-    _write_atomic(path, df.to_csv(index=False))
+    atomic_write_csv(path, df)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -232,7 +213,9 @@ def evaluate(
     and ``meta`` replace reading the shards (tests, notebooks).
     """
     from medflow.models.gradcam import gradcam, overlay
-    from medflow.models.registry import load_model  # registers the custom layers; safe_mode on
+    from medflow.models.registry import (
+        load_model,  # registers the custom layers; safe_mode on
+    )
     from medflow.report.figures import image_grid
 
     processed_dir, model_dir, eval_dir = Path(processed_dir), Path(model_dir), Path(eval_dir)
@@ -254,10 +237,10 @@ def evaluate(
                         bins=cfg.calibration_bins, seed=params.train.seed)
     flat = {k: m[k] for k in SCALAR_METRICS if k in m}
     flat.update(n_test=m["n"], num_params=int(model.count_params()))
-    _write_json(Path(metrics_json), flat)
+    atomic_write_json(Path(metrics_json), flat)
 
     eval_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(eval_dir / "details.json", {"model": model_name, "classes": classes, "ordered": ordered, **flat, **m})
+    atomic_write_json(eval_dir / "details.json", {"model": model_name, "classes": classes, "ordered": ordered, **flat, **m})
     pred = proba.argmax(axis=1)
     names = np.asarray(classes, dtype=object)
     preds = pd.DataFrame({"id": list(ids), "label": names[labels], "pred": names[pred]})
@@ -277,7 +260,7 @@ def evaluate(
     (eval_dir / "misclassified.png").unlink(missing_ok=True)
     if len(wrong):
         titles = [f"true {names[labels[i]]}\npred {names[pred[i]]} ({conf[i]:.0%})" for i in wrong]
-        _write_atomic(eval_dir / "misclassified.png", image_grid(list(images[wrong]), titles))
+        atomic_write(eval_dir / "misclassified.png", image_grid(list(images[wrong]), titles))
 
     # Grad-CAM over the first few test images of every class (for the predicted class).
     (eval_dir / "gradcam.png").unlink(missing_ok=True)
@@ -288,7 +271,7 @@ def evaluate(
         for j, i in enumerate(pick):
             tiles += [images[i], overlay(images[i], heat[j])]
             titles += [f"true {names[labels[i]]}", f"pred {names[pred[i]]} ({conf[i]:.0%})"]
-        _write_atomic(eval_dir / "gradcam.png", image_grid(tiles, titles, ncols=2 * max(1, cfg.gradcam_per_class)))
+        atomic_write(eval_dir / "gradcam.png", image_grid(tiles, titles, ncols=2 * max(1, cfg.gradcam_per_class)))
 
     return {"model": model_name, **flat, "misclassified": int((pred != labels).sum())}
 
@@ -361,5 +344,5 @@ def compare(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_sha256": model_sha,
     }
-    _write_json(Path(champion_json), record)
+    atomic_write_json(Path(champion_json), record)
     return record

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from medflow.config import RetrainConfig
+from medflow.io import atomic_write_json
 
 REGISTRY = Path("models/registry.json")
 VERSIONS = Path("models/versions")
@@ -66,18 +67,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_json(path, obj, fsync=True)
     _fsync_dir(path.parent)
 
 

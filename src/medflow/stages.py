@@ -80,7 +80,8 @@ def evaluate(params: Params, model: str, layout: Layout = Layout()) -> dict:
 def compare(params: Params, layout: Layout = Layout(), models: list[str] | None = None) -> dict:
     """Comparison table across evaluated models; records the champion."""
     from medflow.data.shards import read_meta
-    from medflow.evaluate import compare as run, dir_hash, params_hash
+    from medflow.evaluate import compare as run
+    from medflow.evaluate import dir_hash, params_hash
 
     names = models if models is not None else params.active_models
     return run({m: layout.metrics(m) for m in names}, layout.comparison, layout.champion,

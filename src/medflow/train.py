@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from medflow.config import ModelConfig, Params
 from medflow.data import shards
+from medflow.io import atomic_write_json
 
 if TYPE_CHECKING:
     import keras
@@ -199,7 +200,12 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
     import tensorflow as tf
 
     from medflow.embed import data_fingerprint, embed, uses_embedding_cache
-    from medflow.models.registry import build_head, build_model, input_size, transfer_head
+    from medflow.models.registry import (
+        build_head,
+        build_model,
+        input_size,
+        transfer_head,
+    )
     from medflow.models.weights import resolve_weights, weights_fingerprint
 
     cfg = params.model(model_name)
@@ -259,9 +265,7 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
                    "trainable": int(sum(keras.ops.size(w) for w in net.trainable_weights))},
         "batch_size": cfg.batch_size, "mixed_precision": mixed, "replicas": strategy.num_replicas_in_sync,
     }
-    tmp_json = out_dir / ".train_summary.json.tmp"
-    tmp_json.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp_json, out_dir / "train_summary.json")
+    atomic_write_json(out_dir / "train_summary.json", summary)
     print(f"train {model_name}: {summary['epochs_run']} epochs, best {fit['monitor']} "
           f"{fit['best'].get(fit['monitor'])} at epoch {fit['best_epoch']} -> {out_dir / 'model.keras'}",
           file=sys.stderr)

@@ -10,7 +10,6 @@ labels are all quarantined (``conflicting_labels``); identical pixels under one 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections import Counter, defaultdict, deque
@@ -24,9 +23,24 @@ import pandas as pd
 from tqdm import tqdm
 
 from medflow.config import DataConfig, IngestConfig
-from medflow.data.images import BadImage, decode_any, decode_array, image_stats, pixel_sha256, to_model_input
+from medflow.data.images import (
+    BadImage,
+    decode_any,
+    decode_array,
+    image_stats,
+    pixel_sha256,
+    to_model_input,
+)
 from medflow.data.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS
-from medflow.data.sources import Record, SourceError, extra_records, detect_format, list_records, natural_key
+from medflow.data.sources import (
+    Record,
+    SourceError,
+    detect_format,
+    extra_records,
+    list_records,
+    natural_key,
+)
+from medflow.io import atomic_write_csv, atomic_write_json
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -111,12 +125,6 @@ def _drop_conflicts(rows: list[dict[str, Any]], pixels: np.ndarray) -> tuple[lis
     return kept, dropped
 
 
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    df.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
-
-
 def reconciliation_line(found: int, accepted: int, quarantined: int, by_reason: dict[str, int]) -> str:
     """``found N = accepted A + quarantined Q (reason: n, ...)``."""
     line = f"found {found} = accepted {accepted} + quarantined {quarantined}"
@@ -182,11 +190,9 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: Inges
         "source_splits": dict(sorted(Counter(r["source_split"] for r in rows if r["source_split"]).items())),
         "image_size": cfg.image_size, "channels": cfg.channels, "reconciliation": line,
     }
-    _write_csv(pd.DataFrame(rows, columns=MANIFEST_COLUMNS), out_dir / "manifest.csv")
-    _write_csv(pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS), out_dir / "quarantine.csv")
+    atomic_write_csv(out_dir / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
+    atomic_write_csv(out_dir / "quarantine.csv", pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS))
     os.replace(pixels_tmp, out_dir / "pixels.npy")
-    summary_tmp = out_dir / "ingest_summary.json.tmp"
-    summary_tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(summary_tmp, out_dir / "ingest_summary.json")
+    atomic_write_json(out_dir / "ingest_summary.json", summary)
     print(line, file=sys.stderr)
     return summary

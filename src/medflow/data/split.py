@@ -20,9 +20,7 @@ How rows are placed:
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from medflow.config import SplitConfig
 from medflow.data.manifest import SPLITS
+from medflow.io import atomic_write
 
 _TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "format",
                  "modality", "window")
@@ -146,28 +145,14 @@ def count_table(labels: pd.Series, splits: pd.Series) -> pd.DataFrame:
     return table
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str | Path,
               cfg: SplitConfig) -> dict:
     """Split the manifest; write ``splits_csv`` (id, split, fold) and the per-class count table."""
     df = read_manifest(manifest_csv)
     out = assign_splits(df, cfg)
     table = count_table(_text(df["label"]), out["split"])
-    atomic_write_text(splits_csv, out.to_csv(index=False))
-    atomic_write_text(counts_csv, table.to_csv(index_label="label"))
+    atomic_write(splits_csv, out.to_csv(index=False))
+    atomic_write(counts_csv, table.to_csv(index_label="label"))
     n = len(out)
     counts = {s: int((out["split"] == s).sum()) for s in SPLITS}
     src = _source(df)

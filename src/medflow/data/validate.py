@@ -27,7 +27,8 @@ import pandas as pd
 
 from medflow.config import DataConfig, ValidateConfig
 from medflow.data.manifest import MANIFEST_COLUMNS
-from medflow.data.split import atomic_write_text, read_manifest
+from medflow.data.split import read_manifest
+from medflow.io import atomic_write
 
 REQUIRED = ["id", "path", "label", "group", "sha256", "width", "height", "channels", "row"]
 MAX_OFFENDING = 20  # offending values listed per expectation (the count is always complete)
@@ -221,8 +222,8 @@ def validate(manifest_csv: str | Path, quarantine_csv: str | Path, summary_json:
         "results": records,
     }
     out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "validation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(out_dir / "validation.html", render_html(result))
+    atomic_write(out_dir / "validation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(out_dir / "validation.html", render_html(result))
     print(f"validate: {'PASSED' if not failed else 'FAILED'} {result['statistics']['successful']}/"
           f"{len(records)} expectations on {len(manifest)} rows, {len(result['classes'])} classes, "
           f"{result['duplicate_hashes']} duplicate hashes, quarantine share "

@@ -6,11 +6,11 @@ Keras cache file is looked up first and its *path* is handed to Keras.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
 
+from medflow import io
 from medflow.config import ModelConfig
 
 # keras.applications.<x> file names in the Keras cache (~/.keras/models) for include_top=False.
@@ -58,11 +58,7 @@ def imagenet_filename(architecture: str, input_size: int) -> str:
 
 @lru_cache(maxsize=32)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return io.sha256_file(path)
 
 
 def sha256_file(path: str | Path) -> str:

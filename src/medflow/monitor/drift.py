@@ -71,7 +71,9 @@ def drift_values(snapshot: Any, pcs: list[str], cfg: MonitorConfig) -> dict[str,
 
 def embedding_auc(reference: pd.DataFrame, current: pd.DataFrame, pcs: list[str], cfg: MonitorConfig) -> float:
     """ROC AUC of a classifier telling batch from reference embeddings (0.5 = indistinguishable)."""
-    from evidently.legacy.metrics.data_drift.embedding_drift_methods import model as domain_classifier
+    from evidently.legacy.metrics.data_drift.embedding_drift_methods import (
+        model as domain_classifier,
+    )
 
     auc, _, _ = domain_classifier(threshold=cfg.embedding_auc)(current[pcs].copy(), reference[pcs].copy())
     return float(auc)

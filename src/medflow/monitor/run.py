@@ -22,9 +22,20 @@ import pandas as pd
 
 from medflow.config import Params
 from medflow.monitor import MonitorConfig, monitor_config
-from medflow.monitor.drift import classification_snapshot, drift_snapshot, drift_values, embedding_auc
-from medflow.monitor.features import (ReferenceData, feature_frame, load_champion, model_inputs, pc_columns,
-                                      reference_features)
+from medflow.monitor.drift import (
+    classification_snapshot,
+    drift_snapshot,
+    drift_values,
+    embedding_auc,
+)
+from medflow.monitor.features import (
+    ReferenceData,
+    feature_frame,
+    load_champion,
+    model_inputs,
+    pc_columns,
+    reference_features,
+)
 from medflow.monitor.verdict import decide, group_drift
 
 HISTORY_COLUMNS = ["time", "batch", "verdict", "n_images", "n_quarantined", "drift_share", "drifted_groups",
@@ -132,9 +143,8 @@ def render_report(summary: dict[str, Any], drift_snap: Any, cls_snap: Any | None
 
 
 def _append_history(path: Path, row: dict[str, Any]) -> None:
-    line = pd.DataFrame([row], columns=HISTORY_COLUMNS)
-    new = pd.concat([pd.read_csv(path), line], ignore_index=True) if path.is_file() else line
-    _write_atomic(path, new.to_csv(index=False))
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    _write_atomic(path, old + pd.DataFrame([row], columns=HISTORY_COLUMNS).to_csv(index=False, header=not old))
 
 
 def _batch_name(source: Path) -> str:
@@ -175,7 +185,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
     values = drift_values(drift_snap, pcs, cfg)
     values["embedding_auc"] = embedding_auc(ref, current, pcs, cfg)
     groups = group_drift(values["features"], values["embedding_auc"], cfg)
-    perf_batch = _performance(current, proba, champion.record, bins=10)
+    perf_batch = _performance(current, proba, champion.record, bins=params.evaluate.calibration_bins)
     champ_metrics = champion.record.get("metrics", {})
     labelled = current[current["label"].isin(classes)]
     cls_snap = classification_snapshot(labelled, classes) if perf_batch else None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from medflow.data.manifest import SPLITS
+from medflow.io import atomic_write
 from medflow.layout import Layout
 from medflow.report import figures
 
@@ -193,11 +193,4 @@ def build_report(layout: Layout, params: Any) -> Path:
         monitoring=_monitoring_section(layout),
         metric_labels=METRIC_LABELS,
     )
-    out = layout.report
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".index.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(html)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600
-    os.replace(tmp, out)
-    return out
+    return atomic_write(layout.report, html)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ from tqdm import tqdm
 
 from medflow.config import DataConfig, IngestConfig
 from medflow.data.images import BadImage, load_image_file
+from medflow.io import atomic_write_csv
 from medflow.serve.predictor import Predictor
 
 
@@ -97,11 +97,7 @@ def predict_paths(
 
     columns = ["file", "status", "reason", "detail", "predicted", "confidence", *prob_cols, "model_version"]
     df = pd.DataFrame(rows, columns=columns)
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_csv.with_name(f".{out_csv.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, out_csv)
+    out_csv = atomic_write_csv(out_csv, df)
     ok = df["status"] == "ok"
     return {
         "files": len(df),

@@ -1,0 +1,50 @@
+"""Small file helpers shared by every stage: atomic writes and hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | Path, data: str | bytes, *, fsync: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``
+    (readers see the old file or the new one, never half of it). Files are created 0644."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, fsync: bool = False) -> Path:
+    """``atomic_write`` of ``obj`` as indented JSON (non-ASCII kept)."""
+    return atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", fsync=fsync)
+
+
+def atomic_write_csv(path: str | Path, df: Any, **to_csv: Any) -> Path:
+    """``atomic_write`` of a pandas DataFrame as CSV (``index=False`` unless given)."""
+    to_csv.setdefault("index", False)
+    return atomic_write(path, df.to_csv(lineterminator="\n", **to_csv))
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
