@@ -70,7 +70,7 @@ def prepare(work: Path) -> tuple[object, object, object]:
                      val_images=z["val_images"][:300], val_labels=z["val_labels"][:300],
                      test_images=z["test_images"], test_labels=z["test_labels"])
         raw = {"data": {"source": str(source), "label_names": BLOOD_NAMES}, "ingest": {"image_size": 28}}
-        epochs, name = 8, "BloodMNIST (3,000 train / 3,421 test, 28 px)"
+        epochs, name = 15, "BloodMNIST (3,000 train / 3,421 test, 28 px)"
     else:
         print("note: ../shared/datasets/medmnist/bloodmnist.npz missing; using the embedded malaria sample")
         source = MALARIA

@@ -91,6 +91,11 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
     keras.utils.set_random_seed(params.train.seed)  # a random (weights: null) backbone is reproducible
     model = build_model(cfg, len(meta["classes"]), meta["image_size"], meta["channels"], weights=weights)
     extractor = keras.Model(model.inputs, model.get_layer(EMBEDDING).output)
+    import tensorflow as tf
+
+    shape = (None, meta["image_size"], meta["image_size"], meta["channels"])  # one trace for every batch size
+    features = tf.function(lambda x: extractor(x, training=False),
+                           input_signature=[tf.TensorSpec(shape, tf.float32)])
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{key}.", suffix=".tmp"))
     counts: dict[str, int] = {}
@@ -100,7 +105,7 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
             ds = shards.dataset(processed_dir, split, batch_size=cfg.batch_size, with_ids=True)
             batches = -(-int(meta["counts"].get(split, 0)) // cfg.batch_size)
             for x, y, i in tqdm(ds, total=batches, desc=f"embed {key} {split}", unit="batch", file=sys.stderr):
-                xs.append(np.asarray(extractor.predict_on_batch(x), np.float32))
+                xs.append(np.asarray(features(x), np.float32))
                 ys.append(y.numpy().astype(np.int32))
                 ids += [v.decode() for v in i.numpy()]
             np.savez(tmp / f"{split}.npz", x=np.concatenate(xs), y=np.concatenate(ys), ids=np.array(ids, dtype=str))

@@ -16,8 +16,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from medflow.config import DataConfig, IngestConfig, SplitConfig  # noqa: E402
-from medflow.monitor.simulate import SHIFTS, apply_shift, held_out, make_batch, simulate_batch  # noqa: E402
+from medflow.config import DataConfig, IngestConfig, SplitConfig
+from medflow.monitor.simulate import SHIFTS, apply_shift, held_out, make_batch, simulate_batch
 
 MALARIA = Path(__file__).resolve().parents[2] / "data" / "raw" / "malaria-cells-400"
 

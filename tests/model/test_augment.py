@@ -6,44 +6,46 @@ import numpy as np
 import tensorflow as tf
 
 from medflow.config import Augment
-from medflow.models.augment import RandomAffine, _warp, augmentation
+from medflow.models.augment import RandomAugment, _augment, augmentation
 
 
-def _params(flip=0, angle=0.0, scale=1.0, tx=0.0, ty=0.0, contrast=1.0) -> np.ndarray:
-    return np.array([[flip, angle, scale, tx, ty, contrast]], np.float32)
+def _params(flip=0, angle=0.0, scale=1.0, tx=0.0, ty=0.0, bright=0.0, contrast=1.0) -> np.ndarray:
+    return np.array([[flip, angle, scale, tx, ty, bright, contrast]], np.float32)
 
 
 def test_identity_flip_and_quarter_turn_are_exact() -> None:
     rng = np.random.default_rng(0)
-    img = rng.uniform(0, 255, (1, 9, 9, 3)).astype(np.float32)
-    np.testing.assert_array_equal(_warp(img, _params()), img)
-    np.testing.assert_allclose(_warp(img, _params(flip=1)), img[:, :, ::-1], atol=1e-3)
+    img = rng.integers(0, 256, (1, 9, 9, 3)).astype(np.float32)  # 8-bit values, as from the shards
+    np.testing.assert_array_equal(_augment(img, _params()), img)
+    np.testing.assert_allclose(_augment(img, _params(flip=1)), img[:, :, ::-1], atol=1e-3)
     # OpenCV angles are counter-clockwise, as np.rot90
-    np.testing.assert_allclose(_warp(img, _params(angle=90)), np.rot90(img, 1, axes=(1, 2)), atol=1e-3)
+    np.testing.assert_allclose(_augment(img, _params(angle=90)), np.rot90(img, 1, axes=(1, 2)), atol=1e-3)
 
 
 def test_shift_and_contrast_values() -> None:
     img = np.zeros((1, 10, 10, 1), np.float32)
     img[0, 4, 4] = 200
-    shifted = _warp(img, _params(tx=0.2))  # 2 pixels right
+    shifted = _augment(img, _params(tx=0.2))  # 2 pixels right
     assert shifted[0, 4, 6, 0] == 200 and shifted[0, 4, 4, 0] == 0
     flat = np.full((1, 4, 4, 3), 100, np.float32)
     flat[0, 0, 0] = 180
-    out = _warp(flat, _params(contrast=0.5))
-    np.testing.assert_allclose(out.mean(axis=(1, 2)), flat.mean(axis=(1, 2)), rtol=1e-5)  # mean kept
-    assert out[0, 0, 0, 0] - out[0, 1, 1, 0] == 40  # spread halved
+    out = _augment(flat, _params(contrast=0.5))
+    np.testing.assert_allclose(out.mean(axis=(1, 2)), flat.mean(axis=(1, 2)), atol=0.5)  # mean kept (8-bit)
+    assert abs(out[0, 0, 0, 0] - out[0, 1, 1, 0] - 40) <= 1  # spread halved
+    np.testing.assert_allclose(_augment(flat, _params(bright=10)), np.minimum(flat + 10, 255))
+    assert _augment(flat, _params(bright=100)).max() == 255  # clipped to the 8-bit range
 
 
 def test_layer_only_acts_in_training_and_keeps_range() -> None:
-    x = tf.random.uniform((4, 16, 16, 3), 0, 255, seed=1)
-    layer = RandomAffine(flip=True, rotation=0.2, zoom=0.2, shift=0.2, contrast=0.3, seed=3)
+    x = tf.round(tf.random.uniform((4, 16, 16, 3), 0, 255, seed=1))
+    layer = RandomAugment(flip=True, rotation=0.2, zoom=0.2, shift=0.2, brightness=0.1, contrast=0.3, seed=3)
     np.testing.assert_array_equal(layer(x, training=False), x)
     y = layer(x, training=True).numpy()
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 255 and not np.allclose(y, x.numpy())
-    assert RandomAffine.from_config(layer.get_config()).contrast == 0.3
+    assert RandomAugment.from_config(layer.get_config()).contrast == 0.3
 
 
 def test_augmentation_off_builds_nothing() -> None:
     assert augmentation(Augment(flip=False), seed=0) is None
-    names = [layer.name for layer in augmentation(Augment(flip=True, brightness=0.1), seed=0).layers]
-    assert names == ["random_affine", "random_brightness"]
+    layer = augmentation(Augment(flip=True, brightness=0.1), seed=0)
+    assert isinstance(layer, RandomAugment) and layer.flip and layer.brightness == 0.1 and layer.rotation == 0

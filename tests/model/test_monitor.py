@@ -16,8 +16,8 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from medflow.config import DataConfig, IngestConfig, SplitConfig, parse_params  # noqa: E402
-from medflow.monitor import MonitorConfig  # noqa: E402
+from medflow.config import DataConfig, IngestConfig, SplitConfig, parse_params
+from medflow.monitor import MonitorConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MALARIA = ROOT / "data" / "raw" / "malaria-cells-400"
@@ -318,3 +318,21 @@ def test_monitor_config_from_plain_params_dict() -> None:
         monitor_config({"num_stattest": "wasserstein"})  # not a p-value test
     with pytest.raises(ValidationError):
         monitor_config({"unknown": 1})
+
+
+@pytest.mark.parametrize("labels,predictions", [("abc", "abc"), ("a", "ab"), ("ab", "ab"), ("a", "a")])
+def test_evidently_classification_matches_scikit_learn_even_for_degenerate_batches(labels: str,
+                                                                                    predictions: str) -> None:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from medflow.monitor.drift import classification_snapshot
+
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"label": rng.choice(list(labels), 60), "prediction": rng.choice(list(predictions), 60)})
+    values = {m["metric_name"].split("(")[0]: m["value"]
+              for m in classification_snapshot(df, list("abcdefgh")).dict()["metrics"]}
+    assert values["Accuracy"] == pytest.approx(accuracy_score(df["label"], df["prediction"]))
+    if len(set(labels) | set(predictions)) > 2:  # multiclass: per-label F1 as scikit-learn computes it
+        present = sorted(set(labels))
+        f1 = f1_score(df["label"], df["prediction"], labels=present, average=None, zero_division=0)
+        assert {k: v for k, v in values["F1ByLabel"].items() if k in present} == pytest.approx(dict(zip(present, f1)))

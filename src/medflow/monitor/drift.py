@@ -85,8 +85,9 @@ def classification_snapshot(current: pd.DataFrame, classes: list[str]):
     from evidently.core.datasets import BinaryClassification, MulticlassClassification
     from evidently.presets import ClassificationPreset
 
-    if len(classes) == 2:
-        task = BinaryClassification(target="label", prediction_labels="prediction", pos_label=classes[1])
+    present = sorted(set(current["label"]) | set(current["prediction"]), key=classes.index)
+    if len(present) == 2:  # Evidently treats exactly two observed values as a binary task
+        task = BinaryClassification(target="label", prediction_labels="prediction", pos_label=present[1])
     else:
         task = MulticlassClassification(target="label", prediction_labels="prediction")
     definition = _definition([], ["label", "prediction"], [task])

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from medflow.monitor.verdict import decide, group_drift
 
 HISTORY_COLUMNS = ["time", "batch", "verdict", "n_images", "n_quarantined", "drift_share", "drifted_groups",
                    "embedding_auc", "accuracy", "macro_f1", "champion_version", "reasons", "report", "summary"]
-_EXTERNAL = re.compile(r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", re.I)
+_EXTERNAL = re.compile(r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", re.IGNORECASE)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -193,10 +193,10 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
     verdict = decide(groups, values["drift_share"], perf_batch, champ_metrics, quarantine_share, cfg)
 
     summary: dict[str, Any] = {
-        "batch": name, "source": str(batch_source), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "batch": name, "source": str(batch_source), "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "champion": {"model": champion.record.get("model"), "version": champion.version},
         **verdict,
-        "n_found": int(ing["found"]), "n_images": int(len(current)), "n_quarantined": int(ing["quarantined"]),
+        "n_found": int(ing["found"]), "n_images": len(current), "n_quarantined": int(ing["quarantined"]),
         "quarantine_share": quarantine_share, "quarantine_by_reason": ing.get("by_reason", {}),
         "drift": {"share": values["drift_share"], "drifted_count": values["drifted_count"],
                   "n_features": len(values["features"]), "embedding_auc": values["embedding_auc"],
@@ -210,7 +210,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
             "batch": perf_batch,
             "champion_test": {k: champ_metrics.get(k) for k in ("n", "accuracy", "balanced_accuracy", "macro_f1",
                                                                  "per_class") if k in champ_metrics}},
-        "reference": {"rows": int(len(ref)), "cache": str(ref_cache)},
+        "reference": {"rows": len(ref), "cache": str(ref_cache)},
         "params": cfg.model_dump(),
         "report": "report.html",
     }

@@ -142,7 +142,7 @@ def simulate_batch(images: list[np.ndarray], labels: list[str], out_dir: str | P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     values, counts = np.unique(written, return_counts=True)
-    return {"out_dir": str(out_dir), "n": int(len(idx)), "shift": shift, "strength": s, "seed": seed,
+    return {"out_dir": str(out_dir), "n": len(idx), "shift": shift, "strength": s, "seed": seed,
             "shuffle_labels": shuffle_labels, "per_class": {str(v): int(c) for v, c in zip(values, counts)}}
 
 
