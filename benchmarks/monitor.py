@@ -1,7 +1,7 @@
 """Batch monitoring: false-alarm rate on clean batches, detection rate per shift and strength, and the
 time to monitor a 1,000-image batch.
 
-    .venv/bin/python benchmarks/monitor.py [--clean 20] [--reps 2] [--n 200] [--strengths 0.25 0.5 1.0]
+    .venv/bin/python benchmarks/monitor.py [--clean 20] [--reps 2] [--n 200] [--strengths 0.05 0.1 0.25 1.0]
 
 Data: BloodMNIST (../shared/datasets/medmnist/bloodmnist.npz; 8 classes, 28 px, official random split) —
 the first 3,000 train / 300 val images and the whole test split (3,421), ingested by the real
@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--clean", type=int, default=20, help="clean batches (false-alarm rate)")
     ap.add_argument("--reps", type=int, default=2, help="batches per shift and strength")
     ap.add_argument("--n", type=int, default=200, help="images per batch")
-    ap.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    ap.add_argument("--strengths", type=float, nargs="+", default=[0.05, 0.1, 0.25, 1.0])
     args = ap.parse_args()
 
     from medflow.monitor import MonitorConfig
