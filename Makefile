@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 export MPLBACKEND := Agg
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup run test test-fast browser-deps serve-flows stop-flows demo-retrain clean help
+.PHONY: setup run test test-fast browser-deps demo-monitor serve-flows stop-flows demo-retrain clean help
 
 help:            ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -35,6 +35,16 @@ test: setup browser-deps  ## the whole test suite
 
 test-fast: setup ## tests not marked slow
 	$(PY) -m pytest -n 2 -m "not slow and not browser" tests
+
+demo-monitor: setup ## monitor a clean and a stain-shifted batch of held-out images (runs the pipeline first if needed)
+	@test -f models/champion.json || $(MAKE) run
+	rm -rf data/batches/demo-clean data/batches/demo-stain
+	medflow simulate-batch data/batches/demo-clean --shift none --n 100 --seed 1
+	medflow simulate-batch data/batches/demo-stain --shift stain --strength 0.6 --n 100 --seed 2
+	medflow monitor data/batches/demo-clean
+	medflow monitor data/batches/demo-stain
+	@column -s, -t < reports/monitoring/history.csv | cut -c1-160
+	@echo "Reports: $(CURDIR)/reports/monitoring/<batch>/report.html"
 
 serve-flows: setup ## local Prefect server (127.0.0.1) + deployments with cron schedules
 	scripts/serve_flows.sh

@@ -35,14 +35,11 @@ def champion_record(root: Path) -> Path:
 @task(cache_policy=NO_CACHE, persist_result=False, retries=1, retry_delay_seconds=10)
 def check_batch(root: str, batch: str) -> dict[str, Any]:
     """Run the monitor on one batch; returns its summary (``verdict`` among them)."""
-    from medflow.monitor.features import ReferenceData
-    from medflow.monitor.run import monitor_batch
+    from medflow import stages
 
     path = Path(root)
-    params, layout = load_params(path / "params.yaml"), Layout(path)
-    reference = ReferenceData(manifest=layout.manifest, pixels=layout.pixels, splits=layout.splits)
-    result = monitor_batch(Path(batch), champion_json=champion_record(path), reference=reference,
-                           out_root=layout.monitoring, params=params)
+    result = stages.monitor(load_params(path / "params.yaml"), Path(batch), Layout(path),
+                            champion=champion_record(path))
     get_run_logger().info("batch %s: verdict %s", Path(batch).name, result.get("verdict"))
     return result
 

@@ -183,6 +183,48 @@ def serve(
 
 
 @app.command()
+def monitor(
+    batch: Annotated[Path, typer.Argument(help="New batch: class folders (or any source `medflow ingest` reads); "
+                                               "images in a non-class folder, e.g. unlabelled/, get no performance check.")],
+    name: Annotated[Optional[str], typer.Option(help="Name under reports/monitoring (default: folder name).")] = None,
+    champion: Annotated[Optional[Path], typer.Option(help="Champion record (default models/champion.json).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Drift (image stats, embeddings, predictions) and per-class performance of BATCH vs the champion's training data."""
+    p = _params(params)
+
+    def go() -> dict:
+        s = stages.monitor(p, batch, name=name, champion=champion)
+        return {k: s[k] for k in ("batch", "verdict", "reasons", "n_images", "n_quarantined")} | {
+            "report": str(Layout().monitoring / s["batch"] / "report.html")}
+
+    _run(go)
+
+
+@app.command("simulate-batch")
+def simulate_batch(
+    out: Annotated[Path, typer.Argument(help="Folder to create (class folders of PNG/JPEG).")],
+    shift: Annotated[str, typer.Option(help="none | stain | brightness | contrast | blur | jpeg | resolution | "
+                                            "noise | prior")] = "none",
+    strength: Annotated[float, typer.Option(min=0.0, max=1.0, help="0 (none) .. 1 (strong).")] = 0.5,
+    n: Annotated[int, typer.Option("--n", min=1, help="Images in the batch.")] = 200,
+    seed: int = 0,
+    shuffle_labels: Annotated[bool, typer.Option("--shuffle-labels", help="Put images under wrong classes.")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """A monitoring batch from held-out (test split) images with a controlled shift."""
+    p = _params(params)
+    from medflow.monitor.simulate import SHIFTS, make_batch
+
+    if shift not in SHIFTS:
+        typer.secho(f"error: --shift must be one of {', '.join(SHIFTS)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    lay = Layout()
+    _run(lambda: make_batch(p.data.source, lay.manifest, lay.splits, out, p.data, p.ingest, shift=shift,
+                            strength=strength, n=n, seed=seed, shuffle_labels=shuffle_labels))
+
+
+@app.command()
 def promote(params: ParamsOpt = Path("params.yaml")) -> None:
     """Promote this run's champion (models/champion.json) if it beats production (the `retrain` rule)."""
     from medflow.promote import decide_and_promote, retrain_config

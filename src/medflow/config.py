@@ -167,6 +167,25 @@ class EvaluateConfig(_Section):
     misclassified_max: int = Field(24, ge=0)
 
 
+class MonitorConfig(_Section):
+    """Thresholds and statistical tests of ``medflow monitor`` (params.yaml ``monitor``)."""
+
+    num_stattest: Literal["ks", "mannw", "anderson", "cramer_von_mises", "t_test", "es"] = "ks"  # p-value tests
+    cat_stattest: Literal["chisquare", "z", "fisher_exact", "g_test"] = "chisquare"  # predicted class
+    feature_alpha: float = Field(0.05, gt=0, lt=1)  # a feature "drifts" when its p-value is below this
+    drift_share: float = Field(0.5, gt=0, le=1)  # verdict drift when this share of all features drifts
+    family_alpha: float = Field(0.01, gt=0, lt=1)  # per group (image, embedding, prediction), Bonferroni
+    embedding_components: int = Field(8, ge=1, le=64)  # PCA (fitted on the reference) of the embeddings
+    embedding_auc: float = Field(0.7, gt=0.5, le=1)  # Evidently domain-classifier ROC AUC that means drift
+    degradation_metrics: list[Literal["accuracy", "balanced_accuracy", "macro_f1"]] = ["accuracy", "macro_f1"]
+    degradation_tolerance: float = Field(0.1, ge=0, lt=1)  # degraded: batch metric < champion test - this
+    min_labelled: int = Field(30, ge=1)  # fewer labelled images: no performance verdict
+    max_quarantine_share: float = Field(0.1, ge=0, le=1)  # more quarantined files: drift (input quality)
+    reference_max_rows: int = Field(5000, ge=100)  # reference (train split) rows used, sampled with `seed`
+    seed: int = 0
+    batch_size: int = Field(256, ge=1)  # prediction batch size
+
+
 class RetrainConfig(_Section):
     """``retrain:`` section of params.yaml (monitoring triggers, promotion rule, schedules)."""
 
@@ -202,7 +221,7 @@ class Params(_Section):
     models: dict[str, ModelConfig] = {}
     active_models: list[str] = []  # what `dvc repro` / `make run` trains; the rest on demand
     evaluate: EvaluateConfig = EvaluateConfig()
-    monitor: dict[str, Any] = {}
+    monitor: MonitorConfig = MonitorConfig()
     retrain: RetrainConfig = RetrainConfig()
     serve: ServeConfig = ServeConfig()
 

@@ -95,3 +95,14 @@ def report(params: Params, layout: Layout = Layout()) -> dict:
 
     path = build_report(layout, params)
     return {"report": str(path)}
+
+
+def monitor(params: Params, batch: str | Path, layout: Layout = Layout(), name: str | None = None,
+            champion: str | Path | None = None) -> dict:
+    """Ingest a new batch, predict with the champion, Evidently drift/performance report; verdict ok|drift|degraded."""
+    from medflow.monitor.features import ReferenceData
+    from medflow.monitor.run import monitor_batch
+
+    return monitor_batch(batch, champion_json=Path(champion) if champion else layout.champion,
+                         reference=ReferenceData(layout.manifest, layout.pixels, layout.splits),
+                         out_root=layout.monitoring, params=params, name=name)

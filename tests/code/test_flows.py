@@ -236,13 +236,13 @@ def test_transient_failure_is_retried_but_bad_config_is_not(project):
 # --------------------------------------------------------------------------- monitoring + retraining
 @pytest.fixture
 def fake_monitor(monkeypatch):
-    """Stand-in for medflow.monitor.run.monitor_batch: the verdict is looked up by batch name."""
+    """Stand-in for medflow.monitor.run.monitor_batch (called by stages.monitor): verdict looked up by batch name."""
     import types
 
     verdicts: dict[str, str] = {}
     seen: list[dict] = []
 
-    def monitor_batch(batch_source, *, champion_json, reference, out_root, params):
+    def monitor_batch(batch_source, *, champion_json, reference, out_root, params, name=None):
         seen.append({"batch": Path(batch_source).name, "champion": json.loads(Path(champion_json).read_text())})
         return {"verdict": verdicts.get(Path(batch_source).name, "ok")}
 

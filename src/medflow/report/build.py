@@ -167,16 +167,14 @@ def _comparison_section(layout: Layout) -> dict[str, Any] | None:
 
 
 def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
-    history = _csv(layout.monitoring / "history.csv")
-    if history is None:
+    from medflow.monitor.run import monitoring_index
+
+    rows = monitoring_index(layout.monitoring)
+    if not rows:
         return None
     rel = os.path.relpath(layout.monitoring, layout.report.parent)
-    if "report" in history:  # one report per batch, relative to the monitoring folder
-        links = [(str(b), f"{rel}/{r}") for b, r in zip(history.get("batch", history["report"]), history["report"])]
-    else:
-        links = [(p.parent.name, os.path.relpath(p, layout.report.parent)) for p in sorted(layout.monitoring.rglob("*.html"))]
-    shown = history.drop(columns=[c for c in ("report", "summary") if c in history])
-    return {"table": _table(shown), "links": links}
+    links = [(str(r["batch"]), f"{rel}/{r['report']}") for r in rows if r.get("report")]
+    return {"table": _table(pd.DataFrame(rows).drop(columns=["report"])), "links": links}
 
 
 def build_report(layout: Layout, params: Any) -> Path:
