@@ -239,4 +239,4 @@ def monitoring_index(monitoring_dir: str | Path) -> list[dict[str, Any]]:
     df = pd.read_csv(path, dtype={"batch": str, "reasons": str}, keep_default_na=False, na_values=[""])
     df = df.astype(object).where(df.notna(), None)
     keys = ["batch", "time", "verdict", "drift_share", "accuracy", "macro_f1", "reasons", "report"]
-    return [{k: row[k] for k in keys} for row in df.to_dict("records")]
+    return [{k: row.get(k) for k in keys} for row in df.to_dict("records")]  # older files may lack columns
