@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end check of scheduled retraining, on a throw-away copy of the project (tiny settings):
-#   1. build a demo project (this dvc.yaml + src, 40 malaria images per class, one 32-px CNN, 2 epochs)
+#   1. build a demo project (this dvc.yaml + src, 40 malaria images per class, one 32-px CNN, 10 epochs)
 #   2. start a local Prefect server and serve the deployments (scripts/serve_flows.sh)
 #   3. first release: run the `retraining` deployment (trains, promotes version 1 to models/production)
 #   4. drop a stain-shifted, labelled batch into data/batches/incoming/ and run the `monitoring` deployment
@@ -42,7 +42,7 @@ else:
     print("WARNING: data.extra_sources is not supported yet: the new batch cannot reach training")
 raw["ingest"]["image_size"] = 32
 raw["validate"]["min_rows_per_class"] = 5
-raw["models"] = {"basic_cnn": {**raw["models"]["basic_cnn"], "input_size": 32, "epochs": 2, "batch_size": 16}}
+raw["models"] = {"basic_cnn": {**raw["models"]["basic_cnn"], "input_size": 32, "epochs": 10, "batch_size": 16}}
 raw["active_models"] = ["basic_cnn"]
 raw["evaluate"].update(bootstrap=0, gradcam_per_class=1, misclassified_max=4)
 raw.setdefault("retrain", {}).update(min_improvement=0.0, max_class_drop=0.2, trigger="deployment", retry_delay_s=5)

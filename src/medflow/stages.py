@@ -23,7 +23,7 @@ def ingest(params: Params, layout: Layout = Layout(), source: str | Path | None 
     if source is not None:  # an explicit source (e.g. a batch) is ingested alone
         return run(Path(source), layout.interim, params.data, params.ingest)
     return run(layout.root / params.data.source, layout.interim, params.data, params.ingest,
-               extra_sources=params.data.extra_sources)
+               extra_sources=params.data.extra_sources, extra_root=layout.root)
 
 
 def validate(params: Params, layout: Layout = Layout()) -> dict:

@@ -132,12 +132,12 @@ def reconciliation_line(found: int, accepted: int, quarantined: int, by_reason: 
 
 
 def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: IngestConfig, *,
-           extra_sources: Sequence[str] = (), progress: bool = True) -> dict[str, Any]:
-    """Ingest ``source`` (plus the class folders matching ``extra_sources``, train split only) into
-    ``out_dir``; return the summary written to ``ingest_summary.json``."""
+           extra_sources: Sequence[str] = (), extra_root: str | Path = ".", progress: bool = True) -> dict[str, Any]:
+    """Ingest ``source`` (plus the class folders matching the ``extra_sources`` globs under ``extra_root``,
+    train split only) into ``out_dir``; return the summary written to ``ingest_summary.json``."""
     source, out_dir = Path(source), Path(out_dir)
     fmt = detect_format(source) if data.format == "auto" else data.format
-    records = list_records(source, fmt, data) + extra_records(list(extra_sources), data.group_pattern)
+    records = list_records(source, fmt, data) + extra_records(list(extra_sources), data.group_pattern, extra_root)
     if not records:
         raise SourceError(f"{source}: no images found (format {fmt})")
     out_dir.mkdir(parents=True, exist_ok=True)
