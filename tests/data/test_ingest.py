@@ -247,3 +247,24 @@ def test_extra_sources_join_the_train_split(malaria_dir: Path, tmp_path: Path, m
     extra = manifest[manifest["id"].str.startswith("extra/batch-01/")]
     assert len(extra) == 6 and set(extra["source_split"]) == {"train"}
     assert manifest.loc[~manifest["id"].str.startswith("extra/"), "source_split"].isna().all()
+
+
+def test_stage_reads_extra_sources_under_the_project_root(malaria_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect runs stages from another working directory: extra batches still resolve under the project."""
+    from medflow import stages
+    from medflow.config import parse_params
+    from medflow.layout import Layout
+
+    root = tmp_path / "project"
+    for cls in ("Parasitized", "Uninfected"):
+        files = sorted((malaria_dir / cls).glob("*.png"))
+        for sub, chosen in (("data/raw/cells", files[:4]), ("data/raw/extra/b1", files[4:6])):
+            (root / sub / cls).mkdir(parents=True)
+            for f in chosen:
+                shutil.copy(f, root / sub / cls / f.name)
+    monkeypatch.chdir(tmp_path)  # not the project root
+    params = parse_params({"data": {"source": "data/raw/cells", "extra_sources": ["data/raw/extra/*/"]},
+                           "ingest": {"image_size": 16, "workers": 1}})
+    summary = stages.ingest(params, Layout(root))
+    assert summary["found"] == summary["accepted"] == 12 and summary["source_splits"] == {"train": 4}
