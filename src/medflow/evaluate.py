@@ -307,9 +307,10 @@ def compare(
     classes, image_size, channels, ordered (default: the shards' meta.json under ``root``).
     ``model_path`` in the record is relative to ``root``. Returns the champion record.
     """
+    from medflow.layout import Layout
+
     if meta is None:
         from medflow.data.shards import read_meta
-        from medflow.layout import Layout
 
         meta = read_meta(Layout(Path(root)).processed)
     if not isinstance(metrics_jsons, Mapping):
@@ -325,6 +326,9 @@ def compare(
     _write_csv(Path(comparison_csv), pd.DataFrame(rows))
 
     name, best = ranked[0]
+    details = Layout(Path(root)).eval_dir(name) / "details.json"
+    if details.exists():  # per-class test figures travel with the champion (monitoring, promotion)
+        best = {**best, "per_class": json.loads(details.read_text()).get("per_class")}
     model_path = f"models/{name}/model.keras"
     model_file = Path(root) / model_path
     model_sha = file_hash(model_file) if model_file.exists() else None

@@ -129,13 +129,16 @@ def test_champion_is_best_by_configured_metric(tmp_path):
     }
     (tmp_path / "models" / "b").mkdir(parents=True)
     (tmp_path / "models" / "b" / "model.keras").write_bytes(b"weights of b")
+    per_class = {"Parasitized": {"precision": 0.9, "recall": 0.8, "f1": 0.85, "support": 10}}
+    (tmp_path / "reports" / "eval" / "b").mkdir(parents=True)
+    (tmp_path / "reports" / "eval" / "b" / "details.json").write_text(json.dumps({"per_class": per_class}))
     rec = compare(paths, tmp_path / "comparison.csv", tmp_path / "champion.json", metric="macro_f1",
                   data_hash="d" * 64, params_hash="p" * 64, meta=META, root=tmp_path)
     assert rec["model"] == "b"
     saved = json.loads((tmp_path / "champion.json").read_text())
     assert CHAMPION_FIELDS <= set(saved)
     assert saved["model_path"] == "models/b/model.keras"
-    assert saved["metrics"] == json.loads(paths["b"].read_text())
+    assert saved["metrics"] == {**json.loads(paths["b"].read_text()), "per_class": per_class}
     assert saved["classes"] == META["classes"] and saved["image_size"] == 64 and saved["channels"] == 3
     assert saved["ordered"] is False and saved["metric"] == "macro_f1"
     assert saved["data_hash"] == "d" * 64 and saved["params_hash"] == "p" * 64
