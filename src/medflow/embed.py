@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from medflow.config import ModelConfig, Params
 from medflow.data import shards
 from medflow.data.manifest import SPLITS
+from medflow.io import replace_dir
 from medflow.models.weights import resolve_weights, weights_fingerprint
 
 CACHE_INFO = "cache.json"
@@ -114,12 +114,10 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
         (tmp / CACHE_INFO).write_text(json.dumps(
             {"key": key, "architecture": cfg.architecture, "weights": weights_fingerprint(weights),
              "data": fingerprint, "dim": dim, "counts": counts}, indent=2) + "\n")
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, cache_dir)
     seconds = time.perf_counter() - start
     total = sum(counts.values())
     print(f"embed {model_name}: {total} images -> {dim}-d at {cache_dir} ({seconds:.1f}s, "

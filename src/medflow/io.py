@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,18 @@ def atomic_write_csv(path: str | Path, df: Any, **to_csv: Any) -> Path:
     """``atomic_write`` of a pandas DataFrame as CSV (``index=False`` unless given)."""
     to_csv.setdefault("index", False)
     return atomic_write(path, df.to_csv(lineterminator="\n", **to_csv))
+
+
+def replace_dir(tmp: str | Path, dest: str | Path) -> None:
+    """Move a fully written temp folder onto ``dest`` (replacing it); on failure the temp folder is removed."""
+    tmp, dest = Path(tmp), Path(dest)
+    try:
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def sha256_file(path: str | Path) -> str:

@@ -33,7 +33,8 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from flows import deploy, monitoring, retraining, training  # noqa: E402
 from medflow import orchestrate, promote, stages  # noqa: E402
 from medflow.config import ConfigError  # noqa: E402
-from medflow.evaluate import compare as real_compare, dir_hash, params_hash  # noqa: E402
+from medflow.evaluate import compare as real_compare  # noqa: E402
+from medflow.evaluate import dir_hash, params_hash
 
 CLASSES = ["Parasitized", "Uninfected"]
 KNOBS = {"gain_per_batch": 0.05, "fail_train": None}  # steer the fake stages from a test

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from serve_support import CLASSES, make_tiny_champion, png_bytes_with_header, sample_pngs, sparse_png
+from serve_support import (
+    CLASSES,
+    make_tiny_champion,
+    png_bytes_with_header,
+    sample_pngs,
+    sparse_png,
+)
 
 from medflow.config import DataConfig, IngestConfig
 from medflow.serve.app import NOTICE, create_app

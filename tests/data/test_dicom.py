@@ -20,8 +20,7 @@ LIMITS = dict(max_pixels=80_000_000, min_side=8, max_side=20000)
 def dcm_file(name: str) -> Path:
     """Exact-name lookup (never a glob: globbing tries the network)."""
     path = get_testdata_file(name)
-    if path is None:
-        pytest.skip(f"DICOM test file {name} not installed (pip install pydicom-data)")
+    assert path is not None, f"DICOM test file {name} missing: pydicom-data is a dev dependency (make setup)"
     return Path(path)
 
 

@@ -14,7 +14,12 @@ from PIL import Image
 
 from medflow.config import DataConfig, IngestConfig
 from medflow.data.images import (
-    BadImage, decode_image, image_stats, load_image_file, pixel_sha256, to_model_input,
+    BadImage,
+    decode_image,
+    image_stats,
+    load_image_file,
+    pixel_sha256,
+    to_model_input,
 )
 
 LIMITS = dict(max_pixels=80_000_000, min_side=8, max_side=20000)

@@ -14,13 +14,13 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
+from test_images import LIMITS, encode, pil_bytes, png_with_size
+from test_sources import write_medmnist
 
 from medflow.config import CsvSource, DataConfig, IngestConfig
 from medflow.data.images import decode_image, load_image_file, to_model_input
 from medflow.data.ingest import ingest
 from medflow.data.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS
-from test_images import LIMITS, encode, pil_bytes, png_with_size
-from test_sources import write_medmnist
 
 SMALL = IngestConfig(image_size=32, workers=2)
 
@@ -210,8 +210,7 @@ def test_dicom_folder(tmp_path: Path) -> None:
         (tmp_path / "src" / cls).mkdir(parents=True)
         for name in names:
             path = get_testdata_file(name)
-            if path is None:
-                pytest.skip(f"{name} not installed (pydicom-data)")
+            assert path is not None, f"{name} missing: pydicom-data is a dev dependency (make setup)"
             shutil.copy(path, tmp_path / "src" / cls / name)
     data = DataConfig(dicom={"window": "mediastinum"})
     summary = ingest(tmp_path / "src", tmp_path / "out", data, SMALL, progress=False)

@@ -17,15 +17,20 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from medflow.config import DataConfig, IngestConfig, SplitConfig
-from medflow.monitor.simulate import SHIFTS, apply_shift, held_out, make_batch, simulate_batch
+from medflow.monitor.simulate import (
+    SHIFTS,
+    apply_shift,
+    held_out,
+    make_batch,
+    simulate_batch,
+)
 
 MALARIA = Path(__file__).resolve().parents[2] / "data" / "raw" / "malaria-cells-400"
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    if not MALARIA.is_dir():
-        pytest.skip(f"embedded malaria sample missing at {MALARIA}")
+    assert MALARIA.is_dir(), f"embedded malaria sample missing at {MALARIA} (shipped in the repository)"
     from medflow.data.ingest import ingest
     from medflow.data.split import run_split
 

@@ -12,7 +12,13 @@ from pydicom.data import get_testdata_file
 
 from medflow.config import CsvSource, DataConfig
 from medflow.data.sources import (
-    csv_records, detect_format, folder_records, list_records, natural_key, npz_records, resolve_group,
+    csv_records,
+    detect_format,
+    folder_records,
+    list_records,
+    natural_key,
+    npz_records,
+    resolve_group,
 )
 
 MALARIA_PATTERN = DataConfig().group_pattern

@@ -77,8 +77,7 @@ def test_components_merge_groups_through_duplicates():
 
 
 def malaria_frame() -> pd.DataFrame:
-    if not MALARIA.is_dir():
-        pytest.skip(f"embedded malaria sample missing at {MALARIA}")
+    assert MALARIA.is_dir(), f"embedded malaria sample missing at {MALARIA} (shipped in the repository)"
     pattern = re.compile(DataConfig().group_pattern)
     rows = []
     for p in sorted(MALARIA.glob("*/*.png")):

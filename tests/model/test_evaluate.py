@@ -21,7 +21,14 @@ from sklearn.metrics import (
 )
 
 from medflow.config import parse_params
-from medflow.evaluate import compare, compute_metrics, dir_hash, evaluate, file_hash, params_hash
+from medflow.evaluate import (
+    compare,
+    compute_metrics,
+    dir_hash,
+    evaluate,
+    file_hash,
+    params_hash,
+)
 
 CHAMPION_FIELDS = {"model", "model_path", "classes", "image_size", "channels", "ordered", "metric", "metrics",
                    "data_hash", "params_hash", "version", "created"}

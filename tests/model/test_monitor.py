@@ -87,8 +87,7 @@ def build_project(root: Path, source: Path, data: DataConfig, ingest_cfg: Ingest
 @pytest.fixture(scope="session")
 def project(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     for need in (MALARIA, BACKBONE):
-        if not need.exists():
-            pytest.skip(f"embedded test asset missing: {need}")
+        assert need.exists(), f"asset shipped in the repository is missing: {need}"
     # group_pattern None: every cell its own group, so train and test are random halves of one
     # population and a clean batch (random test images) must not alarm.
     data = DataConfig(source=str(MALARIA), group_pattern=None)
@@ -149,7 +148,11 @@ def test_clean_batch_is_ok_and_writes_its_outputs(project: SimpleNamespace, out_
 
 
 def test_per_class_metrics_equal_scikit_learn(project: SimpleNamespace, out_root: Path, clean: dict) -> None:
-    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        f1_score,
+        precision_recall_fscore_support,
+    )
 
     preds = pd.read_csv(out_root / "clean" / "predictions.csv", dtype={"label": str, "prediction": str})
     assert len(preds) == BATCH

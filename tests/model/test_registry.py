@@ -103,8 +103,7 @@ def test_vgg19_finetune_trains_blocks_4_and_5_only() -> None:
 
 
 def test_keras_file_backbone_loads_vendored_lite0() -> None:
-    if not LITE0.exists():
-        pytest.skip(f"vendored backbone {LITE0} missing")
+    assert LITE0.exists(), f"vendored backbone {LITE0} missing (shipped in the repository)"
     cfg = ModelConfig(architecture="keras_file", weights=str(LITE0), weights_sha256=LITE0_SHA, trainable="none",
                       input_size=64)
     model = build_model(cfg, 2, 48, 3)
@@ -167,8 +166,7 @@ def test_imagenet_cache_file_is_used_by_path(tmp_path: Path, monkeypatch: pytest
 
 
 def test_weights_file_sha256_checked(tmp_path: Path) -> None:
-    if not LITE0.exists():
-        pytest.skip(f"vendored backbone {LITE0} missing")
+    assert LITE0.exists(), f"vendored backbone {LITE0} missing (shipped in the repository)"
     good = ModelConfig(architecture="keras_file", weights=str(LITE0), weights_sha256=LITE0_SHA)
     assert resolve_weights(good) == str(LITE0.resolve())
     with pytest.raises(WeightsMismatch, match="sha256"):

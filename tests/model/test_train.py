@@ -145,8 +145,7 @@ def test_backup_of_another_config_is_not_resumed(processed: Path, tmp_path: Path
 
 
 def test_frozen_backbone_trains_head_on_shared_cache(processed: Path, tmp_path: Path) -> None:
-    if not LITE0.exists():
-        pytest.skip(f"vendored backbone {LITE0} missing")
+    assert LITE0.exists(), f"vendored backbone {LITE0} missing (shipped in the repository)"
     frozen = {"architecture": "keras_file", "weights": str(LITE0), "trainable": "none", "input_size": 32,
               "head_units": 0, "dropout": 0.2, "epochs": 2, "batch_size": 4, "augment": {"flip": False}}
     params = _params(lite=frozen, lite_wide=frozen | {"head_units": 16})

@@ -10,7 +10,6 @@ TensorFlow is imported inside the functions that need it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from tqdm import tqdm
 from medflow.config import DataConfig
 from medflow.data.manifest import SPLITS
 from medflow.data.split import read_manifest
+from medflow.io import replace_dir
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -98,12 +98,10 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
             meta["shards"][split] = names
         bar.close()
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out_dir)
     print(f"shards: {len(df)} images ({meta['image_size']}px, {meta['channels']}ch, {len(classes)} classes) -> "
           + ", ".join(f"{s} {meta['counts'][s]} in {len(meta['shards'][s])} shard(s)" for s in SPLITS)
           + f" at {out_dir}", file=sys.stderr)
