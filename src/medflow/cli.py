@@ -92,7 +92,7 @@ def split(params: ParamsOpt = Path("params.yaml")) -> None:
 
 @app.command()
 def preprocess(params: ParamsOpt = Path("params.yaml")) -> None:
-    """Write each split's resized images into streamable TFRecord shards (data/processed)."""
+    """Write each split's resized images into streamable fixed-length-record shards (data/processed)."""
     p = _params(params)
     _run(lambda: stages.preprocess(p))
 

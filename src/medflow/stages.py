@@ -42,7 +42,7 @@ def split(params: Params, layout: Layout = Layout()) -> dict:
 
 
 def preprocess(params: Params, layout: Layout = Layout()) -> dict:
-    """Pack the resized pixels of each split into streamable TFRecord shards."""
+    """Pack the resized pixels of each split into streamable fixed-length-record shards."""
     from medflow.data.shards import write_shards
 
     return write_shards(layout.manifest, layout.pixels, layout.splits, layout.processed,

@@ -19,8 +19,9 @@ from test_sources import write_medmnist
 
 from medflow.config import CsvSource, DataConfig, IngestConfig
 from medflow.data.images import decode_image, load_image_file, to_model_input
-from medflow.data.ingest import ingest
+from medflow.data.ingest import ingest, process_array_batch, process_record
 from medflow.data.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS
+from medflow.data.sources import Record, natural_key
 
 SMALL = IngestConfig(image_size=32, workers=2)
 
@@ -33,8 +34,10 @@ def read_outputs(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, dic
 
 
 def assert_pixels_match(manifest: pd.DataFrame, pixels: np.ndarray, root: Path, data: DataConfig | None = None) -> None:
-    """pixels.npy has one row per manifest row, and ``row`` holds the model input of that very file."""
-    assert pixels.shape[0] == len(manifest) and list(manifest["row"]) == list(range(len(manifest)))
+    """Each manifest row points at its own pixels.npy row (unique, in range, in order), which holds the
+    model input of that very file; rows of images quarantined after decoding are not referenced."""
+    rows = manifest["row"].tolist()
+    assert rows == sorted(set(rows)) and 0 <= rows[0] and rows[-1] < pixels.shape[0]
     for path, row in zip(manifest["path"], manifest["row"]):
         rgb = load_image_file(root / path, data or DataConfig(), IngestConfig()).rgb
         np.testing.assert_array_equal(pixels[row], to_model_input(rgb, pixels.shape[1], 3), err_msg=path)
@@ -139,7 +142,7 @@ def test_every_bad_input_is_quarantined_with_its_reason(messy_tree: Path, tmp_pa
     assert ct["pixel_spacing"] == pytest.approx(0.661468) and ct["slice_thickness"] == 5.0
     copy_of = sorted((messy_tree / "A").glob("C*.png"))[0].relative_to(messy_tree).as_posix()
     assert rows.loc["A/same_label_copy.png", "sha256"] == rows.loc[copy_of, "sha256"]
-    assert_pixels_match(manifest, pixels, messy_tree)  # compacted after the clash was removed
+    assert_pixels_match(manifest, pixels, messy_tree)
 
 
 def test_all_quarantined_and_empty_sources(tmp_path: Path) -> None:
@@ -147,7 +150,8 @@ def test_all_quarantined_and_empty_sources(tmp_path: Path) -> None:
     (tmp_path / "src" / "x" / "broken.png").write_bytes(b"")
     summary = ingest(tmp_path / "src", tmp_path / "out", DataConfig(), SMALL, progress=False)
     assert summary["reconciliation"] == "found 1 = accepted 0 + quarantined 1 (empty_file: 1)"
-    assert np.load(tmp_path / "out" / "pixels.npy").shape == (0, 32, 32, 3)
+    assert np.load(tmp_path / "out" / "pixels.npy").shape[1:] == (32, 32, 3)
+    assert pd.read_csv(tmp_path / "out" / "manifest.csv").empty
     (tmp_path / "void" / "x").mkdir(parents=True)
     with pytest.raises(ValueError, match="no images found"):
         ingest(tmp_path / "void", tmp_path / "out2", DataConfig(), SMALL, progress=False)
@@ -193,7 +197,9 @@ def test_medmnist_npz_keeps_split_and_catches_clashes(tmp_path: Path) -> None:
     row = manifest.set_index("path").loc["tinymnist.npz:train:2"]
     assert (row["label"], row["source_split"], row["format"], row["width"], row["channels"]) == \
         ("erythroblast", "train", "npz", 28, 3)
-    assert pixels.shape == (17, 16, 16, 1)
+    assert pixels.shape == (19, 16, 16, 1)  # a row per decoded array; the 2 clashing ones are unreferenced
+    order = sorted([*manifest["path"], *quarantine["path"]], key=natural_key)  # the order records are decoded in
+    assert manifest["row"].tolist() == [order.index(p) for p in manifest["path"]]
     np.testing.assert_array_equal(pixels[row["row"]], to_model_input(arrays["train_images"][2], 16, 1))
 
 
@@ -267,3 +273,30 @@ def test_stage_reads_extra_sources_under_the_project_root(malaria_dir: Path, tmp
                            "ingest": {"image_size": 16, "workers": 1}})
     summary = stages.ingest(params, Layout(root))
     assert summary["found"] == summary["accepted"] == 12 and summary["source_splits"] == {"train": 4}
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (28, 28, 1), (28, 28, 3), (9, 40, 3)])
+def test_array_batch_equals_one_by_one(shape: tuple[int, ...]) -> None:
+    """The batched path for same-shaped 8-bit arrays gives exactly the per-record fields and pixels."""
+    rng = np.random.default_rng(len(shape))
+    arrays = rng.integers(0, 256, (12, *shape), dtype=np.uint8)
+    arrays[3] = 0  # a flat image (zero variance, zero sharpness)
+    recs = [Record(f"x.npz:train:{i}", "a", None, "train", array=a) for i, a in enumerate(arrays)]
+    for cfg in (IngestConfig(image_size=16, channels=3), IngestConfig(image_size=48, channels=1)):
+        batch = process_array_batch(recs, cfg)
+        assert batch is not None and len(batch) == len(recs)
+        for rec, (fields, group, small, problem) in zip(recs, batch):
+            ref_fields, ref_group, ref_small, ref_problem = process_record(rec, DataConfig(), cfg)
+            assert fields == ref_fields and (group, problem) == (ref_group, ref_problem) == (None, None)
+            np.testing.assert_array_equal(small, ref_small)
+            assert small.shape == (cfg.image_size, cfg.image_size, cfg.channels)
+
+
+def test_array_batch_declines_what_it_cannot_batch() -> None:
+    """Mixed shapes, 16-bit, RGBA and out-of-bounds sizes go record by record (and keep their reasons)."""
+    grey = np.zeros((28, 28), np.uint8)
+    for other in (np.zeros((30, 28), np.uint8), np.zeros((28, 28), np.uint16), np.zeros((28, 28, 4), np.uint8)):
+        assert process_array_batch([Record("a", "x", array=grey), Record("b", "x", array=other)], SMALL) is None
+    tiny = Record("t", "x", array=np.zeros((4, 4), np.uint8))
+    assert process_array_batch([tiny, tiny], SMALL) is None
+    assert process_record(tiny, DataConfig(), SMALL)[3][0] == "too_small"

@@ -1,4 +1,4 @@
-"""TFRecord shards: exact round trip, class order, streaming dataset, bounded memory."""
+"""Fixed-length-record shards: exact round trip, class order, streaming dataset, bounded memory."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_round_trip_meta_and_class_order(tmp_path, capsys):
     assert summary["counts"] == {"train": 18, "val": 6, "test": 6}
     assert summary["shards"] == {"train": 5, "val": 2, "test": 2}  # ceil(n / 4)
     assert sorted(p.name for p in (tmp_path / "processed").iterdir()) == ["meta.json", "test", "train", "val"]
-    assert len(list((tmp_path / "processed" / "train").glob("shard-*.tfrecord"))) == 5
+    assert len(list((tmp_path / "processed" / "train").glob("shard-*.rec"))) == 5
     meta = read_meta(tmp_path / "processed")
     assert meta["classes"] == ["a", "b", "c"]  # sorted when data.labels is not given
     assert meta["image_size"] == S and meta["channels"] == C and meta["ordered"] is False
@@ -132,12 +132,12 @@ print(json.dumps(result))
 
 
 def test_streaming_memory_does_not_grow_with_the_data(tmp_path):
-    """Streaming 2,000 images of 96 px (55 MB raw, 221 MB as float32) holds only a few batches.
+    """Streaming 3,000 images of 96 px (83 MB raw, 332 MB as float32) holds only a few batches.
 
     Measured in a fresh process with glibc limited to 2 malloc arenas: otherwise per-thread arenas
     of TF's reader threads add tens of MB of allocator slack that has nothing to do with the data.
     """
-    n, size = 2000, 96
+    n, size = 3000, 96
     make_inputs(tmp_path, n=n, size=size, split_of=lambda i: "train")
     write(tmp_path, shard_size=256)
     total = n * size * size * C

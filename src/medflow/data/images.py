@@ -199,16 +199,33 @@ def to_model_input(rgb: np.ndarray, size: int, channels: int) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
+STATS = ("mean", "std", "sharpness", "mean_r", "mean_g", "mean_b")
+
+
+def batch_stats(rgb: np.ndarray) -> np.ndarray:
+    """Per image of a uint8 N×H×W×3 batch: grey mean/std, sharpness (variance of the Laplacian) and
+    per-channel means (0-255), as float64 N×6 in :data:`STATS` order, rounded to 4 decimals.
+
+    Grey conversion and Laplacian are one OpenCV call for the whole batch: the images are stacked into
+    one tall picture, each padded by one reflected row above and below so the Laplacian sees the same
+    borders (``BORDER_REFLECT_101``) as on the image alone; the padding rows are then dropped.
+    """
+    n, h, w, _ = rgb.shape
+    grey = cv2.cvtColor(rgb.reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(n, h, w)
+    padded = np.pad(grey, ((0, 0), (1, 1), (0, 0)), mode="reflect" if h > 1 else "edge")
+    lap = cv2.Laplacian(padded.reshape(-1, w), cv2.CV_16S).reshape(padded.shape)[:, 1:h + 1]
+    out = np.empty((n, len(STATS)))
+    for i in range(n):  # OpenCV reductions in float64 over each image's own pixels: no large copies
+        mean, std = cv2.meanStdDev(grey[i])
+        lap_mean = cv2.sumElems(lap[i])[0] / lap[i].size  # exact for 8-bit input; variance = E[x²] - E[x]²
+        out[i, :3] = mean[0, 0], std[0, 0], cv2.norm(lap[i], cv2.NORM_L2SQR) / lap[i].size - lap_mean**2
+        out[i, 3:] = cv2.mean(rgb[i])[:3]
+    return np.round(out, 4)
+
+
 def image_stats(rgb: np.ndarray) -> dict[str, float]:
-    """Grey mean/std, sharpness (variance of the Laplacian) and per-channel means (0-255)."""
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    mean, std = cv2.meanStdDev(grey)
-    lap = cv2.Laplacian(grey, cv2.CV_16S)  # exact for 8-bit input; variance = E[x²] - E[x]²
-    lap_mean = cv2.sumElems(lap)[0] / lap.size
-    sharpness = cv2.norm(lap, cv2.NORM_L2SQR) / lap.size - lap_mean**2
-    r, g, b, _ = cv2.mean(rgb)
-    values = dict(mean=mean[0, 0], std=std[0, 0], sharpness=sharpness, mean_r=r, mean_g=g, mean_b=b)
-    return {k: round(float(v), 4) for k, v in values.items()}
+    """:func:`batch_stats` of one uint8 H×W×3 image, by name."""
+    return dict(zip(STATS, batch_stats(rgb[None])[0].tolist(), strict=True))
 
 
 def pixel_sha256(rgb: np.ndarray) -> str:

@@ -1,11 +1,14 @@
 """Ingest: a source -> ``manifest.csv``, ``quarantine.csv``, ``pixels.npy``, ``ingest_summary.json``.
 
 Each image is read once and decoded once; from that decode come its pixel hash, statistics and
-the resized model input, which is written straight into ``pixels.npy`` (a memory map, so memory
-does not grow with the dataset). Decoding runs on ``ingest.workers`` threads (OpenCV releases the
-GIL). Every unusable input lands in the quarantine table with a reason, and
-``found = accepted + quarantined`` is printed and stored. Identical pixels under two different
-labels are all quarantined (``conflicting_labels``); identical pixels under one label are kept.
+the resized model input, which is written straight into ``pixels.npy`` (chunk by chunk, so memory
+does not grow with the dataset). Chunks of records run on ``ingest.workers`` threads (OpenCV and
+hashing release the GIL); a chunk of same-shaped 8-bit arrays (MedMNIST) is converted and measured
+as one batch. ``pixels.npy`` has one row per record that reached decoding: the manifest's ``row`` column points
+into it, and rows of records quarantined after decoding are left unreferenced. Every unusable input
+lands in the quarantine table with a reason, and ``found = accepted + quarantined`` is printed and
+stored. Identical pixels under two different labels are all quarantined (``conflicting_labels``);
+identical pixels under one label are kept.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from tqdm import tqdm
 
 from medflow.config import DataConfig, IngestConfig
 from medflow.data.images import (
+    STATS,
     BadImage,
+    batch_stats,
+    check_dimensions,
     decode_any,
     decode_array,
     image_stats,
@@ -73,40 +79,46 @@ def process_record(rec: Record, data: DataConfig, cfg: IngestConfig) -> Result:
     return fields, dec.meta.get("patient_id"), to_model_input(dec.rgb, cfg.image_size, cfg.channels), None
 
 
-def ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
-    """``map`` on a thread pool, in input order, with a bounded number of chunks in flight."""
+def process_array_batch(recs: Sequence[Record], cfg: IngestConfig) -> list[Result] | None:
+    """:func:`process_record` for a chunk of same-shaped uint8 grey or RGB arrays, as one batch;
+    None when the chunk is anything else (or its shape is out of bounds): then each record goes alone."""
+    first = recs[0].array
+    if first is None or first.dtype != np.uint8 or not (first.ndim == 2 or first.ndim == 3 and first.shape[2] in (1, 3)):
+        return None
+    if any(r.array is None or r.array.shape != first.shape or r.array.dtype != first.dtype for r in recs):
+        return None
+    height, width = first.shape[:2]
+    try:
+        check_dimensions(width, height, max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_side=cfg.max_side)
+    except BadImage:
+        return None
+    batch = np.stack([r.array for r in recs]).reshape(len(recs), height, width, -1)  # type: ignore[misc]
+    channels = batch.shape[3]
+    rgb = np.repeat(batch, 3, axis=3) if channels == 1 else batch
+    stats = batch_stats(rgb)
+    same = {"format": "npz", "width": width, "height": height, "channels": 1 if first.ndim == 2 else channels,
+            "bytes": first.nbytes, "bit_depth": 8, "modality": None, "pixel_spacing": None,
+            "slice_thickness": None, "window": None}
+    return [({"sha256": pixel_sha256(img), **same, **dict(zip(STATS, row.tolist()))}, None,
+             to_model_input(img, cfg.image_size, cfg.channels), None) for img, row in zip(rgb, stats)]
+
+
+def ordered_chunks(fn: Callable[[int, Sequence[T]], R], items: Sequence[T], workers: int) -> Iterator[R]:
+    """``fn(start, items[start:start+k])`` for consecutive chunks on a thread pool, results in input
+    order, with a bounded number of chunks in flight."""
     chunk = max(1, min(64, len(items) // (workers * 8)))
-    run = lambda part: [fn(x) for x in part]  # noqa: E731
     with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
         pending: deque = deque()
         for start in range(0, len(items), chunk):
-            pending.append(pool.submit(run, items[start:start + chunk]))
+            pending.append(pool.submit(fn, start, items[start:start + chunk]))
             if len(pending) >= workers * 4:
-                yield from pending.popleft().result()
+                yield pending.popleft().result()
         while pending:
-            yield from pending.popleft().result()
+            yield pending.popleft().result()
 
 
-def shrink_npy(path: Path, n_rows: int) -> None:
-    """Keep the first ``n_rows`` of an .npy in place (numpy pads headers so the length is unchanged)."""
-    fmt = np.lib.format
-    with open(path, "r+b") as f:
-        version = fmt.read_magic(f)
-        read, write = ((fmt.read_array_header_1_0, fmt.write_array_header_1_0) if version == (1, 0)
-                       else (fmt.read_array_header_2_0, fmt.write_array_header_2_0))
-        shape, fortran, dtype = read(f)
-        offset = f.tell()
-        if shape[0] == n_rows:
-            return
-        f.seek(0)
-        write(f, {"descr": fmt.dtype_to_descr(dtype), "fortran_order": fortran, "shape": (n_rows, *shape[1:])})
-        if f.tell() != offset:
-            raise RuntimeError(f"{path}: .npy header changed length while shrinking")
-        f.truncate(offset + n_rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
-
-
-def _drop_conflicts(rows: list[dict[str, Any]], pixels: np.ndarray) -> tuple[list[dict], list[dict]]:
-    """Quarantine every copy of pixels seen under >1 label; compact the kept rows of ``pixels``."""
+def _drop_conflicts(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """Quarantine every copy of pixels seen under >1 label."""
     labels: dict[str, set[str]] = defaultdict(set)
     for r in rows:
         labels[r["sha256"]].add(r["label"])
@@ -118,9 +130,6 @@ def _drop_conflicts(rows: list[dict[str, Any]], pixels: np.ndarray) -> tuple[lis
             detail = f"identical pixels (sha256 {r['sha256'][:12]}) appear under labels {sorted(clash)}"
             dropped.append({"path": r["path"], "reason": "conflicting_labels", "detail": detail})
             continue
-        if r["row"] != len(kept):
-            pixels[len(kept)] = pixels[r["row"]]
-            r["row"] = len(kept)
         kept.append(r)
     return kept, dropped
 
@@ -145,34 +154,44 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: Inges
     todo = [r for r in records if not r.problem]
     pixels_tmp = out_dir / "pixels.npy.tmp"
     shape = (len(todo), cfg.image_size, cfg.image_size, cfg.channels)
-    pixels = np.lib.format.open_memmap(pixels_tmp, mode="w+", dtype=np.uint8, shape=shape)
-    offset, row_bytes = pixels.offset, int(np.prod(shape[1:]))
+    with open(pixels_tmp, "wb") as f:  # header only: rows are written in place, chunk by chunk
+        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        offset = f.tell()
+    row_bytes = int(np.prod(shape[1:]))
+    os.truncate(pixels_tmp, offset + len(todo) * row_bytes)
     fd = os.open(pixels_tmp, os.O_WRONLY)
 
-    def work(item: tuple[int, Record]) -> tuple[dict[str, Any] | None, str | None, tuple[str, str] | None]:
-        index, rec = item
-        fields, file_group, small, problem = process_record(rec, data, cfg)
-        if small is not None:  # rows of failed records are compacted away below
-            os.pwrite(fd, small.data, offset + index * row_bytes)  # no page faults, GIL released
-        return fields, file_group, problem
+    def work(start: int, part: Sequence[Record]) -> list[tuple[dict[str, Any] | None, str | None,
+                                                                  tuple[str, str] | None]]:
+        results = process_array_batch(part, cfg) or [process_record(rec, data, cfg) for rec in part]
+        block = np.zeros((len(part), *shape[1:]), np.uint8)  # rows of failed records stay zero
+        for i, (_, _, small, _) in enumerate(results):
+            if small is not None:
+                block[i] = small
+        os.pwrite(fd, block.data, offset + start * row_bytes)  # GIL released
+        return [(fields, group, problem) for fields, group, _, problem in results]
 
     rows: list[dict[str, Any]] = []
-    results = ordered_map(work, list(enumerate(todo)), cfg.workers)
-    for index, (rec, (fields, file_group, problem)) in enumerate(tqdm(
-        zip(todo, results), total=len(todo), desc="ingest", unit="img", disable=not progress, file=sys.stderr
-    )):
-        if problem is not None:
-            quarantine.append({"path": rec.path, "reason": problem[0], "detail": problem[1]})
-            continue
-        group = rec.group or file_group
-        rows.append({"id": rec.path, "path": rec.path, "label": rec.label, "group": group or rec.path,
-                     "grouped": group is not None, "source_split": rec.source_split, **(fields or {}),
-                     "row": index})
-    os.close(fd)
-    rows, conflicts = _drop_conflicts(rows, pixels)
+    bar = tqdm(total=len(todo), desc="ingest", unit="img", disable=not progress, file=sys.stderr)
+    try:
+        index = 0
+        for results in ordered_chunks(work, todo, cfg.workers):
+            for fields, file_group, problem in results:
+                rec = todo[index]
+                if problem is not None:
+                    quarantine.append({"path": rec.path, "reason": problem[0], "detail": problem[1]})
+                else:
+                    group = rec.group or file_group
+                    rows.append({"id": rec.path, "path": rec.path, "label": rec.label, "group": group or rec.path,
+                                 "grouped": group is not None, "source_split": rec.source_split,
+                                 **(fields or {}), "row": index})
+                index += 1
+            bar.update(len(results))
+    finally:
+        bar.close()
+        os.close(fd)
+    rows, conflicts = _drop_conflicts(rows)
     quarantine += conflicts
-    del pixels  # unmapped without msync: the page cache serves the renamed file
-    shrink_npy(pixels_tmp, len(rows))
 
     quarantine.sort(key=lambda q: (natural_key(q["path"]), q["reason"]))
     by_reason = dict(sorted(Counter(q["reason"] for q in quarantine).items()))

@@ -1,9 +1,12 @@
-"""Processed data: TFRecord shards per split that training streams with ``tf.data``.
+"""Processed data: fixed-length-record shards per split that training streams with ``tf.data``.
 
-``write_shards`` reads ``pixels.npy`` as a memory map, one shard (``shard_size`` rows) at a time,
-so memory stays bounded by the shard, not the dataset. Each ``tf.train.Example`` holds
-``image`` (raw uint8 bytes, H×W×C), ``height``, ``width``, ``channels``, ``label`` (class index,
-int64) and ``id`` (manifest id). Class order: ``data.labels`` when given, else sorted label names.
+``out_dir/{split}/shard-NNNNN.rec`` holds ``shard_size`` records of ``RECORD_HEADER`` bytes
+(label class index and position in the split, little-endian int32) followed by the image's raw
+uint8 H×W×C pixels; ``out_dir/{split}/ids.json`` lists the split's manifest ids by position and
+``out_dir/meta.json`` the classes, sizes and counts. Writing is a numpy copy per shard (no
+per-image serialisation), reading is ``tf.data.FixedLengthRecordDataset`` plus one ``decode_raw``
+per batch. ``write_shards`` reads ``pixels.npy`` as a memory map, one shard at a time, so memory
+stays bounded by the shard. Class order: ``data.labels`` when given, else sorted label names.
 TensorFlow is imported inside the functions that need it.
 """
 
@@ -29,33 +32,24 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 META = "meta.json"
+IDS = "ids.json"
+FORMAT = "medflow-fixed-records-v1"
+RECORD_HEADER = 8  # int32 label + int32 position, little-endian
 SHUFFLE_BYTES = 256 * 2**20  # raw image bytes the shuffle buffer may hold (memory bound)
 MIN_SHUFFLE = 64  # examples in the shuffle buffer even for very large images
 
 
-def _example(image: np.ndarray, label: int, id_: str) -> bytes:
-    import tensorflow as tf
-
-    def ints(v: int) -> tf.train.Feature:
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
-
-    def raw(b: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[b]))
-
-    h, w, c = image.shape
-    feats = {"image": raw(np.ascontiguousarray(image, dtype=np.uint8).tobytes()), "height": ints(h),
-             "width": ints(w), "channels": ints(c), "label": ints(label), "id": raw(id_.encode())}
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+def record_dtype(size: int, channels: int) -> np.dtype:
+    """One record: ``label`` and ``position`` (<i4) then ``image`` (uint8 size×size×channels), unpadded."""
+    return np.dtype([("label", "<i4"), ("position", "<i4"), ("image", "u1", (size, size, channels))])
 
 
 def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: str | Path,
                  out_dir: str | Path, *, shard_size: int, data: DataConfig, progress: bool = True) -> dict:
-    """Pack pixels per split into ``out_dir/{split}/shard-NNNNN.tfrecord`` plus ``out_dir/meta.json``.
+    """Pack pixels per split into ``out_dir/{split}/shard-NNNNN.rec`` + ``ids.json``, and ``out_dir/meta.json``.
 
     The whole folder is built under a temporary name next to ``out_dir`` and swapped in at the end.
     """
-    import tensorflow as tf
-
     manifest = read_manifest(manifest_csv)
     splits = pd.read_csv(splits_csv, dtype={"id": "string", "split": "string"})
     df = manifest[["id", "label", "row"]].merge(splits[["id", "split"]], on="id", how="left")
@@ -66,32 +60,39 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
     unknown = sorted(set(df["label"].astype(str)) - set(classes))
     if unknown:
         raise ValueError(f"labels {unknown} are not in data.labels {classes}")
-    index = {c: i for i, c in enumerate(classes)}
+    df["index"] = df["label"].astype(str).map({c: i for i, c in enumerate(classes)}).astype(np.int32)
     pixels = np.load(pixels_npy, mmap_mode="r")
     if pixels.ndim != 4 or pixels.shape[1] != pixels.shape[2]:
         raise ValueError(f"{pixels_npy}: expected uint8 N×S×S×C, got shape {pixels.shape}")
     if len(df) and int(df["row"].max()) >= len(pixels):
         raise ValueError(f"manifest row {int(df['row'].max())} is outside {pixels_npy} ({len(pixels)} rows)")
 
+    size, channels = int(pixels.shape[1]), int(pixels.shape[3])
+    dtype = record_dtype(size, channels)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    meta: dict = {"classes": classes, "ordered": data.ordered, "image_size": int(pixels.shape[1]),
-                  "channels": int(pixels.shape[3]), "counts": {}, "class_counts": {}, "shards": {}}
+    meta: dict = {"format": FORMAT, "record_bytes": dtype.itemsize, "classes": classes, "ordered": data.ordered,
+                  "image_size": size, "channels": channels, "counts": {}, "class_counts": {}, "shards": {}}
+    buffer = np.empty(min(shard_size, max(len(df), 1)), dtype)  # reused: no page faults per shard
     try:
         bar = tqdm(total=len(df), desc="shards", unit="img", disable=not progress, file=sys.stderr)
         for split in SPLITS:
             part = df[df["split"] == split].sort_values("row")  # sequential memmap reads
             (tmp / split).mkdir()
+            (tmp / split / IDS).write_text(json.dumps(part["id"].astype(str).tolist()) + "\n")
             names = []
             for k, start in enumerate(range(0, len(part), shard_size)):
                 chunk = part.iloc[start:start + shard_size]
-                images = np.asarray(pixels[chunk["row"].to_numpy()])
-                name = f"shard-{k:05d}.tfrecord"
-                with tf.io.TFRecordWriter(str(tmp / split / name)) as w:
-                    for img, label, id_ in zip(images, chunk["label"].astype(str), chunk["id"]):
-                        w.write(_example(img, index[label], str(id_)))
-                names.append(name)
+                records = buffer[:len(chunk)]
+                records["label"] = chunk["index"].to_numpy()
+                records["position"] = np.arange(start, start + len(chunk), dtype=np.int32)
+                images = records["image"]
+                for i, row in enumerate(chunk["row"].to_numpy()):  # contiguous row copies beat a gather
+                    images[i] = pixels[row]
+                names.append(f"shard-{k:05d}.rec")
+                with open(tmp / split / names[-1], "wb") as f:
+                    f.write(records.data)
                 bar.update(len(chunk))
             meta["counts"][split] = len(part)
             meta["class_counts"][split] = {c: int((part["label"] == c).sum()) for c in classes}
@@ -102,7 +103,7 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, out_dir)
-    print(f"shards: {len(df)} images ({meta['image_size']}px, {meta['channels']}ch, {len(classes)} classes) -> "
+    print(f"shards: {len(df)} images ({size}px, {channels}ch, {len(classes)} classes) -> "
           + ", ".join(f"{s} {meta['counts'][s]} in {len(meta['shards'][s])} shard(s)" for s in SPLITS)
           + f" at {out_dir}", file=sys.stderr)
     return {k: meta[k] for k in ("classes", "image_size", "channels", "counts")} | {
@@ -110,31 +111,47 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
 
 
 def read_meta(processed_dir: str | Path) -> dict:
-    """The ``meta.json`` written by ``write_shards``."""
-    return json.loads((Path(processed_dir) / META).read_text())
+    """The ``meta.json`` written by ``write_shards`` (refuses folders in another shard format)."""
+    path = Path(processed_dir) / META
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: shard format {meta.get('format')!r}, expected {FORMAT!r}; "
+                         "rerun the preprocess stage (`dvc repro preprocess` or `medflow preprocess`)")
+    return meta
+
+
+def all_shard_files(processed_dir: str | Path) -> list[Path]:
+    """Every file holding a split's data (shards and id lists), sorted: what a data fingerprint covers."""
+    root = Path(processed_dir)
+    return sorted([*root.glob("*/shard-*.rec"), *root.glob(f"*/{IDS}")])
 
 
 def _files(processed_dir: str | Path, split: str) -> list[str]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return sorted(str(p) for p in (Path(processed_dir) / split).glob("shard-*.tfrecord"))
+    return sorted(str(p) for p in (Path(processed_dir) / split).glob("shard-*.rec"))
 
 
-def _parser(meta: dict, *, with_ids: bool, as_float: bool):
-    """A function parsing a *batch* of serialized examples into tensors of static shape."""
+def read_ids(processed_dir: str | Path, split: str) -> list[str]:
+    """The manifest ids of one split, by position."""
+    path = Path(processed_dir) / split / IDS
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _parser(meta: dict, ids: list[str] | None, *, as_float: bool):
+    """A function parsing a *batch* of records into tensors of static shape (``+ id`` when ``ids`` given)."""
     import tensorflow as tf
 
     s, c = meta["image_size"], meta["channels"]
-    spec = {"image": tf.io.FixedLenFeature([], tf.string), "label": tf.io.FixedLenFeature([], tf.int64),
-            "id": tf.io.FixedLenFeature([], tf.string)}
+    id_table = None if ids is None else tf.constant(ids or [""], dtype=tf.string)
 
-    def parse(serialized: tf.Tensor):
-        ex = tf.io.parse_example(serialized, spec)
-        images = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), [-1, s, s, c])
+    def parse(records: tf.Tensor):
+        head = tf.io.decode_raw(tf.strings.substr(records, 0, RECORD_HEADER), tf.int32, little_endian=True)
+        images = tf.reshape(tf.io.decode_raw(records, tf.uint8)[:, RECORD_HEADER:], [-1, s, s, c])
         if as_float:
             images = tf.cast(images, tf.float32)
-        labels = tf.cast(ex["label"], tf.int32)
-        return (images, labels, ex["id"]) if with_ids else (images, labels)
+        labels = head[:, 0]
+        return (images, labels) if id_table is None else (images, labels, tf.gather(id_table, head[:, 1]))
 
     return parse
 
@@ -150,33 +167,29 @@ def dataset(processed_dir: str | Path, split: str, *, batch_size: int, shuffle: 
 
     meta = read_meta(processed_dir)
     files = _files(processed_dir, split)
+    record_bytes = int(meta["record_bytes"])
+    read = lambda f: tf.data.FixedLengthRecordDataset(f, record_bytes)  # noqa: E731
     names = tf.data.Dataset.from_tensor_slices(tf.constant(files, dtype=tf.string))
     if shuffle:
         names = names.shuffle(max(len(files), 1), seed=seed, reshuffle_each_iteration=True)
-        ds = names.interleave(tf.data.TFRecordDataset, cycle_length=min(4, max(len(files), 1)),
+        ds = names.interleave(read, cycle_length=min(4, max(len(files), 1)),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         per_image = meta["image_size"] ** 2 * meta["channels"]
         buffer = min(int(meta["counts"][split]), max(MIN_SHUFFLE, SHUFFLE_BYTES // per_image))
         ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
     else:
-        ds = tf.data.TFRecordDataset(names)  # shard by shard, in manifest row order
-    ds = ds.batch(batch_size).map(_parser(meta, with_ids=with_ids, as_float=True),
-                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = read(names)  # shard by shard, in manifest row order
+    parse = _parser(meta, read_ids(processed_dir, split) if with_ids else None, as_float=True)
+    ds = ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def load_arrays(processed_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """All of one split in memory (for evaluation/reports): uint8 N×S×S×C, int labels, ids."""
-    import tensorflow as tf
-
     meta = read_meta(processed_dir)
-    s, c = meta["image_size"], meta["channels"]
-    images, labels, ids = [np.zeros((0, s, s, c), np.uint8)], [np.zeros(0, np.int64)], []
+    dtype = record_dtype(meta["image_size"], meta["channels"])
     files = _files(processed_dir, split)
-    if files:
-        parse = _parser(meta, with_ids=True, as_float=False)
-        for x, y, i in tf.data.TFRecordDataset(files).batch(1024).map(parse).as_numpy_iterator():
-            images.append(x)
-            labels.append(y.astype(np.int64))
-            ids += [v.decode() for v in i]
-    return np.concatenate(images), np.concatenate(labels), ids
+    records = np.concatenate([np.fromfile(f, dtype) for f in files]) if files else np.zeros(0, dtype)
+    ids = read_ids(processed_dir, split)
+    return (np.ascontiguousarray(records["image"]), records["label"].astype(np.int64),
+            [ids[i] for i in records["position"]])

@@ -177,7 +177,7 @@ def npz_records(npz_path: str | Path, label_names: dict[str, str] | None) -> lis
     npz_path = Path(npz_path)
     records = []
     with np.load(npz_path) as z:
-        splits = [s for s in ("train", "val", "test") if f"{s}_images" in z.files]
+        splits = [s for s in ("test", "train", "val") if f"{s}_images" in z.files]  # natural order of the ids
         if not splits:
             raise SourceError(f"{npz_path}: no {{train,val,test}}_images arrays (keys: {z.files})")
         for split in splits:
@@ -190,7 +190,7 @@ def npz_records(npz_path: str | Path, label_names: dict[str, str] | None) -> lis
             for i, (image, value) in enumerate(zip(images, labels.tolist())):
                 label = (label_names or {}).get(str(value), str(value))
                 records.append(Record(f"{npz_path.name}:{split}:{i}", label, None, split, array=image))
-    return sorted(records, key=lambda r: natural_key(r.path))
+    return records
 
 
 def list_records(source: str | Path, fmt: Format, data: DataConfig) -> list[Record]:

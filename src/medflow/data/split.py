@@ -57,15 +57,18 @@ def _source(df: pd.DataFrame) -> np.ndarray:
 def components(df: pd.DataFrame) -> np.ndarray:
     """Connected-component id per row: rows sharing a non-empty group or sha256 are linked."""
     n = len(df)
-    own = np.char.add("row:", np.arange(n).astype(str))
-    keys = []
+    rows, keys, offset = [], [], n  # bipartite graph rows <-> keys; nodes 0..n-1 are rows, n.. are keys
     for col in ("group", "sha256"):
-        values = _text(df[col]).to_numpy(dtype=str) if col in df else np.full(n, "")
-        keys.append(np.where(values == "", own, np.char.add(col + ":", values)))
-    codes, uniques = pd.factorize(np.concatenate(keys))
-    rows = np.tile(np.arange(n), len(keys))
-    # bipartite graph rows <-> keys; nodes 0..n-1 are rows, n.. are keys
-    graph = coo_matrix((np.ones(len(rows)), (rows, codes + n)), shape=(n + len(uniques),) * 2)
+        if col not in df:
+            continue
+        values = _text(df[col])
+        codes, uniques = pd.factorize(values)
+        linked = (values != "").to_numpy(dtype=bool)
+        rows.append(np.flatnonzero(linked))
+        keys.append(codes[linked] + offset)
+        offset += len(uniques)
+    r, k = (np.concatenate(rows), np.concatenate(keys)) if rows else (np.zeros(0, int), np.zeros(0, int))
+    graph = coo_matrix((np.ones(len(r)), (r, k)), shape=(offset, offset))
     _, component = connected_components(graph, directed=False)
     return pd.factorize(component[:n])[0]
 
@@ -94,10 +97,11 @@ def _greedy(comp: np.ndarray, y: np.ndarray, names: list[str], ratios: list[floa
     return out
 
 
-def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
-    """Return ``DataFrame[id, split, fold]`` (one row per manifest row, same order)."""
+def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig, comp: np.ndarray | None = None) -> pd.DataFrame:
+    """Return ``DataFrame[id, split, fold]`` (one row per manifest row, same order); ``comp`` is
+    :func:`components` of the manifest when the caller has it already."""
     df = manifest_df.reset_index(drop=True)
-    comp = components(df)
+    comp = components(df) if comp is None else comp
     y = _text(df["label"]).to_numpy(dtype=str)
     source = _source(df) if cfg.respect_source_split else np.full(len(df), "", dtype=object)
 
@@ -149,7 +153,8 @@ def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str 
               cfg: SplitConfig) -> dict:
     """Split the manifest; write ``splits_csv`` (id, split, fold) and the per-class count table."""
     df = read_manifest(manifest_csv)
-    out = assign_splits(df, cfg)
+    comp = components(df)
+    out = assign_splits(df, cfg, comp)
     table = count_table(_text(df["label"]), out["split"])
     atomic_write(splits_csv, out.to_csv(index=False))
     atomic_write(counts_csv, table.to_csv(index_label="label"))
@@ -161,7 +166,7 @@ def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str 
     moved = (src != "") & (src != out["split"]) & ~carved
     summary = {
         "rows": n,
-        "components": int(components(df).max()) + 1 if n else 0,
+        "components": int(comp.max()) + 1 if n else 0,
         "counts": counts,
         "ratios": {s: round(c / n, 4) if n else 0.0 for s, c in counts.items()},
         "source_split_used": bool(cfg.respect_source_split and official),
