@@ -212,8 +212,11 @@ def batch_stats(rgb: np.ndarray) -> np.ndarray:
     """
     n, h, w, _ = rgb.shape
     grey = cv2.cvtColor(rgb.reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(n, h, w)
-    padded = np.pad(grey, ((0, 0), (1, 1), (0, 0)), mode="reflect" if h > 1 else "edge")
-    lap = cv2.Laplacian(padded.reshape(-1, w), cv2.CV_16S).reshape(padded.shape)[:, 1:h + 1]
+    if n == 1:  # one image: OpenCV's own border handling, no padding copy
+        lap = cv2.Laplacian(grey[0], cv2.CV_16S)[None]
+    else:
+        padded = np.pad(grey, ((0, 0), (1, 1), (0, 0)), mode="reflect" if h > 1 else "edge")
+        lap = cv2.Laplacian(padded.reshape(-1, w), cv2.CV_16S).reshape(padded.shape)[:, 1:h + 1]
     out = np.empty((n, len(STATS)))
     for i in range(n):  # OpenCV reductions in float64 over each image's own pixels: no large copies
         mean, std = cv2.meanStdDev(grey[i])
