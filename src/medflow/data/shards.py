@@ -50,9 +50,9 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
 
     The whole folder is built under a temporary name next to ``out_dir`` and swapped in at the end.
     """
-    manifest = read_manifest(manifest_csv)
-    splits = pd.read_csv(splits_csv, dtype={"id": "string", "split": "string"})
-    df = manifest[["id", "label", "row"]].merge(splits[["id", "split"]], on="id", how="left")
+    manifest = read_manifest(manifest_csv, ["id", "label", "row"])
+    splits = pd.read_csv(splits_csv, dtype={"id": "string", "split": "string"}, usecols=["id", "split"])
+    df = manifest.merge(splits[["id", "split"]], on="id", how="left")
     if df["split"].isna().any():
         missing = df.loc[df["split"].isna(), "id"].head(5).tolist()
         raise ValueError(f"{splits_csv}: {int(df['split'].isna().sum())} manifest ids have no split, e.g. {missing}")

@@ -21,6 +21,7 @@ How rows are placed:
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,11 @@ _TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "form
                  "modality", "window")
 
 
-def read_manifest(path: str | Path) -> pd.DataFrame:
-    """Read manifest.csv keeping identifiers and labels as text (labels like '0' stay strings)."""
-    return pd.read_csv(path, dtype={c: "string" for c in _TEXT_COLUMNS})
+def read_manifest(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read manifest.csv (only those of ``columns`` it has, when given) keeping identifiers and labels
+    as text (labels like '0' stay strings)."""
+    wanted = None if columns is None else set(columns).__contains__
+    return pd.read_csv(path, dtype={c: "string" for c in _TEXT_COLUMNS}, usecols=wanted)
 
 
 def _text(col: pd.Series) -> pd.Series:
@@ -152,7 +155,7 @@ def count_table(labels: pd.Series, splits: pd.Series) -> pd.DataFrame:
 def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str | Path,
               cfg: SplitConfig) -> dict:
     """Split the manifest; write ``splits_csv`` (id, split, fold) and the per-class count table."""
-    df = read_manifest(manifest_csv)
+    df = read_manifest(manifest_csv, ["id", "label", "group", "sha256", "source_split"])
     comp = components(df)
     out = assign_splits(df, cfg, comp)
     table = count_table(_text(df["label"]), out["split"])
