@@ -51,7 +51,7 @@ def data_fingerprint(processed_dir: str | Path) -> str:
     """sha256 over meta.json and every shard file (names and bytes)."""
     root = Path(processed_dir)
     digest = hashlib.sha256((root / shards.META).read_bytes())
-    for path in sorted(root.glob("*/shard-*.tfrecord")):
+    for path in shards.all_shard_files(root):
         digest.update(str(path.relative_to(root)).encode())
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -14,8 +14,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from medflow.config import ModelConfig, load_params  # noqa: E402
+from medflow.models.backbones import clear_backbone_cache  # noqa: E402
 from medflow.models.layers import BackbonePreprocess  # noqa: E402
-from medflow.models.registry import build_model  # noqa: E402
+from medflow.models.registry import build_model, load_model  # noqa: E402
 from medflow.models.weights import (  # noqa: E402
     WeightsMismatch,
     WeightsUnavailable,
@@ -113,6 +114,29 @@ def test_keras_file_backbone_loads_vendored_lite0() -> None:
     original = keras.models.load_model(LITE0, compile=False)
     np.testing.assert_array_equal(backbone.get_layer("stem_conv").kernel.numpy(),
                                   original.get_layer("stem_conv").kernel.numpy())
+
+
+def test_frozen_backbone_is_loaded_once_and_shared(tmp_path: Path) -> None:
+    cfg = ModelConfig(architecture="keras_file", weights=str(LITE0), weights_sha256=LITE0_SHA, trainable="none",
+                      input_size=32)
+    clear_backbone_cache()
+    first, second = build_model(cfg, 2, 32, 3), build_model(cfg, 3, 32, 3)
+    shared = first.get_layer("efficientnet_lite0")
+    assert second.get_layer("efficientnet_lite0") is shared  # embed() then train() load the file once
+    tuned = build_model(cfg.model_copy(update={"trainable": ["block6"]}), 2, 32, 3)
+    assert tuned.get_layer("efficientnet_lite0") is not shared and tuned.get_layer("efficientnet_lite0").trainable_weights
+    assert not shared.trainable_weights  # fine-tuning another model leaves the shared one frozen
+    random = ModelConfig(architecture="mobilenet_v2", weights=None, trainable="none", input_size=32)
+    backbones = [next(layer for layer in build_model(random, 2, 32, 3).layers if isinstance(layer, keras.Model))
+                 for _ in range(2)]
+    assert backbones[0] is not backbones[1]  # random init depends on the seed: never shared
+    clear_backbone_cache()
+    assert build_model(cfg, 2, 32, 3).get_layer("efficientnet_lite0") is not shared
+
+    second.save(tmp_path / "m.keras")  # a model on a shared backbone saves and loads like any other
+    x = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(load_model(tmp_path / "m.keras").predict(x, verbose=0), second.predict(x, verbose=0),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("mode", "reference"), [

@@ -209,3 +209,27 @@ def test_embedding_cache_is_recomputed_for_other_data(processed: Path, tmp_path:
     again = embed("frozen_cnn", params, other, emb)
     assert again["key"] == first["key"] and again["reused"] is False  # same backbone, other images
     assert not np.allclose(load_embeddings(again["dir"], "val")[0], before)
+
+
+def test_cached_head_resumes_after_kill_with_optimizer_state(processed: Path, tmp_path: Path) -> None:
+    params = _params(frozen=CNN | {"trainable": "none", "epochs": 3, "augment": {"flip": False}})  # random, seeded
+    out, emb = tmp_path / "frozen", tmp_path / "emb"
+    with pytest.raises(SimulatedKill):
+        train("frozen", params, processed, emb, out, callbacks=[_Kill(at=1)])
+    assert (out / "backup").is_dir() and (out / "checkpoints" / "best.weights.npz").exists()
+
+    class Restored(keras.callbacks.Callback):
+        def on_train_begin(self, logs: dict | None = None) -> None:  # runs after the backup was restored
+            self.iterations = int(self.model.optimizer.iterations)
+
+    probe, second = Restored(), _Kill(at=None)
+    summary = train("frozen", params, processed, emb, out, callbacks=[probe, second])
+    assert second.seen == [2] and summary["resumed_from_epoch"] == 2 and summary["epochs_run"] == 3
+    assert probe.iterations == 2 * 3  # 2 epochs of ceil(12 / 4) steps: the optimizer state came back too
+    assert [int(r["epoch"]) for r in _history(out)] == [1, 2, 3] and not (out / "backup").exists()
+
+    model = load_model(out / "model.keras")  # the full model's backbone is the one the cache was computed with
+    images = shards.load_arrays(processed, "val")[0].astype("float32")
+    embedded = keras.Model(model.input, model.get_layer("embedding").output).predict(images, verbose=0)
+    cached = load_embeddings(emb / summary["embedding_cache"], "val")[0]
+    np.testing.assert_allclose(embedded, cached, rtol=1e-4, atol=1e-4)

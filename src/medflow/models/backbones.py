@@ -1,12 +1,22 @@
-"""Backbones: keras.applications networks or a saved ``.keras`` feature extractor, with their preprocessing."""
+"""Backbones: keras.applications networks or a saved ``.keras`` feature extractor, with their preprocessing.
+
+A frozen backbone with weights is loaded once per process and shared by every model built on it
+(``embed`` then ``train`` in one flow, or several heads on one backbone): frozen and run in inference
+mode, its weights never change. Trainable or randomly initialised backbones are loaded fresh each time.
+"""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Literal
 
 import keras
 
 from medflow.config import ModelConfig
+from medflow.models.weights import weights_fingerprint
+
+_FROZEN: OrderedDict[tuple, keras.Model] = OrderedDict()  # (architecture, weights hash, size, dtype policy)
+_FROZEN_MAX = 2
 
 # architecture -> (keras.applications constructor name, BackbonePreprocess mode or None = built in)
 APPLICATIONS: dict[str, tuple[str, str | None]] = {
@@ -25,7 +35,33 @@ def preprocess_mode(architecture: str) -> str | None:
 
 
 def load_backbone(cfg: ModelConfig, weights: str | None, input_size: int) -> keras.Model:
-    """The backbone (no top) for ``cfg.architecture`` with ``weights`` (a resolved path or None), trainability set."""
+    """The backbone (no top) for ``cfg.architecture`` with ``weights`` (a resolved path or None), trainability set.
+
+    Frozen (``trainable: none``) backbones with weights come from a small per-process cache (module docstring).
+    """
+    import tensorflow as tf
+
+    key = None
+    if cfg.trainable == "none" and weights is not None and not tf.distribute.has_strategy():
+        key = (cfg.architecture, weights_fingerprint(weights), input_size, keras.config.dtype_policy().name)
+        if key in _FROZEN:
+            _FROZEN.move_to_end(key)
+            return _FROZEN[key]
+    backbone = _load(cfg, weights, input_size)
+    set_trainable(backbone, cfg.trainable)
+    if key is not None:
+        _FROZEN[key] = backbone
+        while len(_FROZEN) > _FROZEN_MAX:
+            _FROZEN.popitem(last=False)
+    return backbone
+
+
+def clear_backbone_cache() -> None:
+    """Forget the shared frozen backbones (the next build loads from disk again)."""
+    _FROZEN.clear()
+
+
+def _load(cfg: ModelConfig, weights: str | None, input_size: int) -> keras.Model:
     if cfg.architecture == "keras_file":
         if weights is None:
             raise ValueError("architecture keras_file needs `weights:` set to a .keras file")
@@ -41,7 +77,6 @@ def load_backbone(cfg: ModelConfig, weights: str | None, input_size: int) -> ker
         backbone = constructor(include_top=False, weights=weights, input_shape=(input_size, input_size, 3))
     else:
         raise ValueError(f"{cfg.architecture} is not a backbone architecture")
-    set_trainable(backbone, cfg.trainable)
     return backbone
 
 
