@@ -1,13 +1,16 @@
 """Accuracy on public data through medflow's own pipeline, beside published figures.
 
-    .venv/bin/python benchmarks/accuracy.py [--dataset {bloodmnist,pneumoniamnist,malaria,all}] [--seeds 3] [--quick]
+    .venv/bin/python benchmarks/accuracy.py [--dataset {bloodmnist,pneumoniamnist,malaria,all}] [--recipe {cnn,lite0}]
+                                            [--seeds 3] [--quick]
 
 BloodMNIST / PneumoniaMNIST (``../shared/datasets/medmnist``, skipped with a note when missing): the
 official npz goes through ``stages.ingest`` -> ``stages.split`` (``respect_source_split``: the official
-train/val/test are kept) -> ``stages.preprocess`` (shards) -> ``stages.train`` (EfficientNet-Lite0 with
-real ImageNet weights, fine-tuned from ``block4`` at 64 px, val split for early stopping / best weights),
-once per training seed; the saved ``model.keras`` is scored on the official test split with
-``evaluate.compute_metrics``. Extra step (reported as its own row): horizontal-flip test-time averaging.
+train/val/test are kept) -> ``stages.preprocess`` (shards) -> ``stages.train`` with a ``--recipe``
+(``RECIPES``: ``cnn``, basic_cnn widened to two convs per block and trained from scratch at the native
+28 px; ``lite0``, EfficientNet-Lite0 with real ImageNet weights fine-tuned from ``block4`` at 64 px; the
+val split drives early stopping / best weights), once per seed; the saved ``model.keras`` is scored on the
+official test split with ``evaluate.compute_metrics``. Extra step (reported as its own row):
+horizontal-flip test-time averaging.
 
 Malaria sample (``data/raw/malaria-cells-400``): ``stages.ingest`` (slide groups from the file names),
 ``stages.split`` with ``split.folds: 5`` (StratifiedGroupKFold over slide components), the frozen
@@ -16,8 +19,8 @@ its C is chosen by an inner grouped 3-fold CV on the training folds only). Varia
 product default), 224 px, and 224 px with the embedding averaged over 8 flips/rotations (extra step).
 Each seed re-draws the fold assignment (``split.seed``).
 
-Per-dataset results are kept as JSON in ``--work``; the table covers every result there, and a full
-(non ``--quick``) run rewrites the ``## Accuracy (benchmarks/accuracy.py)`` section of
+Per-dataset (and per-recipe) results are kept as JSON in ``--work``; the table covers every result
+there, and a full (non ``--quick``) run rewrites the ``## Accuracy (benchmarks/accuracy.py)`` section of
 ``benchmarks/RESULTS.md`` (other sections untouched).
 """
 
@@ -53,12 +56,18 @@ PUBLISHED = {
 TARGETS = {"bloodmnist": 0.97, "pneumoniamnist": 0.93, "malaria": 0.95}
 BLOOD_NAMES = {"0": "basophil", "1": "eosinophil", "2": "erythroblast", "3": "immature granulocyte",
                "4": "lymphocyte", "5": "monocyte", "6": "neutrophil", "7": "platelet"}
-# Fine-tuning recipe per MedMNIST set (params.yaml `models:` entry fields).
-FINETUNE: dict[str, dict[str, Any]] = {
-    "bloodmnist": {"epochs": 5, "augment": {"flip": True, "rotation": 0.25, "zoom": 0.1, "brightness": 0.1,
-                                            "contrast": 0.1}},
-    "pneumoniamnist": {"epochs": 5, "augment": {"flip": True, "rotation": 0.03, "zoom": 0.1, "brightness": 0.1,
-                                                "contrast": 0.1}},
+# MedMNIST recipes (params.yaml `models:` entries built by medflow's registry, trained by medflow's train()).
+AUGMENT = {"bloodmnist": {"flip": True, "rotation": 0.25, "zoom": 0.1, "brightness": 0.1, "contrast": 0.1},
+           "pneumoniamnist": {"flip": True, "rotation": 0.03, "zoom": 0.1, "brightness": 0.1, "contrast": 0.1}}
+RECIPES: dict[str, dict[str, Any]] = {
+    # from scratch at the native 28 px: basic_cnn widened to two conv layers per block
+    "cnn": {"label": "basic_cnn from scratch at 28 px, 2 convs per block (32/64/128), {epochs} epochs, augment",
+            "entry": {"architecture": "basic_cnn", "filters": [32, 64, 128], "convs_per_block": 2, "input_size": 28,
+                      "head_units": 256, "dropout": 0.3, "learning_rate": 2e-3, "batch_size": 64, "epochs": 25}},
+    # ImageNet EfficientNet-Lite0 (vendored), fine-tuned from block4 at 64 px
+    "lite0": {"label": "Lite0 ImageNet, fine-tuned block4+ at 64 px (medflow train), {epochs} epochs, augment",
+              "entry": {"input_size": 64, "trainable": ["block4"], "learning_rate": 3e-4, "batch_size": 64,
+                        "head_units": 0, "dropout": 0.3, "epochs": 5}},
 }
 QUICK_COUNTS = {"train": 256, "val": 64, "test": 128}
 # Exploratory runs that chose the recipes above (one seed, same pipeline; not rerun by this script).
@@ -124,7 +133,7 @@ def summary(values: list[float]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- MedMNIST
-def run_medmnist(name: str, seeds: int, quick: bool, work: Path) -> dict[str, Any]:
+def run_medmnist(name: str, recipe: str, seeds: int, quick: bool, work: Path) -> dict[str, Any]:
     from medflow.data import shards
     from medflow.evaluate import compute_metrics
     from medflow.models.registry import load_model
@@ -142,10 +151,10 @@ def run_medmnist(name: str, seeds: int, quick: bool, work: Path) -> dict[str, An
     raw["ingest"]["image_size"] = 28  # native size; the model upsamples in-graph to its input_size
     raw["split"]["respect_source_split"] = True
     layout, info = prepare(raw, work)
-    recipe = FINETUNE[name] | ({"epochs": 1} if quick else {})
-    model = "lite0_ft64"
-    raw["models"] = {model: lite0(input_size=64, trainable=["block4"], learning_rate=3e-4, batch_size=64,
-                                  head_units=0, dropout=0.3, **recipe)}
+    spec = RECIPES[recipe]
+    fields = spec["entry"] | {"augment": AUGMENT[name]} | ({"epochs": 1} if quick else {})
+    model = f"{recipe}-{name}"
+    raw["models"] = {model: lite0(**fields) if recipe == "lite0" else fields}
     raw["active_models"] = [model]
     classes = shards.read_meta(layout.processed)["classes"]
     x, y, _ = shards.load_arrays(layout.processed, "test")
@@ -166,11 +175,10 @@ def run_medmnist(name: str, seeds: int, quick: bool, work: Path) -> dict[str, An
         print(f"{name} seed {seed}: test accuracy {plain[-1]:.4f} (flip TTA {tta[-1]:.4f}), "
               f"{summary_['epochs_run']} epochs, best epoch {summary_['best_epoch']}, {seconds[-1]:.0f}s",
               file=sys.stderr, flush=True)
-    method = "Lite0 ImageNet, fine-tuned block4+ at 64 px (medflow train), {} epochs, augment".format(
-        recipe["epochs"])
+    method = spec["label"].format(epochs=fields["epochs"])
     counts = info["split"]["counts"]
     return {
-        "dataset": name,
+        "dataset": name, "recipe": recipe,
         "rows": [{"method": method, "accuracy": summary(plain), "unit": "seeds"},
                  {"method": method + " + flip TTA (extra step)", "accuracy": summary(tta), "unit": "seeds"}],
         "notes": (f"test n={counts['test']} (official split kept; ingest {info['ingest']['reconciliation']}; "
@@ -314,6 +322,7 @@ def write_section(body: str, path: Path = RESULTS_MD) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", choices=["bloodmnist", "pneumoniamnist", "malaria", "all"], default="all")
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="cnn", help="MedMNIST recipe (default cnn)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny subsets, 1 epoch (smoke run)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/medflow-accuracy"),
@@ -326,13 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         start = time.perf_counter()
         if name == "malaria":
-            result = run_malaria(args.seeds, args.quick, work / name)
+            result, key = run_malaria(args.seeds, args.quick, work / name), name
         else:
-            result = run_medmnist(name, args.seeds, args.quick, work / name)
+            result = run_medmnist(name, args.recipe, args.seeds, args.quick, work / name)
+            key = f"{name}_{args.recipe}"
         result |= {"command": command, "wall_seconds": round(time.perf_counter() - start, 1)}
-        (work / f"result_{name}.json").write_text(json.dumps(result, indent=2))
-    results = [json.loads((work / f"result_{n}.json").read_text())
-               for n in ("bloodmnist", "pneumoniamnist", "malaria") if (work / f"result_{n}.json").exists()]
+        (work / f"result_{key}.json").write_text(json.dumps(result, indent=2))
+    order = ["bloodmnist", "pneumoniamnist", "malaria"]  # every result kept in --work, every recipe
+    results = sorted((json.loads(f.read_text()) for f in work.glob("result_*.json")),
+                     key=lambda r: (order.index(r["dataset"]), r.get("recipe", "")))
     out = table(results) + "\n\n" + notes(results) + "\n\n" + TRIED
     print(out)
     if not args.quick:

@@ -141,6 +141,8 @@ class ModelConfig(_Section):
     # layer to the end (BatchNorm stays frozen), e.g. [block4] for VGG blocks 4-5, [mixed9] for InceptionV3
     trainable: Literal["none", "all"] | list[str] = "all"
     input_size: int | None = None  # None = ingest.image_size; backbone resizes in-graph
+    filters: list[int] = Field([32, 64, 128], min_length=1)  # basic_cnn: filters per conv block (pool between)
+    convs_per_block: int = Field(1, ge=1, le=4)  # basic_cnn: 3x3 conv-BN-ReLU layers per block
     head_units: int = Field(256, ge=0)  # 0 = linear head on pooled features
     dropout: float = Field(0.5, ge=0, lt=1)
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"

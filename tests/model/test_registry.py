@@ -207,3 +207,17 @@ def test_weights_that_cannot_apply_are_config_errors() -> None:
         resolve_weights(ModelConfig(architecture="keras_file", weights=None))
     with pytest.raises(ValueError, match="matches no layer"):
         build_model(ModelConfig(architecture="vgg16", trainable=["block9"], input_size=32), 2, 32, 3)
+
+
+def test_basic_cnn_filters_and_convs_per_block() -> None:
+    """``filters`` sets the blocks (pooling between them), ``convs_per_block`` the conv layers in each."""
+    model = build_model(ModelConfig(architecture="basic_cnn", filters=[8, 16], convs_per_block=2, head_units=0),
+                        3, 16, 1)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [(c.name, c.filters) for c in convs] == [("block1_conv1", 8), ("block1_conv2", 8),
+                                                    ("block2_conv1", 16), ("block2_conv2", 16)]
+    assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.MaxPooling2D)] == ["block1_pool"]
+    assert model.get_layer("features").output.shape[1:] == (8, 8, 16) and model.output.shape[-1] == 3
+    default = build_model(ModelConfig(architecture="basic_cnn"), 2, 16, 3)  # the malaria study's 32/64/128
+    assert [layer.name for layer in default.layers if isinstance(layer, keras.layers.Conv2D)] == \
+        ["block1_conv", "block2_conv", "block3_conv"]

@@ -44,7 +44,7 @@ def build_model(
     if size != image_size:
         x = keras.layers.Resizing(size, size, name="resize")(x)
     if cfg.architecture == "basic_cnn":
-        x = _basic_cnn(x)
+        x = _basic_cnn(x, cfg)
     else:
         backbone = load_backbone(cfg, weights, size)  # type: ignore[arg-type]
         mode = preprocess_mode(cfg.architecture)
@@ -75,15 +75,18 @@ def load_model(path: str | Path) -> keras.Model:
     return keras.models.load_model(path, compile=False, safe_mode=True)
 
 
-def _basic_cnn(x):  # noqa: ANN001, ANN202 - Keras tensors
-    """Three conv blocks as in the malaria study (Rajaraman et al. 2018), with batch normalisation
-    so it learns from a few hundred images; the third block feeds ``features``."""
+def _basic_cnn(x, cfg: ModelConfig):  # noqa: ANN001, ANN202 - Keras tensors
+    """Conv blocks as in the malaria study (Rajaraman et al. 2018: three blocks of 32/64/128 filters),
+    with batch normalisation so it learns from a few hundred images; ``cfg.filters`` and
+    ``cfg.convs_per_block`` widen/deepen it for larger sets. The last block feeds ``features``."""
     x = keras.layers.Rescaling(1.0 / 255, name="preprocess")(x)
-    for i, filters in enumerate((32, 64, 128), start=1):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
-        x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn")(x)  # few steps per epoch
-        x = keras.layers.Activation("relu", name=f"block{i}_relu")(x)
-        if i < 3:
+    for i, filters in enumerate(cfg.filters, start=1):
+        for j in range(1, cfg.convs_per_block + 1):
+            suffix = "" if cfg.convs_per_block == 1 else f"{j}"
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv{suffix}")(x)
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"block{i}_bn{suffix}")(x)  # few steps per epoch
+            x = keras.layers.Activation("relu", name=f"block{i}_relu{suffix}")(x)
+        if i < len(cfg.filters):
             x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
     return x
 
