@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from medflow.config import Augment
-from medflow.models.augment import RandomAugment, _augment, augmentation
+from medflow.models.augment import RandomAugment, _augment, augment_dataset, augmentation
 
 
 def _params(flip=0, angle=0.0, scale=1.0, tx=0.0, ty=0.0, bright=0.0, contrast=1.0) -> np.ndarray:
@@ -49,3 +49,22 @@ def test_augmentation_off_builds_nothing() -> None:
     assert augmentation(Augment(flip=False), seed=0) is None
     layer = augmentation(Augment(flip=True, brightness=0.1), seed=0)
     assert isinstance(layer, RandomAugment) and layer.flip and layer.brightness == 0.1 and layer.rotation == 0
+
+
+def test_augmented_dataset_repeats_exactly_under_one_seed() -> None:
+    """Per-batch keys from a seeded stream: the same run twice is identical (also with the parallel map),
+    each epoch draws new augmentations, and another seed draws others."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 16, 16, 3)).astype(np.float32)
+    aug = Augment(flip=True, rotation=0.2, zoom=0.1, brightness=0.1)
+
+    def epochs(seed: int, n: int = 2) -> list[np.ndarray]:
+        base = tf.data.Dataset.from_tensor_slices((images, np.arange(24))).batch(4)
+        ds = augment_dataset(base, aug, seed)
+        return [np.concatenate([x for x, _ in ds.as_numpy_iterator()]) for _ in range(n)]
+
+    first, second = epochs(7)
+    np.testing.assert_array_equal(epochs(7)[0], first)
+    np.testing.assert_array_equal(epochs(7)[1], second)
+    assert not np.array_equal(first, second) and not np.array_equal(epochs(8)[0], first)
+    assert not np.array_equal(first, images)

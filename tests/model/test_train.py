@@ -233,3 +233,12 @@ def test_cached_head_resumes_after_kill_with_optimizer_state(processed: Path, tm
     embedded = keras.Model(model.input, model.get_layer("embedding").output).predict(images, verbose=0)
     cached = load_embeddings(emb / summary["embedding_cache"], "val")[0]
     np.testing.assert_allclose(embedded, cached, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_same_model(processed: Path, tmp_path: Path) -> None:
+    """Fixed seeds make a run repeatable: augmented from-scratch training twice gives identical weights."""
+    params = _params(cnn=CNN | {"epochs": 3})
+    runs = [train("cnn", params, processed, tmp_path / "emb", tmp_path / f"run{i}") for i in range(2)]
+    assert runs[0]["best"] == runs[1]["best"] and runs[0]["epochs_run"] == 3
+    a, b = (load_model(tmp_path / f"run{i}" / "model.keras").get_weights() for i in range(2))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))

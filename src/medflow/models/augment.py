@@ -9,8 +9,10 @@ transforms are composed into a single matrix: one interpolation instead of four)
 and contrast as one per-channel linear map, both with OpenCV in a single pass over the pixels.
 On CPU this is several times faster than chaining Keras' RandomFlip / RandomRotation /
 RandomZoom / RandomTranslation / RandomBrightness / RandomContrast, each of which processes the
-whole batch again. Random parameters are drawn with TensorFlow ops, so runs are reproducible
-under ``train.seed``; the semantics of each factor follow the Keras layers of the same name.
+whole batch again. In the training pipeline the random parameters are stateless TensorFlow draws
+keyed per batch from a stream seeded by ``train.seed`` (stateful random ops in a parallel map are
+consumed in thread order, which made runs differ), so a run repeats exactly; the semantics of each
+factor follow the Keras layers of the same name.
 """
 
 from __future__ import annotations
@@ -62,12 +64,16 @@ class RandomAugment(keras.layers.Layer):
         self.flip, self.rotation, self.zoom, self.shift = flip, rotation, zoom, shift
         self.brightness, self.contrast, self.seed = brightness, contrast, seed
 
-    def call(self, images, training=True):  # noqa: ANN001, ANN201 - Keras tensors
+    def call(self, images, training=True, key=None):  # noqa: ANN001, ANN201 - Keras tensors
+        """``key`` (int64 scalar) draws the parameters statelessly from ``(key, k)``: reproducible even
+        inside a parallel ``tf.data`` map, where stateful random ops are consumed in thread order."""
         if not training:
             return images
         n = tf.shape(images)[0]
 
         def uniform(k: int, low: float, high: float):  # noqa: ANN202
+            if key is not None:
+                return tf.random.stateless_uniform((n,), tf.stack([key, tf.constant(k, tf.int64)]), low, high)
             return tf.random.uniform((n,), low, high, seed=None if self.seed is None else self.seed + k)
 
         flip = tf.cast(uniform(0, 0, 1) < 0.5, tf.float32) if self.flip else tf.zeros((n,))
@@ -97,8 +103,14 @@ def augmentation(aug: Augment, seed: int) -> RandomAugment | None:
 
 
 def augment_dataset(ds: tf.data.Dataset, aug: Augment, seed: int) -> tf.data.Dataset:
-    """Map the augmentation (training=True) over batched ``(images, labels)``; unchanged when all off."""
+    """Map the augmentation (training=True) over batched ``(images, labels)``; unchanged when all off.
+
+    Each batch gets its own key from a seeded random stream that is redrawn every epoch, so the
+    augmentation differs per epoch and batch yet the whole run repeats exactly under one seed.
+    """
     layer = augmentation(aug, seed)
     if layer is None:
         return ds
-    return ds.map(lambda x, y: (layer(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    return tf.data.Dataset.zip(ds, keys).map(lambda batch, key: (layer(batch[0], training=True, key=key), batch[1]),
+                                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
