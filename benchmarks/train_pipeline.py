@@ -334,7 +334,7 @@ def run(cfg: dict, work: Path) -> list[tuple[str, ...]]:
     again = bench_retrain(prep["processed"], work / "cache", epochs)
     print(f"{'retrain, cache present':24s} wall {again['wall']:.1f}s = train() (fit {again['fit']:.1f}s, "
           f"{again['epochs_run']} epochs)", flush=True)
-    rows.append((f"same, retraining with the cache already computed (later `dvc repro` runs), wall s",
+    rows.append(("same, retraining with the cache already computed (later `dvc repro` runs), wall s",
                  f"{again['wall']:.1f}", f"{unc['wall']:.1f}", f"{unc['wall'] / again['wall']:.1f}×", "≥ 10×"))
     rows.append(("same, embed() + model.fit only (train()'s build/hash/save excluded)",
                  f"{cac['embed'] + cac['fit']:.1f}", f"{unc['fit']:.1f}",
