@@ -132,12 +132,12 @@ print(json.dumps(result))
 
 
 def test_streaming_memory_does_not_grow_with_the_data(tmp_path):
-    """Streaming 3,000 images of 96 px (83 MB raw, 332 MB as float32) holds only a few batches.
+    """Streaming 6,000 images of 96 px (166 MB raw, 664 MB as float32) holds only a few batches.
 
     Measured in a fresh process with glibc limited to 2 malloc arenas: otherwise per-thread arenas
     of TF's reader threads add tens of MB of allocator slack that has nothing to do with the data.
     """
-    n, size = 3000, 96
+    n, size = 6000, 96
     make_inputs(tmp_path, n=n, size=size, split_of=lambda i: "train")
     write(tmp_path, shard_size=256)
     total = n * size * size * C
