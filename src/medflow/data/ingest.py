@@ -4,11 +4,11 @@ Each image is read once and decoded once; from that decode come its pixel hash, 
 the resized model input, which is written straight into ``pixels.npy`` (chunk by chunk, so memory
 does not grow with the dataset). Chunks of records run on ``ingest.workers`` threads (OpenCV and
 hashing release the GIL); a chunk of same-shaped 8-bit arrays (MedMNIST) is converted and measured
-as one batch. ``pixels.npy`` has one row per record that reached decoding: the manifest's ``row`` column points
-into it, and rows of records quarantined after decoding are left unreferenced. Every unusable input
-lands in the quarantine table with a reason, and ``found = accepted + quarantined`` is printed and
-stored. Identical pixels under two different labels are all quarantined (``conflicting_labels``);
-identical pixels under one label are kept.
+as one batch. ``pixels.npy`` has one row per record that reached decoding: the manifest's ``row``
+column points into it, and rows of records quarantined after decoding are left unreferenced. Every
+unusable input lands in the quarantine table with a reason, and ``found = accepted + quarantined``
+is printed and stored. Identical pixels under two different labels are all quarantined
+(``conflicting_labels``); identical pixels under one label are kept.
 """
 
 from __future__ import annotations

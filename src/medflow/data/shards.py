@@ -52,7 +52,7 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
     """
     manifest = read_manifest(manifest_csv, ["id", "label", "row"])
     splits = pd.read_csv(splits_csv, dtype={"id": "string", "split": "string"}, usecols=["id", "split"])
-    df = manifest.merge(splits[["id", "split"]], on="id", how="left")
+    df = manifest.merge(splits, on="id", how="left")
     if df["split"].isna().any():
         missing = df.loc[df["split"].isna(), "id"].head(5).tolist()
         raise ValueError(f"{splits_csv}: {int(df['split'].isna().sum())} manifest ids have no split, e.g. {missing}")
@@ -139,8 +139,9 @@ def read_ids(processed_dir: str | Path, split: str) -> list[str]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def _parser(meta: dict, ids: list[str] | None, *, as_float: bool):
-    """A function parsing a *batch* of records into tensors of static shape (``+ id`` when ``ids`` given)."""
+def _parser(meta: dict, ids: list[str] | None):
+    """A function parsing a *batch* of records into float32 images, int32 labels (``+ id`` when ``ids``
+    given), of static shape."""
     import tensorflow as tf
 
     s, c = meta["image_size"], meta["channels"]
@@ -148,9 +149,8 @@ def _parser(meta: dict, ids: list[str] | None, *, as_float: bool):
 
     def parse(records: tf.Tensor):
         head = tf.io.decode_raw(tf.strings.substr(records, 0, RECORD_HEADER), tf.int32, little_endian=True)
-        images = tf.reshape(tf.io.decode_raw(records, tf.uint8)[:, RECORD_HEADER:], [-1, s, s, c])
-        if as_float:
-            images = tf.cast(images, tf.float32)
+        images = tf.cast(tf.reshape(tf.io.decode_raw(records, tf.uint8)[:, RECORD_HEADER:], [-1, s, s, c]),
+                         tf.float32)
         labels = head[:, 0]
         return (images, labels) if id_table is None else (images, labels, tf.gather(id_table, head[:, 1]))
 
@@ -180,7 +180,7 @@ def dataset(processed_dir: str | Path, split: str, *, batch_size: int, shuffle: 
         ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
     else:
         ds = read(names)  # shard by shard, in manifest row order
-    parse = _parser(meta, read_ids(processed_dir, split) if with_ids else None, as_float=True)
+    parse = _parser(meta, read_ids(processed_dir, split) if with_ids else None)
     ds = ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
