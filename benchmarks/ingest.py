@@ -1,12 +1,16 @@
 """Ingest throughput vs the raw OpenCV limit (2 threads), on the malaria sample and BloodMNIST.
 
-    .venv/bin/python benchmarks/ingest.py [--size 128] [--repeat 3] [--no-shards]
+    .venv/bin/python benchmarks/ingest.py [--size 128] [--repeat 5] [--no-shards]
 
 raw limit: list files + read bytes + cv2.imdecode + cv2.resize(INTER_AREA) on a 2-thread pool (npz: np.load +
 resize, there is nothing to decode). ingest: ``medflow.data.ingest.ingest`` (workers=2), i.e. the same
-work plus hashing, statistics, quarantine checks and writing pixels.npy / manifest.csv.
-ingest+preprocess adds ``split.run_split`` and ``shards.write_shards`` (TFRecords). Best of --repeat
-runs (the machine is shared). BloodMNIST needs ../shared and is skipped with a note when missing.
+work plus the pixel sha256, statistics, quarantine checks and writing pixels.npy / manifest.csv.
+ingest+preprocess adds ``split.run_split`` and ``shards.write_shards`` (fixed-length-record shards, 2 threads),
+each run into empty folders as under ``dvc repro``. Best of --repeat runs (the machine is shared).
+
+Data: the 400-image malaria sample at --size (params.yaml's 128 px); the same sample as its 8 dihedral
+variants (3,200 PNGs, so per-image throughput is measured past the stages' fixed costs); BloodMNIST
+(17,092 images; needs ../shared, skipped with a note when missing) at its native 28 px and at --size.
 """
 
 from __future__ import annotations
@@ -45,8 +49,8 @@ def best_seconds(fn: Callable[[], object], repeat: int, setup: Callable[[], obje
     return min(wall), min(cpu)
 
 
-def raw_files(size: int) -> int:
-    files = sorted(str(p) for p in MALARIA.glob("*/*.png"))  # listing counts: ingest lists the folder too
+def raw_files(root: Path, size: int) -> int:
+    files = sorted(str(p) for p in root.glob("*/*.png"))  # listing counts: ingest lists the folder too
 
     def one(path: str) -> np.ndarray:
         with open(path, "rb") as f:
@@ -65,19 +69,20 @@ def raw_npz(size: int) -> int:
                    for imgs in images)
 
 
-def run(name: str, source: Path, raw: Callable[[int], int], data: object, args: argparse.Namespace) -> None:
+def run(name: str, source: Path, raw: Callable[[int], int], data: object, size: int,
+        args: argparse.Namespace) -> None:
     from medflow.config import IngestConfig, PreprocessConfig, SplitConfig
     from medflow.data.ingest import ingest
 
-    cfg = IngestConfig(image_size=args.size, workers=2)
-    n = raw(args.size)
+    cfg = IngestConfig(image_size=size, workers=2)
+    n = raw(size)
     with tempfile.TemporaryDirectory(prefix="medflow-bench-") as tmp:
         out = Path(tmp)
-        (t_raw, c_raw) = best_seconds(lambda: raw(args.size), args.repeat)
+        (t_raw, c_raw) = best_seconds(lambda: raw(size), args.repeat)
         # each run writes into an empty folder, as `dvc repro` does (it removes a stage's outputs first)
         (t_ingest, c_ingest) = best_seconds(lambda: ingest(source, out / "interim", data, cfg, progress=False),
                                             args.repeat, lambda: shutil.rmtree(out / "interim", ignore_errors=True))
-        line = (f"{name}: {n} images at {args.size}px | raw cv2 decode+resize (2 threads) {n / t_raw:,.0f} img/s | "
+        line = (f"{name}: {n} images at {size}px | raw cv2 decode+resize (2 threads) {n / t_raw:,.0f} img/s | "
                 f"ingest {n / t_ingest:,.0f} img/s = {t_raw / t_ingest:.0%} of raw "
                 f"(CPU per image {c_ingest / n * 1e6:,.0f} vs {c_raw / n * 1e6:,.0f} us = {c_raw / c_ingest:.0%})")
         if args.shards:
@@ -87,7 +92,8 @@ def run(name: str, source: Path, raw: Callable[[int], int], data: object, args: 
             def preprocess() -> None:
                 run_split(out / "interim" / "manifest.csv", out / "splits.csv", out / "counts.csv", SplitConfig())
                 write_shards(out / "interim" / "manifest.csv", out / "interim" / "pixels.npy", out / "splits.csv",
-                             out / "processed", shard_size=PreprocessConfig().shard_size, data=data, progress=False)
+                             out / "processed", shard_size=PreprocessConfig().shard_size,
+                             workers=PreprocessConfig().workers, data=data, progress=False)
 
             t_pre = best_seconds(preprocess, args.repeat,
                                  lambda: shutil.rmtree(out / "processed", ignore_errors=True))[0]
@@ -99,7 +105,7 @@ def run(name: str, source: Path, raw: Callable[[int], int], data: object, args: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=128, help="ingest.image_size (default 128, as params.yaml)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-shards", dest="shards", action="store_false", help="measure ingest alone")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -108,9 +114,17 @@ def main() -> None:
     if args.shards:
         import tensorflow  # noqa: F401  (imported before timing: its start-up is not ingest cost)
 
-    run("malaria-cells-400", MALARIA, lambda s: raw_files(s), DataConfig(), args)
+    run("malaria-cells-400", MALARIA, lambda s: raw_files(MALARIA, s), DataConfig(), args.size, args)
+    with tempfile.TemporaryDirectory(prefix="medflow-bench-variants-") as tmp:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from train_pipeline import replicate  # the training benchmark's dihedral variants
+
+        variants = Path(tmp)
+        replicate(variants, 8)
+        run("malaria x8 dihedral variants", variants, lambda s: raw_files(variants, s), DataConfig(), args.size, args)
     if BLOOD.is_file():
-        run("bloodmnist", BLOOD, lambda s: raw_npz(s), DataConfig(label_names=BLOOD_NAMES), args)
+        for size in dict.fromkeys((28, args.size)):
+            run("bloodmnist", BLOOD, raw_npz, DataConfig(label_names=BLOOD_NAMES), size, args)
     else:
         print(f"bloodmnist: skipped, {BLOOD} not found (../shared is optional)")
 

@@ -119,6 +119,7 @@ class SplitConfig(_Section):
 
 class PreprocessConfig(_Section):
     shard_size: int = Field(1024, ge=16)  # images per shard file
+    workers: int = Field(2, ge=1, le=64)  # threads filling and writing shards
 
 
 # --------------------------------------------------------------------------- models / training

@@ -36,10 +36,21 @@ def atomic_write_json(path: str | Path, obj: Any, *, fsync: bool = False) -> Pat
     return atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", fsync=fsync)
 
 
-def atomic_write_csv(path: str | Path, df: Any, **to_csv: Any) -> Path:
-    """``atomic_write`` of a pandas DataFrame as CSV (``index=False`` unless given)."""
-    to_csv.setdefault("index", False)
-    return atomic_write(path, df.to_csv(lineterminator="\n", **to_csv))
+def csv_bytes(df: Any) -> bytes:
+    """A pandas DataFrame as CSV (header, no index, fields quoted only when needed, NaN/None empty),
+    by pyarrow's C++ writer: several times faster than ``DataFrame.to_csv`` on manifest-sized tables."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    sink = pa.BufferOutputStream()
+    pa_csv.write_csv(pa.Table.from_pandas(df, preserve_index=False), sink,
+                     pa_csv.WriteOptions(quoting_style="needed"))
+    return sink.getvalue().to_pybytes()
+
+
+def atomic_write_csv(path: str | Path, df: Any) -> Path:
+    """``atomic_write`` of a pandas DataFrame as CSV (:func:`csv_bytes`)."""
+    return atomic_write(path, csv_bytes(df))
 
 
 def replace_dir(tmp: str | Path, dest: str | Path) -> None:

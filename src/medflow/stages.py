@@ -46,7 +46,8 @@ def preprocess(params: Params, layout: Layout = Layout()) -> dict:
     from medflow.data.shards import write_shards
 
     return write_shards(layout.manifest, layout.pixels, layout.splits, layout.processed,
-                        shard_size=params.preprocess.shard_size, data=params.data)
+                        shard_size=params.preprocess.shard_size,
+                        workers=params.preprocess.workers, data=params.data)
 
 
 def embed(params: Params, layout: Layout = Layout(), models: list[str] | None = None) -> dict:

@@ -68,6 +68,17 @@ def test_round_trip_meta_and_class_order(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_shard_bytes_do_not_depend_on_the_number_of_writer_threads(tmp_path):
+    make_inputs(tmp_path, n=61)
+    contents = []
+    for workers in (1, 3):
+        write(tmp_path, shard_size=4, workers=workers)
+        root = tmp_path / "processed"
+        contents.append({str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()})
+    assert len([k for k in contents[0] if k.endswith(".rec")]) == 16  # ceil(37/4) + ceil(12/4) + ceil(12/4)
+    assert contents[0] == contents[1]
+
+
 def test_dataset_streams_batches_and_shuffles_deterministically(tmp_path):
     make_inputs(tmp_path)
     write(tmp_path)

@@ -16,6 +16,8 @@ import json
 import shutil
 import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,10 +47,13 @@ def record_dtype(size: int, channels: int) -> np.dtype:
 
 
 def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: str | Path,
-                 out_dir: str | Path, *, shard_size: int, data: DataConfig, progress: bool = True) -> dict:
+                 out_dir: str | Path, *, shard_size: int, data: DataConfig, workers: int = 2,
+                 progress: bool = True) -> dict:
     """Pack pixels per split into ``out_dir/{split}/shard-NNNNN.rec`` + ``ids.json``, and ``out_dir/meta.json``.
 
-    The whole folder is built under a temporary name next to ``out_dir`` and swapped in at the end.
+    Shards are filled and written on ``workers`` threads (the copies and writes release the GIL), each
+    with one reusable shard buffer. The whole folder is built under a temporary name next to
+    ``out_dir`` and swapped in at the end.
     """
     manifest = read_manifest(manifest_csv, ["id", "label", "row"])
     splits = pd.read_csv(splits_csv, dtype={"id": "string", "split": "string"}, usecols=["id", "split"])
@@ -74,31 +79,39 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
     meta: dict = {"format": FORMAT, "record_bytes": dtype.itemsize, "classes": classes, "ordered": data.ordered,
                   "image_size": size, "channels": channels, "counts": {}, "class_counts": {}, "shards": {}}
-    buffer = np.empty(min(shard_size, max(len(df), 1)), dtype)  # reused: no page faults per shard
+    buffers = threading.local()  # one shard buffer per thread, reused: no page faults per shard
+
+    def write(path: Path, labels: np.ndarray, start: int, rows: np.ndarray) -> int:
+        if not hasattr(buffers, "records"):
+            buffers.records = np.empty(min(shard_size, len(df)), dtype)
+        records = buffers.records[:len(rows)]
+        records["label"] = labels
+        records["position"] = np.arange(start, start + len(rows), dtype=np.int32)
+        images = records["image"]
+        cuts = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one block copy each
+        for a, b in zip([0, *cuts], [*cuts, len(rows)]):
+            images[a:b] = pixels[rows[a]:rows[a] + b - a]
+        with open(path, "wb") as f:
+            f.write(records.data)
+        return len(rows)
+
+    jobs = []
     try:
-        bar = tqdm(total=len(df), desc="shards", unit="img", disable=not progress, file=sys.stderr)
         for split in SPLITS:
             part = df[df["split"] == split].sort_values("row")  # sequential memmap reads
             (tmp / split).mkdir()
             (tmp / split / IDS).write_text(json.dumps(part["id"].astype(str).tolist()) + "\n")
-            names = []
-            for k, start in enumerate(range(0, len(part), shard_size)):
-                chunk = part.iloc[start:start + shard_size]
-                records = buffer[:len(chunk)]
-                records["label"] = chunk["index"].to_numpy()
-                records["position"] = np.arange(start, start + len(chunk), dtype=np.int32)
-                images, rows = records["image"], chunk["row"].to_numpy()
-                cuts = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one block copy each
-                for a, b in zip([0, *cuts], [*cuts, len(rows)]):
-                    images[a:b] = pixels[rows[a]:rows[a] + b - a]
-                names.append(f"shard-{k:05d}.rec")
-                with open(tmp / split / names[-1], "wb") as f:
-                    f.write(records.data)
-                bar.update(len(chunk))
+            labels, rows = part["index"].to_numpy(), part["row"].to_numpy()
+            starts = range(0, len(part), shard_size)
+            jobs += [(tmp / split / f"shard-{k:05d}.rec", labels[a:a + shard_size], a, rows[a:a + shard_size])
+                     for k, a in enumerate(starts)]
             meta["counts"][split] = len(part)
             meta["class_counts"][split] = {c: int((part["label"] == c).sum()) for c in classes}
-            meta["shards"][split] = names
-        bar.close()
+            meta["shards"][split] = [f"shard-{k:05d}.rec" for k in range(len(starts))]
+        with ThreadPoolExecutor(workers, thread_name_prefix="shards") as pool, \
+                tqdm(total=len(df), desc="shards", unit="img", disable=not progress, file=sys.stderr) as bar:
+            for n in pool.map(lambda job: write(*job), jobs):
+                bar.update(n)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ How rows are placed:
 
 from __future__ import annotations
 
+import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from medflow.config import SplitConfig
 from medflow.data.manifest import SPLITS
-from medflow.io import atomic_write
+from medflow.io import atomic_write, atomic_write_csv
 
 _TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "format",
                  "modality", "window")
@@ -40,9 +41,13 @@ _TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "form
 
 def read_manifest(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read manifest.csv (only those of ``columns`` it has, when given) keeping identifiers and labels
-    as text (labels like '0' stay strings)."""
-    wanted = None if columns is None else set(columns).__contains__
-    return pd.read_csv(path, dtype={c: "string" for c in _TEXT_COLUMNS}, usecols=wanted)
+    as text (labels like '0' stay strings); parsed by pyarrow's multithreaded reader."""
+    usecols = None
+    if columns is not None:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        usecols = [c for c in header if c in set(columns)]
+    return pd.read_csv(path, engine="pyarrow", dtype={c: "string" for c in _TEXT_COLUMNS}, usecols=usecols)
 
 
 def _text(col: pd.Series) -> pd.Series:
@@ -159,7 +164,7 @@ def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str 
     comp = components(df)
     out = assign_splits(df, cfg, comp)
     table = count_table(_text(df["label"]), out["split"])
-    atomic_write(splits_csv, out.to_csv(index=False))
+    atomic_write_csv(splits_csv, out)
     atomic_write(counts_csv, table.to_csv(index_label="label"))
     n = len(out)
     counts = {s: int((out["split"] == s).sum()) for s in SPLITS}
