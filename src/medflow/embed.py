@@ -9,13 +9,20 @@ apply to a cached model (the cache holds the features of the un-augmented images
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
 import sys
 import tempfile
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -26,7 +33,34 @@ from medflow.data.manifest import SPLITS
 from medflow.io import replace_dir
 from medflow.models.weights import resolve_weights, weights_fingerprint
 
+if TYPE_CHECKING:
+    import keras
+
 CACHE_INFO = "cache.json"
+T, R = TypeVar("T"), TypeVar("R")
+_gc_frozen_here = False  # a gc_frozen() block is open
+
+
+@contextmanager
+def gc_frozen() -> Iterator[None]:
+    """Let the cyclic GC's full passes skip every object that exists on entry, until exit.
+
+    TensorFlow and Keras keep ~450k objects alive, and a full pass over them costs ~0.3 s; tracing and
+    loading models allocate enough to trigger such passes. Frozen (``gc.freeze``), the pre-existing objects
+    are left out, so passes scan only what the block creates. No-op inside another such block, or when the
+    caller froze objects itself.
+    """
+    global _gc_frozen_here
+    if _gc_frozen_here or gc.get_freeze_count():  # (the count walks every frozen object: checked last)
+        yield
+        return
+    _gc_frozen_here = True
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        _gc_frozen_here = False
 
 
 def uses_embedding_cache(cfg: ModelConfig) -> bool:
@@ -48,10 +82,19 @@ def cache_key(cfg: ModelConfig, weights: str | None, meta: dict, seed: int) -> s
 
 
 def data_fingerprint(processed_dir: str | Path) -> str:
-    """sha256 over meta.json and every shard file (names and bytes)."""
-    root = Path(processed_dir)
-    digest = hashlib.sha256((root / shards.META).read_bytes())
-    for path in shards.all_shard_files(root):
+    """sha256 over meta.json and every shard file (names and bytes); memoised on the files' sizes and
+    mtimes (``embed`` and ``train`` both ask for it)."""
+    root = Path(processed_dir).resolve()
+    files = (root / shards.META, *shards.all_shard_files(root))
+    return _fingerprint(root, tuple((p, (st := p.stat()).st_size, st.st_mtime_ns) for p in files))
+
+
+@lru_cache(maxsize=8)
+def _fingerprint(root: Path, files: tuple[tuple[Path, int, int], ...]) -> str:
+    """:func:`data_fingerprint` of ``files`` (meta.json first; path, size and mtime each: the memo key)."""
+    meta, *data = (path for path, _, _ in files)
+    digest = hashlib.sha256(meta.read_bytes())
+    for path in data:
         digest.update(str(path.relative_to(root)).encode())
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -65,6 +108,7 @@ def load_embeddings(cache_dir: str | Path, split: str) -> tuple[np.ndarray, np.n
         return z["x"], z["y"], [str(i) for i in z["ids"]]
 
 
+@gc_frozen()
 def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: str | Path) -> dict:
     """Compute (or reuse) the embedding cache of a frozen model; other models are skipped (``cached: False``)."""
     cfg = params.model(model_name)
@@ -88,28 +132,13 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
             return summary | {"reused": True, "dim": info["dim"], "counts": info["counts"], "seconds": 0.0}
 
     start = time.perf_counter()
-    keras.utils.set_random_seed(params.train.seed)  # a random (weights: null) backbone is reproducible
-    model = build_model(cfg, len(meta["classes"]), meta["image_size"], meta["channels"], weights=weights)
-    extractor = keras.Model(model.inputs, model.get_layer(EMBEDDING).output)
-    import tensorflow as tf
-
-    shape = (None, meta["image_size"], meta["image_size"], meta["channels"])  # one trace for every batch size
-    features = tf.function(lambda x: extractor(x, training=False),
-                           input_signature=[tf.TensorSpec(shape, tf.float32)])
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{key}.", suffix=".tmp"))
-    counts: dict[str, int] = {}
     try:
-        for split in SPLITS:
-            xs, ys, ids = [np.zeros((0, extractor.output.shape[-1]), np.float32)], [np.zeros(0, np.int32)], []
-            ds = shards.dataset(processed_dir, split, batch_size=cfg.batch_size, with_ids=True)
-            batches = -(-int(meta["counts"].get(split, 0)) // cfg.batch_size)
-            for x, y, i in tqdm(ds, total=batches, desc=f"embed {key} {split}", unit="batch", file=sys.stderr):
-                xs.append(np.asarray(features(x), np.float32))
-                ys.append(y.numpy().astype(np.int32))
-                ids += [v.decode() for v in i.numpy()]
-            np.savez(tmp / f"{split}.npz", x=np.concatenate(xs), y=np.concatenate(ys), ids=np.array(ids, dtype=str))
-            counts[split] = len(ids)
+        keras.utils.set_random_seed(params.train.seed)  # a random (weights: null) backbone is reproducible
+        model = build_model(cfg, len(meta["classes"]), meta["image_size"], meta["channels"], weights=weights)
+        extractor = keras.Model(model.input, model.get_layer(EMBEDDING).output)
+        counts = _write_splits(extractor, processed_dir, meta, cfg.batch_size, tmp, desc=f"embed {key}")
         dim = int(extractor.output.shape[-1])
         (tmp / CACHE_INFO).write_text(json.dumps(
             {"key": key, "architecture": cfg.architecture, "weights": weights_fingerprint(weights),
@@ -123,3 +152,78 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
     print(f"embed {model_name}: {total} images -> {dim}-d at {cache_dir} ({seconds:.1f}s, "
           f"{total / max(seconds, 1e-9):.0f} img/s)", file=sys.stderr)
     return summary | {"reused": False, "dim": dim, "counts": counts, "seconds": round(seconds, 2)}
+
+
+def _write_splits(extractor: keras.Model, processed_dir: str | Path, meta: dict, batch_size: int, out: Path,
+                  desc: str) -> dict[str, int]:
+    """Embed every split's images (read from the memory-mapped shards) and write ``out/<split>.npz``;
+    the image count of each split."""
+    records = {s: _records(processed_dir, meta, s) for s in SPLITS}
+    counts = {s: sum(len(r) for r in parts) for s, parts in records.items()}
+    x = _embed_images(extractor, [r["image"] for parts in records.values() for r in parts], batch_size, desc)
+    offset = 0
+    for split, parts in records.items():
+        ids = shards.read_ids(processed_dir, split)
+        labels, positions = (np.concatenate([np.zeros(0, np.int32), *(r[f] for r in parts)])
+                             for f in ("label", "position"))
+        np.savez(out / f"{split}.npz", x=x[offset:offset + counts[split]], y=labels.astype(np.int32),
+                 ids=np.array([ids[i] for i in positions], dtype=str))
+        offset += counts[split]
+    return counts
+
+
+def _embed_images(extractor: keras.Model, parts: list[np.ndarray], batch_size: int, desc: str) -> np.ndarray:
+    """``extractor``'s float32 outputs for the uint8 images of ``parts``, in order.
+
+    All parts run as one stream of equal batches (at most ``batch_size``; the last one zero-padded), so the
+    extractor is traced once, for one batch shape. Two batches are in flight at a time: the cores that one
+    leaves idle in its small layers work on the other.
+    """
+    import tensorflow as tf
+
+    total = sum(len(p) for p in parts)
+    if not total:
+        return np.zeros((0, extractor.output.shape[-1]), np.float32)
+    n_batches = -(-total // batch_size)
+    shape = (-(-total // n_batches), *parts[0].shape[1:])
+    traced = tf.function(lambda x: extractor(tf.cast(x, tf.float32), training=False),
+                         input_signature=[tf.TensorSpec(shape, tf.uint8)], autograph=False)
+    done = _in_flight(lambda b: np.asarray(traced(b), np.float32), _batches(parts, shape), depth=2)
+    return np.concatenate(list(tqdm(done, total=n_batches, desc=desc, unit="batch", file=sys.stderr)))[:total]
+
+
+def _in_flight(fn: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator[R]:
+    """``fn`` over ``items`` in order, ``depth`` calls at a time on a thread pool (items are drawn
+    ``depth`` ahead only: memory stays bounded)."""
+    with ThreadPoolExecutor(depth) as pool:
+        pending: deque[Future[R]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) == depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _records(processed_dir: str | Path, meta: dict, split: str) -> list[np.ndarray]:
+    """The shards of one split as memory-mapped record arrays (``label``, ``position``, ``image``), in order."""
+    dtype = shards.record_dtype(meta["image_size"], meta["channels"])
+    return [np.memmap(Path(processed_dir) / split / name, dtype, mode="r") for name in meta["shards"].get(split, [])]
+
+
+def _batches(parts: Iterable[np.ndarray], shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+    """The rows of ``parts`` (arrays of ``shape[1:]`` items) regrouped into arrays of exactly ``shape``:
+    batches may span parts; the last one is zero-padded."""
+    pending: list[np.ndarray] = []
+    filled = 0
+    for part in parts:
+        start = 0
+        while start < len(part):
+            take = min(shape[0] - filled, len(part) - start)
+            pending.append(part[start:start + take])
+            filled, start = filled + take, start + take
+            if filled == shape[0]:
+                yield np.concatenate(pending)
+                pending, filled = [], 0
+    if filled:
+        yield np.concatenate([*pending, np.zeros((shape[0] - filled, *shape[1:]), pending[0].dtype)])

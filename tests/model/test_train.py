@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 from pathlib import Path
@@ -12,14 +13,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from _tfrecords import make_processed  # noqa: E402
 
 from medflow.config import Augment, ModelConfig, Params, parse_params  # noqa: E402
 from medflow.data import shards  # noqa: E402
-from medflow.embed import embed, load_embeddings  # noqa: E402
-from medflow.models.registry import load_model  # noqa: E402
+from medflow.embed import embed, gc_frozen, load_embeddings  # noqa: E402
+from medflow.models.registry import build_head, build_model, load_model  # noqa: E402
 from medflow.models.weights import WeightsUnavailable  # noqa: E402
-from medflow.train import HISTORY_COLUMNS, class_weights, datasets, train  # noqa: E402
+from medflow.train import (  # noqa: E402
+    HISTORY_COLUMNS,
+    _create_training_state,
+    class_weights,
+    datasets,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 LITE0 = ROOT / "models" / "pretrained" / "efficientnet_lite0_imagenet_notop.keras"
@@ -197,6 +205,48 @@ def test_mixed_precision_trains_in_float16_and_saves_float32(processed: Path, tm
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     model = load_model(tmp_path / "cnn" / "model.keras")
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}  # serving runs in float32
+
+
+def test_embeddings_are_each_splits_features_in_order(processed: Path, tmp_path: Path) -> None:
+    """Batches of 5 span the split boundaries (12 + 8 + 4 images) and the last one is padded: each split's
+    cached rows are still its own images' features, labels and ids, in shard order."""
+    params = _params(frozen=CNN | {"trainable": "none", "batch_size": 5})
+    info = embed("frozen", params, processed, tmp_path / "emb")
+    keras.utils.set_random_seed(3)  # the seeded random backbone embed() built
+    model = build_model(params.model("frozen"), 2, 32, 3, weights=None)
+    extractor = keras.Model(model.input, model.get_layer("embedding").output)
+    for split in ("train", "val", "test"):
+        images, labels, ids = shards.load_arrays(processed, split)
+        x, y, cached_ids = load_embeddings(info["dir"], split)
+        np.testing.assert_allclose(x, extractor.predict(images.astype("float32"), verbose=0), rtol=1e-5, atol=1e-5)
+        assert list(y) == list(labels) and cached_ids == ids
+
+
+def test_no_variable_is_created_once_training_starts() -> None:
+    """Optimizer and metric variables exist before fit(): created inside the first traced step, they make
+    tf.function trace that step twice."""
+    net = build_head(ModelConfig(architecture="basic_cnn", dropout=0.2), 2, 8)
+    net.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"], steps_per_execution=2)
+    _create_training_state(net, 2)
+    created: list[str] = []
+
+    def record(next_creator, **kwargs):  # noqa: ANN001, ANN003, ANN202 - tf.variable_creator_scope's protocol
+        created.append(kwargs.get("name"))
+        return next_creator(**kwargs)
+
+    with tf.variable_creator_scope(record):
+        net.fit(np.ones((8, 8), "float32"), np.arange(8) % 2, batch_size=4, validation_split=0.5, verbose=0)
+    assert created == [] and float(net.optimizer.iterations) == 1
+
+
+def test_gc_frozen_restores_the_collector_and_nests() -> None:
+    assert gc.get_freeze_count() == 0
+    with gc_frozen():
+        frozen = gc.get_freeze_count()
+        with gc_frozen():  # an enclosing freeze: left alone
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen > 0
+    assert gc.get_freeze_count() == 0
 
 
 def test_embedding_cache_is_recomputed_for_other_data(processed: Path, tmp_path: Path) -> None:
