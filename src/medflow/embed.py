@@ -16,17 +16,16 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
+from medflow.concurrency import ordered_map
 from medflow.config import ModelConfig, Params
 from medflow.data import shards
 from medflow.data.manifest import SPLITS
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
     import keras
 
 CACHE_INFO = "cache.json"
-T, R = TypeVar("T"), TypeVar("R")
 _gc_frozen_here = False  # a gc_frozen() block is open
 
 
@@ -188,21 +186,8 @@ def _embed_images(extractor: keras.Model, parts: list[np.ndarray], batch_size: i
     shape = (-(-total // n_batches), *parts[0].shape[1:])
     traced = tf.function(lambda x: extractor(tf.cast(x, tf.float32), training=False),
                          input_signature=[tf.TensorSpec(shape, tf.uint8)], autograph=False)
-    done = _in_flight(lambda b: np.asarray(traced(b), np.float32), _batches(parts, shape), depth=2)
+    done = ordered_map(lambda b: np.asarray(traced(b), np.float32), _batches(parts, shape), 2, name="embed")
     return np.concatenate(list(tqdm(done, total=n_batches, desc=desc, unit="batch", file=sys.stderr)))[:total]
-
-
-def _in_flight(fn: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator[R]:
-    """``fn`` over ``items`` in order, ``depth`` calls at a time on a thread pool (items are drawn
-    ``depth`` ahead only: memory stays bounded)."""
-    with ThreadPoolExecutor(depth) as pool:
-        pending: deque[Future[R]] = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) == depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _records(processed_dir: str | Path, meta: dict, split: str) -> list[np.ndarray]:

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from medflow.concurrency import ordered_map
 from medflow.config import DataConfig, IngestConfig
 from medflow.data.images import (
     STATS,
@@ -107,14 +107,8 @@ def ordered_chunks(fn: Callable[[int, Sequence[T]], R], items: Sequence[T], work
     """``fn(start, items[start:start+k])`` for consecutive chunks on a thread pool, results in input
     order, with a bounded number of chunks in flight."""
     chunk = max(1, min(64, len(items) // (workers * 8)))
-    with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
-        pending: deque = deque()
-        for start in range(0, len(items), chunk):
-            pending.append(pool.submit(fn, start, items[start:start + chunk]))
-            if len(pending) >= workers * 4:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+    return ordered_map(lambda start: fn(start, items[start:start + chunk]), range(0, len(items), chunk), workers,
+                       depth=workers * 4, name="ingest")
 
 
 def _drop_conflicts(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
