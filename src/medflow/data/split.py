@@ -46,7 +46,8 @@ def read_manifest(path: str | Path, columns: Sequence[str] | None = None) -> pd.
     if columns is not None:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
-        usecols = [c for c in header if c in set(columns)]
+        wanted = set(columns)
+        usecols = [c for c in header if c in wanted]
     return pd.read_csv(path, engine="pyarrow", dtype={c: "string" for c in _TEXT_COLUMNS}, usecols=usecols)
 
 
