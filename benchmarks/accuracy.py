@@ -77,6 +77,8 @@ TRIED = """Tried while choosing the recipes (one seed each, 2 shared CPU cores, 
   `cnn` recipe): 0.936; the same without class weights, without brightness/contrast augmentation and with
   patience 10 / lr patience 4: 0.936 (no gain). Wider blocks (64/128/256 x 2) would need ~4x the FLOPs (not run).
 - The `lite0` recipe rows come from a session-1 run (same code path, `--recipe lite0`).
+- PneumoniaMNIST, the `cnn` recipe with dropout 0.5 and 40 epochs planned (session 3): test 0.878 and 0.873
+  on seeds 0 and 1 (early stopping at epochs 11 and 21), below the recipe's 0.918 / 0.880; third seed not run.
 - BloodMNIST, frozen Lite0 at 64 px (medflow embed) + standardised logistic regression: test 0.798 (C=0.1),
   0.770 (C=0.5), 0.756 (C=2); too weak, so the backbone is fine-tuned instead.
 - BloodMNIST, Lite0 fine-tuned from block4 at 64 px: Adam lr 1e-3 diverged (train accuracy 0.09-0.11 for
