@@ -9,7 +9,6 @@ apply to a cached model (the cache holds the features of the un-augmented images
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import shutil
@@ -17,7 +16,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,36 +29,12 @@ from medflow.data import shards
 from medflow.data.manifest import SPLITS
 from medflow.io import replace_dir
 from medflow.models.weights import resolve_weights, weights_fingerprint
+from medflow.runtime import gc_frozen
 
 if TYPE_CHECKING:
     import keras
 
 CACHE_INFO = "cache.json"
-_gc_frozen_here = False  # a gc_frozen() block is open
-
-
-@contextmanager
-def gc_frozen() -> Iterator[None]:
-    """Let the cyclic GC's full passes skip every object that exists on entry, until exit.
-
-    TensorFlow and Keras keep ~450k objects alive, and a full pass over them costs ~0.3 s; tracing and
-    loading models allocate enough to trigger such passes. Frozen (``gc.freeze``), the pre-existing objects
-    are left out, so passes scan only what the block creates. No-op inside another such block, or when the
-    caller froze objects itself.
-    """
-    global _gc_frozen_here
-    if _gc_frozen_here or gc.get_freeze_count():  # (the count walks every frozen object: checked last)
-        yield
-        return
-    _gc_frozen_here = True
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        _gc_frozen_here = False
-
-
 def uses_embedding_cache(cfg: ModelConfig) -> bool:
     """Frozen backbone whose head is trained on cached embeddings."""
     return cfg.trainable == "none" and cfg.use_embedding_cache

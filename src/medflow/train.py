@@ -26,8 +26,8 @@ import numpy as np
 
 from medflow.config import ModelConfig, Params
 from medflow.data import shards
-from medflow.embed import gc_frozen
 from medflow.io import atomic_write_json
+from medflow.runtime import gc_frozen
 
 if TYPE_CHECKING:
     import dvclive

@@ -18,9 +18,10 @@ from _tfrecords import make_processed  # noqa: E402
 
 from medflow.config import Augment, ModelConfig, Params, parse_params  # noqa: E402
 from medflow.data import shards  # noqa: E402
-from medflow.embed import embed, gc_frozen, load_embeddings  # noqa: E402
+from medflow.embed import embed, load_embeddings  # noqa: E402
 from medflow.models.registry import build_head, build_model, load_model  # noqa: E402
 from medflow.models.weights import WeightsUnavailable  # noqa: E402
+from medflow.runtime import gc_frozen  # noqa: E402
 from medflow.train import (  # noqa: E402
     HISTORY_COLUMNS,
     _create_training_state,
