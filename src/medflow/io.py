@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,26 @@ def csv_bytes(df: Any) -> bytes:
     pa_csv.write_csv(pa.Table.from_pandas(df, preserve_index=False), sink,
                      pa_csv.WriteOptions(quoting_style="needed"))
     return sink.getvalue().to_pybytes()
+
+
+def read_csv(path: str | Path, columns: Sequence[str] | None = None, *, text: Sequence[str] = ()) -> Any:
+    """A CSV written by :func:`csv_bytes` as a pandas DataFrame, by pyarrow's C++ reader: only those of
+    ``columns`` the file has (all when None), in file order; the ``text`` columns as pandas strings (values
+    like '0' or 'NA' stay text), the rest typed by inference; empty fields are missing (NaN / <NA>)."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    keep = header if columns is None else [c for c in header if c in set(columns)]
+    table = pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(
+        include_columns=keep, column_types={c: pa.string() for c in keep if c in set(text)},
+        strings_can_be_null=True, null_values=[""]))
+    for i, column in enumerate(table.schema):
+        if pa.types.is_null(column.type):  # empty in every row: float NaN, as pandas reads it
+            table = table.set_column(i, column.name, table.column(i).cast(pa.float64()))
+    return table.to_pandas(types_mapper={pa.string(): pd.StringDtype()}.get)
 
 
 def atomic_write_csv(path: str | Path, df: Any) -> Path:

@@ -14,7 +14,9 @@ from PIL import Image
 
 from medflow.config import DataConfig, IngestConfig
 from medflow.data.images import (
+    STATS,
     BadImage,
+    batch_stats,
     decode_image,
     image_stats,
     load_image_file,
@@ -157,6 +159,18 @@ def test_image_stats_by_value() -> None:
     checker = np.kron((np.indices((8, 8)).sum(0) % 2) * 255, np.ones((2, 2))).astype(np.uint8)
     c = image_stats(np.repeat(checker[..., None], 3, axis=2))
     assert c["mean"] == 127.5 and c["std"] == 127.5 and c["sharpness"] > 1000
+
+
+def test_image_stats_equal_batch_stats() -> None:
+    """The per-image path (plain floats) gives exactly the batch path's values (arrays, np.round)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in rng.integers(1, 40, (200, 2))]
+    images += [np.full((5, 7, 3), v, np.uint8) for v in (0, 1, 128, 255)]
+    for img in images:
+        assert image_stats(img) == dict(zip(STATS, batch_stats(img[None])[0].tolist(), strict=True))
+    same = rng.integers(0, 256, (12, 9, 11, 3), dtype=np.uint8)
+    assert [image_stats(img) for img in same] == [dict(zip(STATS, row, strict=True))
+                                                   for row in batch_stats(same).tolist()]
 
 
 def test_sha256_is_of_pixels_not_bytes(cell_png: bytes) -> None:

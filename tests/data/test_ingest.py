@@ -143,6 +143,10 @@ def test_every_bad_input_is_quarantined_with_its_reason(messy_tree: Path, tmp_pa
     copy_of = sorted((messy_tree / "A").glob("C*.png"))[0].relative_to(messy_tree).as_posix()
     assert rows.loc["A/same_label_copy.png", "sha256"] == rows.loc[copy_of, "sha256"]
     assert_pixels_match(manifest, pixels, messy_tree)
+    # 21 records reached decoding (loose.png had no label): the 10 that failed there have all-zero rows
+    # (writer buffers are reused), the 2 label clashes keep their pixels but no manifest row points at them
+    unused = sorted(set(range(len(pixels))) - set(manifest["row"]))
+    assert len(pixels) == 21 and [bool(pixels[r].any()) for r in unused].count(False) == 10 and len(unused) == 12
 
 
 def test_all_quarantined_and_empty_sources(tmp_path: Path) -> None:

@@ -79,6 +79,27 @@ def test_shard_bytes_do_not_depend_on_the_number_of_writer_threads(tmp_path):
     assert contents[0] == contents[1]
 
 
+def test_shard_bytes_do_not_depend_on_the_write_block(tmp_path, monkeypatch):
+    """Blocks smaller than a shard, and runs of consecutive rows read in several calls (the iovec limit),
+    write the same bytes as whole-shard blocks, for scattered and for sequential manifest rows."""
+    from medflow.data import shards
+
+    manifest, _, _ = make_inputs(tmp_path, n=61)
+
+    def contents():
+        write(tmp_path, shard_size=8)
+        root = tmp_path / "processed"
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    for rows in (manifest["row"], np.arange(61)):  # a permutation, then one long run
+        manifest.assign(row=rows).to_csv(tmp_path / "manifest.csv", index=False)
+        whole = contents()
+        with monkeypatch.context() as m:
+            m.setattr(shards, "BLOCK_BYTES", 3 * (8 + S * S * C))  # 3 records per write
+            m.setattr(shards, "IOV_MAX", 2)
+            assert contents() == whole
+
+
 def test_dataset_streams_batches_and_shuffles_deterministically(tmp_path):
     make_inputs(tmp_path)
     write(tmp_path)
@@ -118,6 +139,9 @@ def test_empty_split_and_input_errors(tmp_path):
 
     with pytest.raises(ValueError, match=r"not in data.labels"):
         write(tmp_path, data=DataConfig(labels=["a", "b"]))
+    pd.concat([splits, splits.iloc[:1]]).to_csv(tmp_path / "splits.csv", index=False)
+    with pytest.raises(ValueError, match=r"ids repeat, e.g. \['img0.png'\]"):
+        write(tmp_path)
     splits.iloc[:8].to_csv(tmp_path / "splits.csv", index=False)
     with pytest.raises(ValueError, match="2 manifest ids have no split"):
         write(tmp_path)

@@ -227,8 +227,14 @@ def batch_stats(rgb: np.ndarray) -> np.ndarray:
 
 
 def image_stats(rgb: np.ndarray) -> dict[str, float]:
-    """:func:`batch_stats` of one uint8 H×W×3 image, by name."""
-    return dict(zip(STATS, batch_stats(rgb[None])[0].tolist(), strict=True))
+    """:func:`batch_stats` of one uint8 H×W×3 image, by name: the same OpenCV calls and the same rounding
+    (``rint(x * 1e4) / 1e4``, as ``np.round``) on plain floats, without batch arrays (ingest's per-image path)."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    lap = cv2.Laplacian(grey, cv2.CV_16S)
+    mean, std = cv2.meanStdDev(grey)
+    lap_mean = cv2.sumElems(lap)[0] / lap.size
+    values = (mean[0, 0], std[0, 0], cv2.norm(lap, cv2.NORM_L2SQR) / lap.size - lap_mean**2, *cv2.mean(rgb)[:3])
+    return {k: round(float(v) * 1e4) / 1e4 for k, v in zip(STATS, values, strict=True)}
 
 
 def pixel_sha256(rgb: np.ndarray) -> str:

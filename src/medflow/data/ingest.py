@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -106,7 +107,7 @@ def process_array_batch(recs: Sequence[Record], cfg: IngestConfig) -> list[Resul
 def ordered_chunks(fn: Callable[[int, Sequence[T]], R], items: Sequence[T], workers: int) -> Iterator[R]:
     """``fn(start, items[start:start+k])`` for consecutive chunks on a thread pool, results in input
     order, with a bounded number of chunks in flight."""
-    chunk = max(1, min(64, len(items) // (workers * 8)))
+    chunk = max(1, min(64, len(items) // (workers * 16)))
     return ordered_map(lambda start: fn(start, items[start:start + chunk]), range(0, len(items), chunk), workers,
                        depth=workers * 4, name="ingest")
 
@@ -154,14 +155,16 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: Inges
     row_bytes = int(np.prod(shape[1:]))
     os.truncate(pixels_tmp, offset + len(todo) * row_bytes)
     fd = os.open(pixels_tmp, os.O_WRONLY)
+    buffers = threading.local()
 
     def work(start: int, part: Sequence[Record]) -> list[tuple[dict[str, Any] | None, str | None,
                                                                   tuple[str, str] | None]]:
         results = process_array_batch(part, cfg) or [process_record(rec, data, cfg) for rec in part]
-        block = np.zeros((len(part), *shape[1:]), np.uint8)  # rows of failed records stay zero
+        if len(getattr(buffers, "block", ())) < len(part):  # one block per thread, reused: no page faults
+            buffers.block = np.empty((len(part), *shape[1:]), np.uint8)
+        block = buffers.block[:len(part)]
         for i, (_, _, small, _) in enumerate(results):
-            if small is not None:
-                block[i] = small
+            block[i] = 0 if small is None else small  # rows of failed records are zero
         os.pwrite(fd, block.data, offset + start * row_bytes)  # GIL released
         return [(fields, group, problem) for fields, group, _, problem in results]
 

@@ -3,16 +3,17 @@
 ``out_dir/{split}/shard-NNNNN.rec`` holds ``shard_size`` records of ``RECORD_HEADER`` bytes
 (label class index and position in the split, little-endian int32) followed by the image's raw
 uint8 H×W×C pixels; ``out_dir/{split}/ids.json`` lists the split's manifest ids by position and
-``out_dir/meta.json`` the classes, sizes and counts. Writing is a numpy copy per shard (no
-per-image serialisation), reading is ``tf.data.FixedLengthRecordDataset`` plus one ``decode_raw``
-per batch. ``write_shards`` reads ``pixels.npy`` as a memory map, one shard at a time, so memory
-stays bounded by the shard. Class order: ``data.labels`` when given, else sorted label names.
+``out_dir/meta.json`` the classes, sizes and counts. Writing reads pixel rows straight into the
+records (no per-image serialisation), reading is ``tf.data.FixedLengthRecordDataset`` plus one ``decode_raw``
+per batch. ``write_shards`` reads ``pixels.npy`` block by block into a reusable buffer, so memory stays
+bounded whatever the data size. Class order: ``data.labels`` when given, else sorted label names.
 TensorFlow is imported inside the functions that need it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from medflow.config import DataConfig
 from medflow.data.manifest import SPLITS
 from medflow.data.split import read_manifest
-from medflow.io import replace_dir
+from medflow.io import read_csv, replace_dir
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -39,6 +40,8 @@ FORMAT = "medflow-fixed-records-v1"
 RECORD_HEADER = 8  # int32 label + int32 position, little-endian
 SHUFFLE_BYTES = 256 * 2**20  # raw image bytes the shuffle buffer may hold (memory bound)
 MIN_SHUFFLE = 64  # examples in the shuffle buffer even for very large images
+BLOCK_BYTES = 2**20  # bytes of records a shard writer fills per write (its reusable buffer; fresh pages are costly)
+IOV_MAX = 1024
 
 
 def record_dtype(size: int, channels: int) -> np.dtype:
@@ -51,73 +54,94 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
                  progress: bool = True) -> dict:
     """Pack pixels per split into ``out_dir/{split}/shard-NNNNN.rec`` + ``ids.json``, and ``out_dir/meta.json``.
 
-    Shards are filled and written on ``workers`` threads (the copies and writes release the GIL), each
-    with one reusable shard buffer. The whole folder is built under a temporary name next to
-    ``out_dir`` and swapped in at the end.
+    Shards are written on ``workers`` threads, each through one reusable buffer of at most
+    ``BLOCK_BYTES``: pixel rows are read into the records' image slots with ``preadv`` (one call per run
+    of consecutive rows, no memory map, no extra copy), so memory stays bounded whatever the shard size.
+    The whole folder is built under a temporary name next to ``out_dir`` and swapped in at the end.
     """
     manifest = read_manifest(manifest_csv, ["id", "label", "row"])
-    splits = pd.read_csv(splits_csv, dtype={"id": "string", "split": "string"}, usecols=["id", "split"])
-    df = manifest.merge(splits, on="id", how="left")
-    if df["split"].isna().any():
-        missing = df.loc[df["split"].isna(), "id"].head(5).tolist()
-        raise ValueError(f"{splits_csv}: {int(df['split'].isna().sum())} manifest ids have no split, e.g. {missing}")
-    classes = list(data.labels) if data.labels else sorted(df["label"].astype(str).unique())
-    unknown = sorted(set(df["label"].astype(str)) - set(classes))
-    if unknown:
-        raise ValueError(f"labels {unknown} are not in data.labels {classes}")
-    df["index"] = df["label"].astype(str).map({c: i for i, c in enumerate(classes)}).astype(np.int32)
-    pixels = np.load(pixels_npy, mmap_mode="r")
-    if pixels.ndim != 4 or pixels.shape[1] != pixels.shape[2]:
-        raise ValueError(f"{pixels_npy}: expected uint8 N×S×S×C, got shape {pixels.shape}")
-    if len(df) and int(df["row"].max()) >= len(pixels):
-        raise ValueError(f"manifest row {int(df['row'].max())} is outside {pixels_npy} ({len(pixels)} rows)")
+    splits = read_csv(splits_csv, ["id", "split"], text=("id", "split"))
+    split_ids = pd.Index(splits["id"])
+    if not split_ids.is_unique:
+        raise ValueError(f"{splits_csv}: ids repeat, e.g. {split_ids[split_ids.duplicated()][:5].tolist()}")
+    where = split_ids.get_indexer(manifest["id"])
+    split = np.where(where >= 0, splits["split"].to_numpy(dtype=object, na_value=None)[where], None)
+    if (missing := np.flatnonzero(pd.isna(split))).size:
+        raise ValueError(f"{splits_csv}: {missing.size} manifest ids have no split, "
+                         f"e.g. {manifest['id'].iloc[missing[:5]].tolist()}")
+    labels = manifest["label"].astype(str).to_numpy()
+    classes = list(data.labels) if data.labels else sorted(set(labels))
+    index = pd.Index(classes).get_indexer(labels).astype(np.int32)
+    if (index < 0).any():
+        raise ValueError(f"labels {sorted(set(labels[index < 0]))} are not in data.labels {classes}")
+    with open(pixels_npy, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if len(shape) != 4 or shape[1] != shape[2] or dtype != np.uint8 or fortran:
+        raise ValueError(f"{pixels_npy}: expected uint8 N×S×S×C, got {dtype} of shape {shape}")
+    rows = manifest["row"].to_numpy(dtype=np.int64)
+    if len(rows) and int(rows.max()) >= shape[0]:
+        raise ValueError(f"manifest row {int(rows.max())} is outside {pixels_npy} ({shape[0]} rows)")
 
-    size, channels = int(pixels.shape[1]), int(pixels.shape[3])
-    dtype = record_dtype(size, channels)
+    size, channels = int(shape[1]), int(shape[3])
+    record = record_dtype(size, channels)
+    row_bytes = size * size * channels
+    block = max(1, min(shard_size, BLOCK_BYTES // record.itemsize))
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    meta: dict = {"format": FORMAT, "record_bytes": dtype.itemsize, "classes": classes, "ordered": data.ordered,
+    meta: dict = {"format": FORMAT, "record_bytes": record.itemsize, "classes": classes, "ordered": data.ordered,
                   "image_size": size, "channels": channels, "counts": {}, "class_counts": {}, "shards": {}}
-    buffers = threading.local()  # one shard buffer per thread, reused: no page faults per shard
+    buffers = threading.local()  # one block buffer per thread, reused across blocks and shards
+    fd = os.open(pixels_npy, os.O_RDONLY)
 
     def write(path: Path, labels: np.ndarray, start: int, rows: np.ndarray) -> int:
         if not hasattr(buffers, "records"):
-            buffers.records = np.empty(min(shard_size, len(df)), dtype)
-        records = buffers.records[:len(rows)]
-        records["label"] = labels
-        records["position"] = np.arange(start, start + len(rows), dtype=np.int32)
-        images = records["image"]
-        cuts = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one block copy each
-        for a, b in zip([0, *cuts], [*cuts, len(rows)]):
-            images[a:b] = pixels[rows[a]:rows[a] + b - a]
+            buffers.records = np.empty(block, record)
         with open(path, "wb") as f:
-            f.write(records.data)
+            for a in range(0, len(rows), block):
+                part = rows[a:a + block]
+                records = buffers.records[:len(part)]
+                records["label"] = labels[a:a + block]
+                records["position"] = np.arange(start + a, start + a + len(part), dtype=np.int32)
+                images = records["image"]
+                cuts = np.flatnonzero(np.diff(part) != 1) + 1  # runs of consecutive rows: one read each
+                for i, j in zip([0, *cuts], [*cuts, len(part)]):
+                    for k in range(i, j, IOV_MAX):  # the kernel's limit on buffers per call
+                        slots = [memoryview(images[m]) for m in range(k, min(j, k + IOV_MAX))]
+                        want = len(slots) * row_bytes
+                        if os.preadv(fd, slots, offset + int(part[k]) * row_bytes) != want:
+                            raise ValueError(f"{pixels_npy}: short read at row {int(part[k])}")
+                f.write(records.data)
         return len(rows)
 
     jobs = []
     try:
-        for split in SPLITS:
-            part = df[df["split"] == split].sort_values("row")  # sequential memmap reads
-            (tmp / split).mkdir()
-            (tmp / split / IDS).write_text(json.dumps(part["id"].astype(str).tolist()) + "\n")
-            labels, rows = part["index"].to_numpy(), part["row"].to_numpy()
-            starts = range(0, len(part), shard_size)
-            jobs += [(tmp / split / f"shard-{k:05d}.rec", labels[a:a + shard_size], a, rows[a:a + shard_size])
+        for name in SPLITS:
+            sel = np.flatnonzero(split == name)
+            sel = sel[np.argsort(rows[sel], kind="stable")]  # ascending rows: sequential reads
+            (tmp / name).mkdir()
+            (tmp / name / IDS).write_text(json.dumps(manifest["id"].to_numpy(dtype=str)[sel].tolist()) + "\n")
+            starts = range(0, len(sel), shard_size)
+            jobs += [(tmp / name / f"shard-{k:05d}.rec", index[sel[a:a + shard_size]], a, rows[sel[a:a + shard_size]])
                      for k, a in enumerate(starts)]
-            meta["counts"][split] = len(part)
-            meta["class_counts"][split] = {c: int((part["label"] == c).sum()) for c in classes}
-            meta["shards"][split] = [f"shard-{k:05d}.rec" for k in range(len(starts))]
+            meta["counts"][name] = len(sel)
+            meta["class_counts"][name] = dict(zip(classes, np.bincount(index[sel], minlength=len(classes)).tolist()))
+            meta["shards"][name] = [f"shard-{k:05d}.rec" for k in range(len(starts))]
         with ThreadPoolExecutor(workers, thread_name_prefix="shards") as pool, \
-                tqdm(total=len(df), desc="shards", unit="img", disable=not progress, file=sys.stderr) as bar:
+                tqdm(total=len(rows), desc="shards", unit="img", disable=not progress, file=sys.stderr) as bar:
             for n in pool.map(lambda job: write(*job), jobs):
                 bar.update(n)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        os.close(fd)
     replace_dir(tmp, out_dir)
-    print(f"shards: {len(df)} images ({size}px, {channels}ch, {len(classes)} classes) -> "
+    print(f"shards: {len(rows)} images ({size}px, {channels}ch, {len(classes)} classes) -> "
           + ", ".join(f"{s} {meta['counts'][s]} in {len(meta['shards'][s])} shard(s)" for s in SPLITS)
           + f" at {out_dir}", file=sys.stderr)
     return {k: meta[k] for k in ("classes", "image_size", "channels", "counts")} | {

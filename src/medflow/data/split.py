@@ -20,7 +20,6 @@ How rows are placed:
 
 from __future__ import annotations
 
-import csv
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from medflow.config import SplitConfig
 from medflow.data.manifest import SPLITS
-from medflow.io import atomic_write, atomic_write_csv
+from medflow.io import atomic_write, atomic_write_csv, read_csv
 
 _TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "format",
                  "modality", "window")
@@ -41,26 +40,22 @@ _TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "form
 
 def read_manifest(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Read manifest.csv (only those of ``columns`` it has, when given) keeping identifiers and labels
-    as text (labels like '0' stay strings); parsed by pyarrow's multithreaded reader."""
-    usecols = None
-    if columns is not None:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        wanted = set(columns)
-        usecols = [c for c in header if c in wanted]
-    return pd.read_csv(path, engine="pyarrow", dtype={c: "string" for c in _TEXT_COLUMNS}, usecols=usecols)
+    as text (labels like '0' stay strings)."""
+    return read_csv(path, columns, text=_TEXT_COLUMNS)
 
 
-def _text(col: pd.Series) -> pd.Series:
-    return col.astype("string").fillna("").str.strip()
+def _text(col: pd.Series) -> np.ndarray:
+    """Stripped text per row, "" where missing (an object array of str)."""
+    return np.array([v.strip() if isinstance(v, str) else "" if v is None or v is pd.NA or v != v else str(v).strip()
+                     for v in col.tolist()], dtype=object)
 
 
 def _source(df: pd.DataFrame) -> np.ndarray:
     """Official split per row (lower-case train/val/test), "" where the source sets none."""
     if "source_split" not in df:
         return np.full(len(df), "", dtype=object)
-    src = _text(df["source_split"]).str.lower()
-    return src.where(src.isin(SPLITS), "").to_numpy(dtype=object)
+    return np.array([s if s in SPLITS else "" for s in (v.lower() for v in _text(df["source_split"]))],
+                    dtype=object)
 
 
 def components(df: pd.DataFrame) -> np.ndarray:
@@ -72,7 +67,7 @@ def components(df: pd.DataFrame) -> np.ndarray:
             continue
         values = _text(df[col])
         codes, uniques = pd.factorize(values)
-        linked = (values != "").to_numpy(dtype=bool)
+        linked = values != ""
         rows.append(np.flatnonzero(linked))
         keys.append(codes[linked] + offset)
         offset += len(uniques)
@@ -96,13 +91,21 @@ def _greedy(comp: np.ndarray, y: np.ndarray, names: list[str], ratios: list[floa
     rng = np.random.default_rng(seed)
     order = rng.permutation(n_comp)
     order = order[np.argsort(-counts[order].sum(axis=1), kind="stable")]
+    # plain floats over each component's non-zero classes: the loop is sequential and its arrays tiny
+    current, target, weight = current.tolist(), target.tolist(), weight.tolist()
     out: dict[int, str] = {}
-    for c in order:
-        v = counts[c]
-        delta = ((v * (2 * (current - target) + v)) * weight).sum(axis=1)
-        s = int(np.argmin(delta))
-        current[s] += v
-        out[int(c)] = names[s]
+    for c in order.tolist():
+        present = [(j, v) for j, v in enumerate(counts[c].tolist()) if v]
+        best, pick = float("inf"), 0
+        for s, (cur, tgt) in enumerate(zip(current, target)):  # squared-error change if c joined split s
+            delta = 0.0
+            for j, v in present:
+                delta += v * (2 * (cur[j] - tgt[j]) + v) * weight[j]
+            if delta < best:
+                best, pick = delta, s
+        for j, v in present:
+            current[pick][j] += v
+        out[c] = names[pick]
     return out
 
 
@@ -111,15 +114,14 @@ def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig, comp: np.ndarray 
     :func:`components` of the manifest when the caller has it already."""
     df = manifest_df.reset_index(drop=True)
     comp = components(df) if comp is None else comp
-    y = _text(df["label"]).to_numpy(dtype=str)
+    y = _text(df["label"]).astype(str)
     source = _source(df) if cfg.respect_source_split else np.full(len(df), "", dtype=object)
 
     # per component: the most held-out official split among its rows ("" = free)
     rank = {"": 0, "train": 1, "val": 2, "test": 3}
-    comp_rank = pd.Series([rank[s] for s in source]).groupby(comp).max()
-    by_rank = {v: k for k, v in rank.items()}
-    comp_split = comp_rank.map(by_rank)
-    split = comp_split.reindex(comp).to_numpy(dtype=object)
+    comp_rank = np.zeros(int(comp.max()) + 1 if len(comp) else 0, dtype=int)
+    np.maximum.at(comp_rank, comp, [rank[s] for s in source])
+    split = np.array(list(rank), dtype=object)[comp_rank[comp]]
 
     free = split == ""
     if free.any():
@@ -145,14 +147,18 @@ def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig, comp: np.ndarray 
         sgkf = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
         for k, (_, held) in enumerate(sgkf.split(np.zeros(len(df)), y, groups=comp)):
             fold[held] = k
-    return pd.DataFrame({"id": _text(df["id"]).to_numpy(dtype=str), "split": split.astype(str),
+    return pd.DataFrame({"id": _text(df["id"]).astype(str), "split": split.astype(str),
                          "fold": fold})
 
 
 def count_table(labels: pd.Series, splits: pd.Series) -> pd.DataFrame:
-    """Per-class x per-split counts with a ``total`` column and a ``total`` row."""
-    table = pd.crosstab(labels.rename("label"), splits.rename("split"))
-    table = table.reindex(columns=list(SPLITS), fill_value=0)
+    """Per-class x per-split counts (classes sorted) with a ``total`` column and a ``total`` row."""
+    names, label_index = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
+    split_index = pd.Index(SPLITS).get_indexer(np.asarray(splits, dtype=str))
+    counts = np.zeros((len(names), len(SPLITS)), dtype=np.int64)
+    known = split_index >= 0
+    np.add.at(counts, (label_index[known], split_index[known]), 1)
+    table = pd.DataFrame(counts, index=pd.Index(names, name="label"), columns=list(SPLITS))
     table["total"] = table.sum(axis=1)
     table.loc["total"] = table.sum(axis=0)
     return table
@@ -164,15 +170,16 @@ def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str 
     df = read_manifest(manifest_csv, ["id", "label", "group", "sha256", "source_split"])
     comp = components(df)
     out = assign_splits(df, cfg, comp)
-    table = count_table(_text(df["label"]), out["split"])
+    split = out["split"].to_numpy(dtype=object)
+    table = count_table(_text(df["label"]), split)
     atomic_write_csv(splits_csv, out)
     atomic_write(counts_csv, table.to_csv(index_label="label"))
     n = len(out)
-    counts = {s: int((out["split"] == s).sum()) for s in SPLITS}
+    counts = {s: int((split == s).sum()) for s in SPLITS}
     src = _source(df)
     official = set(src) - {""}
-    carved = (src == "train") & (out["split"] == "val") & ("val" not in official)
-    moved = (src != "") & (src != out["split"]) & ~carved
+    carved = (src == "train") & (split == "val") & ("val" not in official)
+    moved = (src != "") & (src != split) & ~carved
     summary = {
         "rows": n,
         "components": int(comp.max()) + 1 if n else 0,
