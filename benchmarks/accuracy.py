@@ -14,7 +14,7 @@ horizontal-flip test-time averaging.
 
 Malaria sample (``data/raw/malaria-cells-400``): ``stages.ingest`` (slide groups from the file names),
 ``stages.split`` with ``split.folds: 5`` (StratifiedGroupKFold over slide components), the frozen
-Lite0 embedding cache (``stages.embed``) + scikit-learn logistic regression per fold (extra step;
+Lite0 embedding cache (``embed.embed`` of every split) + scikit-learn logistic regression per fold (extra step;
 its C is chosen by an inner grouped 3-fold CV on the training folds only). Variants: 128 px (the
 product default), 224 px, and 224 px with the embedding averaged over 8 flips/rotations (extra step).
 Each seed re-draws the fold assignment (``split.seed``).
@@ -230,13 +230,11 @@ def grouped_cv(features: np.ndarray, y: np.ndarray, fold: np.ndarray, groups: np
 
 
 def run_malaria(seeds: int, quick: bool, work: Path) -> dict[str, Any]:
-    from medflow import stages
     from medflow.config import SplitConfig
     from medflow.data import shards
     from medflow.data.manifest import SPLITS
     from medflow.data.split import assign_splits, components, read_manifest
-    from medflow.embed import load_embeddings
-    from medflow.layout import Layout
+    from medflow.embed import embed, load_embeddings
 
     raw = base_raw()
     raw["data"]["source"] = str(MALARIA)
@@ -250,7 +248,7 @@ def run_malaria(seeds: int, quick: bool, work: Path) -> dict[str, Any]:
     raw["active_models"] = list(raw["models"])
     params = make_params(raw)
     start = time.perf_counter()
-    cache = stages.embed(params, Layout(work))
+    cache = {name: embed(name, params, layout.processed, layout.embeddings, splits=SPLITS) for name in raw["models"]}
     ids: list[str] = []
     feats: dict[str, np.ndarray] = {}
     for name, c in cache.items():

@@ -1,6 +1,7 @@
-"""Embedding cache for frozen backbones: pooled backbone features of every split, computed once.
+"""Embedding cache for frozen backbones: pooled backbone features of the splits a head trains on, computed once.
 
-``out_dir/<key>/{train,val,test}.npz`` (``x`` float32 N×D, ``y`` int32, ``ids``) + ``cache.json``.
+``out_dir/<key>/{train,val}.npz`` (``x`` float32 N×D, ``y`` int32, ``ids``) + ``cache.json``; the test
+split is embedded only when asked for (``splits``): evaluation runs the saved full model on it.
 The key depends only on what the features depend on (architecture, weights file hash, input size,
 ingest size/channels), so models sharing a backbone share the cache; ``cache.json`` records a hash of
 the processed data, and a cache computed from other data is recomputed. Augmentation does not
@@ -15,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     import keras
 
 CACHE_INFO = "cache.json"
+TRAINING_SPLITS = ("train", "val")  # what a head trains on (train) and early-stops on (val)
 def uses_embedding_cache(cfg: ModelConfig) -> bool:
     """Frozen backbone whose head is trained on cached embeddings."""
     return cfg.trainable == "none" and cfg.use_embedding_cache
@@ -81,12 +83,17 @@ def load_embeddings(cache_dir: str | Path, split: str) -> tuple[np.ndarray, np.n
 
 
 @gc_frozen()
-def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: str | Path) -> dict:
-    """Compute (or reuse) the embedding cache of a frozen model; other models are skipped (``cached: False``)."""
+def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: str | Path, *,
+          splits: Sequence[str] = TRAINING_SPLITS) -> dict:
+    """Compute (or reuse) the embedding cache of ``splits`` for a frozen model; other models are skipped
+    (``cached: False``). A cache holding more splits than asked for is reused."""
     cfg = params.model(model_name)
     if not uses_embedding_cache(cfg):
         return {"model": model_name, "cached": False,
                 "reason": "backbone is trained (or use_embedding_cache is off): trains end to end"}
+    if unknown := set(splits) - set(SPLITS):
+        raise ValueError(f"splits must be among {SPLITS}, got {sorted(unknown)}")
+    wanted = [s for s in SPLITS if s in splits]
     import keras
 
     from medflow.models.registry import EMBEDDING, build_model, input_size
@@ -100,7 +107,7 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
     info_path = cache_dir / CACHE_INFO
     if info_path.exists():
         info = json.loads(info_path.read_text())
-        if info.get("data") == fingerprint and all((cache_dir / f"{s}.npz").exists() for s in SPLITS):
+        if info.get("data") == fingerprint and all((cache_dir / f"{s}.npz").exists() for s in wanted):
             return summary | {"reused": True, "dim": info["dim"], "counts": info["counts"], "seconds": 0.0}
 
     start = time.perf_counter()
@@ -110,7 +117,7 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
         keras.utils.set_random_seed(params.train.seed)  # a random (weights: null) backbone is reproducible
         model = build_model(cfg, len(meta["classes"]), meta["image_size"], meta["channels"], weights=weights)
         extractor = keras.Model(model.input, model.get_layer(EMBEDDING).output)
-        counts = _write_splits(extractor, processed_dir, meta, cfg.batch_size, tmp, desc=f"embed {key}")
+        counts = _write_splits(extractor, processed_dir, meta, cfg.batch_size, tmp, wanted, desc=f"embed {key}")
         dim = int(extractor.output.shape[-1])
         (tmp / CACHE_INFO).write_text(json.dumps(
             {"key": key, "architecture": cfg.architecture, "weights": weights_fingerprint(weights),
@@ -127,10 +134,10 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
 
 
 def _write_splits(extractor: keras.Model, processed_dir: str | Path, meta: dict, batch_size: int, out: Path,
-                  desc: str) -> dict[str, int]:
-    """Embed every split's images (read from the memory-mapped shards) and write ``out/<split>.npz``;
+                  splits: Sequence[str], desc: str) -> dict[str, int]:
+    """Embed the images of ``splits`` (read from the memory-mapped shards) and write ``out/<split>.npz``;
     the image count of each split."""
-    records = {s: _records(processed_dir, meta, s) for s in SPLITS}
+    records = {s: _records(processed_dir, meta, s) for s in splits}
     counts = {s: sum(len(r) for r in parts) for s, parts in records.items()}
     x = _embed_images(extractor, [r["image"] for parts in records.values() for r in parts], batch_size, desc)
     offset = 0

@@ -161,7 +161,8 @@ def test_frozen_backbone_trains_head_on_shared_cache(processed: Path, tmp_path: 
     emb = tmp_path / "emb"
     first = embed("lite", params, processed, emb)
     assert first["cached"] and not first["reused"] and first["dim"] == 1280
-    assert first["counts"] == {"train": 12, "val": 8, "test": 4}
+    assert first["counts"] == {"train": 12, "val": 8}  # what the head trains on; evaluate embeds test itself
+    assert sorted(p.name for p in Path(first["dir"]).glob("*.npz")) == ["train.npz", "val.npz"]
     x, y, ids = load_embeddings(first["dir"], "val")
     assert x.shape == (8, 1280) and x.dtype == np.float32
     assert list(y) == list(shards.load_arrays(processed, "val")[1])
@@ -212,7 +213,10 @@ def test_embeddings_are_each_splits_features_in_order(processed: Path, tmp_path:
     """Batches of 5 span the split boundaries (12 + 8 + 4 images) and the last one is padded: each split's
     cached rows are still its own images' features, labels and ids, in shard order."""
     params = _params(frozen=CNN | {"trainable": "none", "batch_size": 5})
-    info = embed("frozen", params, processed, tmp_path / "emb")
+    info = embed("frozen", params, processed, tmp_path / "emb", splits=("test", "val", "train"))
+    assert info["counts"] == {"train": 12, "val": 8, "test": 4}  # split order fixed, whatever the request
+    with pytest.raises(ValueError, match="splits must be among"):
+        embed("frozen", params, processed, tmp_path / "emb", splits=("train", "holdout"))
     keras.utils.set_random_seed(3)  # the seeded random backbone embed() built
     model = build_model(params.model("frozen"), 2, 32, 3, weights=None)
     extractor = keras.Model(model.input, model.get_layer("embedding").output)
