@@ -114,8 +114,17 @@ def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig, comp: np.ndarray 
     :func:`components` of the manifest when the caller has it already."""
     df = manifest_df.reset_index(drop=True)
     comp = components(df) if comp is None else comp
-    y = _text(df["label"]).astype(str)
-    source = _source(df) if cfg.respect_source_split else np.full(len(df), "", dtype=object)
+    split, fold = _assign(comp, _text(df["label"]), _source(df), cfg)
+    return pd.DataFrame({"id": _text(df["id"]).astype(str), "split": split.astype(str), "fold": fold})
+
+
+def _assign(comp: np.ndarray, labels: np.ndarray, source: np.ndarray,
+            cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Split name (object array) and fold (-1 when folds are off) per row, from each row's component,
+    label and official split (:func:`_source`)."""
+    y = labels.astype(str)
+    if not cfg.respect_source_split:
+        source = np.full(len(comp), "", dtype=object)
 
     # per component: the most held-out official split among its rows ("" = free)
     rank = {"": 0, "train": 1, "val": 2, "test": 3}
@@ -136,7 +145,7 @@ def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig, comp: np.ndarray 
                                                           cfg.val / (cfg.train + cfg.val)], cfg.seed)
         split[carve] = [picked[c] for c in sub]
 
-    fold = np.full(len(df), -1, dtype=int)
+    fold = np.full(len(comp), -1, dtype=int)
     if cfg.folds > 1:
         n_groups = int(comp.max()) + 1 if len(comp) else 0
         if n_groups < cfg.folds:
@@ -145,16 +154,17 @@ def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig, comp: np.ndarray 
         if (pd.Series(y).value_counts() < cfg.folds).all():
             raise ValueError(f"split.folds={cfg.folds} exceeds the rows of every class")
         sgkf = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
-        for k, (_, held) in enumerate(sgkf.split(np.zeros(len(df)), y, groups=comp)):
+        for k, (_, held) in enumerate(sgkf.split(np.zeros(len(comp)), y, groups=comp)):
             fold[held] = k
-    return pd.DataFrame({"id": _text(df["id"]).astype(str), "split": split.astype(str),
-                         "fold": fold})
+    return split, fold
 
 
 def count_table(labels: pd.Series, splits: pd.Series) -> pd.DataFrame:
     """Per-class x per-split counts (classes sorted) with a ``total`` column and a ``total`` row."""
-    names, label_index = np.unique(np.asarray(labels, dtype=str), return_inverse=True)
-    split_index = pd.Index(SPLITS).get_indexer(np.asarray(splits, dtype=str))
+    codes, uniques = pd.factorize(np.asarray(labels, dtype=object))
+    order = np.argsort(uniques.astype(str), kind="stable")
+    names, label_index = uniques[order].astype(str), np.argsort(order)[codes]
+    split_index = pd.Index(SPLITS).get_indexer(np.asarray(splits, dtype=object))
     counts = np.zeros((len(names), len(SPLITS)), dtype=np.int64)
     known = split_index >= 0
     np.add.at(counts, (label_index[known], split_index[known]), 1)
@@ -169,14 +179,14 @@ def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str 
     """Split the manifest; write ``splits_csv`` (id, split, fold) and the per-class count table."""
     df = read_manifest(manifest_csv, ["id", "label", "group", "sha256", "source_split"])
     comp = components(df)
-    out = assign_splits(df, cfg, comp)
-    split = out["split"].to_numpy(dtype=object)
-    table = count_table(_text(df["label"]), split)
+    labels, src = _text(df["label"]), _source(df)
+    split, fold = _assign(comp, labels, src, cfg)
+    out = pd.DataFrame({"id": _text(df["id"]).astype(str), "split": split.astype(str), "fold": fold})
+    table = count_table(labels, split)
     atomic_write_csv(splits_csv, out)
     atomic_write(counts_csv, table.to_csv(index_label="label"))
     n = len(out)
     counts = {s: int((split == s).sum()) for s in SPLITS}
-    src = _source(df)
     official = set(src) - {""}
     carved = (src == "train") & (split == "val") & ("val" not in official)
     moved = (src != "") & (src != split) & ~carved
