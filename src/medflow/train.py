@@ -345,7 +345,7 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
             net.compile(optimizer=_optimizer(cfg), loss="sparse_categorical_crossentropy", metrics=["accuracy"],
                         steps_per_execution=steps or 1)
             _create_training_state(net, k)
-        fit = _fit(net, train_ds.prefetch(tf.data.AUTOTUNE), val_ds, cfg, params, out_dir,
+        fit = _fit(net, train_ds.prefetch(shards.PREFETCH_BATCHES), val_ds, cfg, params, out_dir,
                    class_weights(meta, cfg.class_weight), has_val, resuming, callbacks, steps_per_epoch=steps)
     finally:
         keras.config.set_dtype_policy(policy)

@@ -40,6 +40,9 @@ FORMAT = "medflow-fixed-records-v1"
 RECORD_HEADER = 8  # int32 label + int32 position, little-endian
 SHUFFLE_BYTES = 256 * 2**20  # raw image bytes the shuffle buffer may hold (memory bound)
 MIN_SHUFFLE = 64  # examples in the shuffle buffer even for very large images
+# Batches read ahead. Fixed: an autotuned prefetch grows toward tf.data's RAM budget (half the machine's
+# memory), so its peak would depend on the machine and the consumer's speed; 2 keeps the reader ahead.
+PREFETCH_BATCHES = 2
 BLOCK_BYTES = 2**20  # bytes of records a shard writer fills per write (its reusable buffer; fresh pages are costly)
 IOV_MAX = 1024
 
@@ -219,7 +222,7 @@ def dataset(processed_dir: str | Path, split: str, *, batch_size: int, shuffle: 
         ds = read(names)  # shard by shard, in manifest row order
     parse = _parser(meta, read_ids(processed_dir, split) if with_ids else None)
     ds = ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.prefetch(PREFETCH_BATCHES)
 
 
 def load_arrays(processed_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
