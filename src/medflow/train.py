@@ -48,7 +48,8 @@ def class_weights(meta: dict, mode: str) -> dict[int, float] | None:
 
 
 def datasets(cfg: ModelConfig, processed_dir: str | Path, seed: int) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    """(train, val) pipelines: train shuffled and augmented (Keras layers, training=True); val untouched.
+    """(train, val) pipelines: train shuffled, read as uint8 and augmented (Keras layer, training=True) to
+    float32; val untouched.
 
     Both declare their batch count (from meta.json), which Keras uses for progress and epoch ends.
     """
@@ -62,7 +63,7 @@ def datasets(cfg: ModelConfig, processed_dir: str | Path, seed: int) -> tuple[tf
         ds = shards.dataset(processed_dir, split, batch_size=cfg.batch_size, **kw)
         return ds.apply(tf.data.experimental.assert_cardinality(-(-int(counts.get(split, 0)) // cfg.batch_size)))
 
-    return augment_dataset(sized("train", shuffle=True, seed=seed), cfg.augment, seed), sized("val")
+    return augment_dataset(sized("train", shuffle=True, seed=seed, dtype="uint8"), cfg.augment, seed), sized("val")
 
 
 def embedding_datasets(cache_dir: str | Path, batch_size: int, seed: int) -> tuple[tf.data.Dataset, tf.data.Dataset]:

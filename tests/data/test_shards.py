@@ -125,6 +125,8 @@ def test_dataset_streams_batches_and_shuffles_deterministically(tmp_path):
 
     two = list(dataset(processed, "train", batch_size=4).take(1).as_numpy_iterator())[0]
     assert len(two) == 2 and two[0].shape == (4, S, S, C)
+    raw = np.concatenate([b[0] for b in dataset(processed, "train", batch_size=8, dtype="uint8").as_numpy_iterator()])
+    assert raw.dtype == np.uint8 and np.array_equal(raw, ref_images)  # the training input's 8-bit read
 
 
 def test_empty_split_and_input_errors(tmp_path):

@@ -68,3 +68,32 @@ def test_augmented_dataset_repeats_exactly_under_one_seed() -> None:
     np.testing.assert_array_equal(epochs(7)[1], second)
     assert not np.array_equal(first, second) and not np.array_equal(epochs(8)[0], first)
     assert not np.array_equal(first, images)
+
+
+def test_eight_bit_and_float_batches_augment_alike() -> None:
+    """The training input hands the layer uint8 batches (no float round trip); float batches are rounded
+    to 8 bits first. Both give the same pixels, and the layer returns float32 either way."""
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (3, 12, 10, 3)).astype(np.uint8)
+    p = np.concatenate([_params(flip=1, angle=20, scale=1.1, tx=0.1, bright=9, contrast=1.2),
+                        _params(), _params(contrast=0.8)])
+    out = _augment(img, p)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    np.testing.assert_array_equal(out, _augment(img.astype(np.float32) + 0.3, p))
+    np.testing.assert_array_equal(out[1], img[1])  # identity row untouched
+    grey = img[..., :1]  # one channel: warped into the (H, W) view of its output row, same as any channel of RGB
+    np.testing.assert_array_equal(_augment(grey, p), _augment(np.repeat(grey, 3, axis=3), p)[..., :1])
+    layer = RandomAugment(flip=True, rotation=0.1, brightness=0.1, seed=0)
+    a, b = layer(tf.constant(img), training=True, key=tf.constant(5, tf.int64)), \
+        layer(tf.constant(img, tf.float32), training=True, key=tf.constant(5, tf.int64))
+    assert a.dtype == b.dtype == tf.float32
+    np.testing.assert_array_equal(a, b)
+
+
+def test_augmentation_off_only_converts_to_float() -> None:
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    ds = augment_dataset(tf.data.Dataset.from_tensor_slices((images, np.arange(2))).batch(2), Augment(flip=False), 0)
+    x, y = next(ds.as_numpy_iterator())
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(x, images.astype(np.float32))
+    np.testing.assert_array_equal(y, [0, 1])

@@ -179,8 +179,8 @@ def read_ids(processed_dir: str | Path, split: str) -> list[str]:
     return json.loads(path.read_text()) if path.exists() else []
 
 
-def _parser(meta: dict, ids: list[str] | None):
-    """A function parsing a *batch* of records into float32 images, int32 labels (``+ id`` when ``ids``
+def _parser(meta: dict, ids: list[str] | None, dtype: str = "float32"):
+    """A function parsing a *batch* of records into ``dtype`` images, int32 labels (``+ id`` when ``ids``
     given), of static shape."""
     import tensorflow as tf
 
@@ -189,8 +189,8 @@ def _parser(meta: dict, ids: list[str] | None):
 
     def parse(records: tf.Tensor):
         head = tf.io.decode_raw(tf.strings.substr(records, 0, RECORD_HEADER), tf.int32, little_endian=True)
-        images = tf.cast(tf.reshape(tf.io.decode_raw(records, tf.uint8)[:, RECORD_HEADER:], [-1, s, s, c]),
-                         tf.float32)
+        images = tf.reshape(tf.io.decode_raw(records, tf.uint8)[:, RECORD_HEADER:], [-1, s, s, c])
+        images = images if dtype == "uint8" else tf.cast(images, dtype)
         labels = head[:, 0]
         return (images, labels) if id_table is None else (images, labels, tf.gather(id_table, head[:, 1]))
 
@@ -198,8 +198,8 @@ def _parser(meta: dict, ids: list[str] | None):
 
 
 def dataset(processed_dir: str | Path, split: str, *, batch_size: int, shuffle: bool = False,
-            seed: int = 0, with_ids: bool = False) -> "tf.data.Dataset":
-    """Stream ``(image float32 0..255 (S,S,C), label int32)`` batches (``+ id`` with ``with_ids``).
+            seed: int = 0, with_ids: bool = False, dtype: str = "float32") -> "tf.data.Dataset":
+    """Stream ``(image 0..255 (S,S,C) as dtype, label int32)`` batches (``+ id`` with ``with_ids``).
 
     Reads the shard files lazily; with ``shuffle`` the shard order and a bounded buffer of
     examples are shuffled (seeded, reshuffled each epoch). Memory does not grow with the data.
@@ -220,7 +220,7 @@ def dataset(processed_dir: str | Path, split: str, *, batch_size: int, shuffle: 
         ds = ds.shuffle(max(buffer, 1), seed=seed, reshuffle_each_iteration=True)
     else:
         ds = read(names)  # shard by shard, in manifest row order
-    parse = _parser(meta, read_ids(processed_dir, split) if with_ids else None)
+    parse = _parser(meta, read_ids(processed_dir, split) if with_ids else None, dtype)
     ds = ds.batch(batch_size).map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(PREFETCH_BATCHES)
 

@@ -26,37 +26,38 @@ from medflow.config import Augment
 
 
 def _augment(images: np.ndarray, params: np.ndarray) -> np.ndarray:
-    """Warp + colour change per image of a float 0..255 batch; ``params`` rows are
+    """Warp + colour change per image of a 0..255 batch -> uint8; ``params`` rows are
     (flip, angle_deg, scale, tx, ty, brightness delta, contrast factor). Works at 8-bit precision
-    (the images come from uint8 shards): OpenCV is fastest on uint8 and saturates at 0/255."""
-    n, h, w, c = images.shape
-    src = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    (the images come from uint8 shards; a float batch is rounded first): OpenCV is fastest on uint8
+    and saturates at 0/255. Each image is warped straight into the output, then recoloured in place."""
+    src = images if images.dtype == np.uint8 else np.clip(np.rint(images), 0, 255).astype(np.uint8)
+    _, h, w, c = src.shape
     out = np.empty_like(src)
     centre = (w / 2 - 0.5, h / 2 - 0.5)
-    for i in range(n):
-        flip, angle, scale, tx, ty, bright, contrast = (float(v) for v in params[i])
-        img = src[i]
+    colour = np.zeros((c, c + 1), np.float32)  # [diag(contrast) | per-channel offset]
+    for i, (flip, angle, scale, tx, ty, bright, contrast) in enumerate(params.tolist()):
+        dst = out[i] if c > 1 else out[i, :, :, 0]
         if flip or angle or scale != 1 or tx or ty:
             m = cv2.getRotationMatrix2D(centre, angle, scale)
             if flip > 0.5:  # mirror about the vertical centre line, then rotate/zoom
                 m[:, 0] *= -1
                 m[:, 2] -= m[:, 0] * (w - 1)
             m[:, 2] += (tx * w, ty * h)
-            img = cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR,
-                                 borderMode=cv2.BORDER_REFLECT_101).reshape(h, w, c)
+            cv2.warpAffine(src[i], m, (w, h), dst=dst, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+        else:
+            out[i] = src[i]
         if bright or contrast != 1:  # (x - mean) * contrast + mean + brightness, per channel
-            mean = np.asarray(cv2.mean(img)[:c], np.float32)
-            offset = (1 - contrast) * mean + bright
-            img = cv2.transform(img, np.hstack([np.eye(c, dtype=np.float32) * contrast, offset[:, None]]))
-        out[i] = img.reshape(h, w, c)
-    return out.astype(np.float32)
+            np.fill_diagonal(colour, contrast)
+            colour[:, c] = (1 - contrast) * np.asarray(cv2.mean(dst)[:c], np.float32) + bright
+            cv2.transform(dst, colour, dst=dst)
+    return out
 
 
 @keras.saving.register_keras_serializable(package="medflow")
 class RandomAugment(keras.layers.Layer):
     """Random horizontal flip, rotation (fraction of a turn), zoom and shift (fractions of the size)
     composed into one bilinear warp with reflected borders, then brightness (fraction of 255) and
-    contrast (factor in [1 - contrast, 1 + contrast]) on float 0..255 image batches."""
+    contrast (factor in [1 - contrast, 1 + contrast]) on uint8 or float 0..255 image batches (float32 out)."""
 
     def __init__(self, flip: bool = False, rotation: float = 0.0, zoom: float = 0.0, shift: float = 0.0,
                  brightness: float = 0.0, contrast: float = 0.0, seed: int | None = None, **kwargs) -> None:
@@ -86,8 +87,9 @@ class RandomAugment(keras.layers.Layer):
             uniform(5, -255.0 * self.brightness, 255.0 * self.brightness),
             uniform(6, 1 - self.contrast, 1 + self.contrast),
         ], axis=1)
-        out = tf.numpy_function(_augment, [tf.cast(images, tf.float32), params], tf.float32, stateful=False)
-        return tf.ensure_shape(out, images.shape)
+        pixels = images if images.dtype == tf.uint8 else tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
+        out = tf.numpy_function(_augment, [pixels, params], tf.uint8, stateful=False)
+        return tf.cast(tf.ensure_shape(out, images.shape), tf.float32)
 
     def get_config(self) -> dict:
         return {**super().get_config(), "flip": self.flip, "rotation": self.rotation, "zoom": self.zoom,
@@ -103,14 +105,15 @@ def augmentation(aug: Augment, seed: int) -> RandomAugment | None:
 
 
 def augment_dataset(ds: tf.data.Dataset, aug: Augment, seed: int) -> tf.data.Dataset:
-    """Map the augmentation (training=True) over batched ``(images, labels)``; unchanged when all off.
+    """Map the augmentation (training=True) over batched ``(images, labels)`` (uint8 or float 0..255;
+    uint8 saves two conversions) to float32 batches; only the conversion when every factor is off.
 
     Each batch gets its own key from a seeded random stream that is redrawn every epoch, so the
     augmentation differs per epoch and batch yet the whole run repeats exactly under one seed.
     """
     layer = augmentation(aug, seed)
     if layer is None:
-        return ds
+        return ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     keys = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     return tf.data.Dataset.zip(ds, keys).map(lambda batch, key: (layer(batch[0], training=True, key=key), batch[1]),
                                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
