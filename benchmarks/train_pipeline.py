@@ -321,16 +321,29 @@ def run(cfg: dict, work: Path) -> list[tuple[str, ...]]:
 
     # ---- 2. embedding cache
     size, epochs = cfg["cache_size"], cfg["cache_epochs"]
-    print(f"\n## 2. effnet_lite0_frozen, malaria-400 at {size}px (model input_size 128), {epochs} epochs, "
-          "patience > epochs", flush=True)
-    prep = prepare(MALARIA, work / "cache", size)
-    counts = json.loads((prep["processed"] / "meta.json").read_text())["counts"]
-    print(f"split {counts}", flush=True)
-    unc = bench_cache(prep["processed"], work / "cache", epochs, cached=False)
-    cac = bench_cache(prep["processed"], work / "cache", epochs, cached=True)
-    for name, r in (("uncached (end to end)", unc), ("embedding cache", cac)):
-        print(f"{name:24s} wall {r['wall']:.1f}s = embed {r['embed']:.1f}s + train() {r['wall'] - r['embed']:.1f}s "
-              f"(fit {r['fit']:.1f}s, {r['epochs_run']} epochs, best val_loss {r['val_loss']:.4f})", flush=True)
+
+    def variants(copies: int) -> Path:
+        """The PNG folder with the first ``copies`` dihedral variants of every cell (written once)."""
+        if copies == cfg["copies"]:
+            return raw
+        if not (work / f"raw{copies}").exists():
+            replicate(work / f"raw{copies}", copies)
+        return work / f"raw{copies}"
+
+    def cold_pair(source: Path, title: str) -> tuple[dict, dict, dict]:
+        """Prepare ``source``, then the uncached and the cold cached run on it (printed)."""
+        prep = prepare(source, work / "cache", size)
+        counts = json.loads((prep["processed"] / "meta.json").read_text())["counts"]
+        print(f"\n{title}: {prep['accepted']} images, split {counts}", flush=True)
+        unc = bench_cache(prep["processed"], work / "cache", epochs, cached=False)
+        cac = bench_cache(prep["processed"], work / "cache", epochs, cached=True)
+        for name, r in (("uncached (end to end)", unc), ("embedding cache", cac)):
+            print(f"{name:24s} wall {r['wall']:.1f}s = embed {r['embed']:.1f}s + train() {r['wall'] - r['embed']:.1f}s "
+                  f"(fit {r['fit']:.1f}s, {r['epochs_run']} epochs, best val_loss {r['val_loss']:.4f})", flush=True)
+        return prep, unc, cac
+
+    prep, unc, cac = cold_pair(MALARIA, f"## 2. effnet_lite0_frozen, malaria-400 at {size}px (model input_size "
+                                             f"128), {epochs} epochs, patience > epochs")
     rows.append((f"frozen backbone, {epochs} epochs, wall s (cache: embed + train(); ref: train())",
                  f"{cac['wall']:.1f}", f"{unc['wall']:.1f}", f"{unc['wall'] / cac['wall']:.1f}×", "≥ 10×"))
     again = bench_retrain(prep["processed"], work / "cache", epochs)
@@ -345,26 +358,9 @@ def run(cfg: dict, work: Path) -> list[tuple[str, ...]]:
                  f"{cac['fit'] / cac['epochs_run']:.2f}", f"{unc['fit'] / unc['epochs_run']:.2f}",
                  f"{(unc['fit'] / unc['epochs_run']) / (cac['fit'] / cac['epochs_run']):.0f}×", "(context)"))
     shutil.rmtree(work / "cache")
-
-    def variants(copies: int) -> Path:
-        """The PNG folder with the first ``copies`` dihedral variants of every cell (written once)."""
-        if copies == cfg["copies"]:
-            return raw
-        if not (work / f"raw{copies}").exists():
-            replicate(work / f"raw{copies}", copies)
-        return work / f"raw{copies}"
-
-    # the cold path's fixed costs (backbone load, traces, saving the model) weigh less on more images
+    # the fixed costs both paths pay (backbone load, traces, saving the model) weigh less on more images
     k = cfg["cache_copies"]
-    prep = prepare(variants(k), work / "cache", size)
-    counts = json.loads((prep["processed"] / "meta.json").read_text())["counts"]
-    print(f"\nsame on {prep['accepted']} images ({k} dihedral variants per cell, grouped by slide): split {counts}",
-          flush=True)
-    unc = bench_cache(prep["processed"], work / "cache", epochs, cached=False)
-    cac = bench_cache(prep["processed"], work / "cache", epochs, cached=True)
-    for name, r in (("uncached (end to end)", unc), ("embedding cache", cac)):
-        print(f"{name:24s} wall {r['wall']:.1f}s = embed {r['embed']:.1f}s + train() {r['wall'] - r['embed']:.1f}s "
-              f"(fit {r['fit']:.1f}s, {r['epochs_run']} epochs)", flush=True)
+    prep, unc, cac = cold_pair(variants(k), f"same, {k} dihedral variants per cell (grouped by slide)")
     rows.append((f"same on {prep['accepted']} images ({k} variants per cell), cold: embed + train() vs train(), wall s",
                  f"{cac['wall']:.1f}", f"{unc['wall']:.1f}", f"{unc['wall'] / cac['wall']:.1f}×", "(context)"))
     shutil.rmtree(work / "cache")
