@@ -79,6 +79,9 @@ TRIED = """Tried while choosing the recipes (one seed each, 2 shared CPU cores, 
 - The `lite0` recipe rows come from a session-1 run (same code path, `--recipe lite0`).
 - PneumoniaMNIST, the `cnn` recipe with dropout 0.5 and 40 epochs planned (session 3): test 0.878 and 0.873
   on seeds 0 and 1 (early stopping at epochs 11 and 21), below the recipe's 0.918 / 0.880; third seed not run.
+- PneumoniaMNIST, the `cnn` recipe with the 28 px images upsampled in-graph to 56 px (`input_size: 56`, ~4x
+  the FLOPs; session 5): test 0.854 (flip TTA 0.851) on seed 0, against the recipe's 0.918 on the same seed
+  (best epoch 19 of 25 at val accuracy 0.966: the gap to test is the known val/test shift); 830 s; not run further.
 - BloodMNIST, frozen Lite0 at 64 px (medflow embed) + standardised logistic regression: test 0.798 (C=0.1),
   0.770 (C=0.5), 0.756 (C=2); too weak, so the backbone is fine-tuned instead.
 - BloodMNIST, Lite0 fine-tuned from block4 at 64 px: Adam lr 1e-3 diverged (train accuracy 0.09-0.11 for
