@@ -245,12 +245,16 @@ def test_no_variable_is_created_once_training_starts() -> None:
 
 
 def test_gc_frozen_restores_the_collector_and_nests() -> None:
+    """Frozen objects can still be freed (the count may drop between calls), so the nested block is checked
+    by what it would change: freezing again would add the objects made since, unfreezing would empty it."""
     assert gc.get_freeze_count() == 0
     with gc_frozen():
         frozen = gc.get_freeze_count()
+        assert frozen > 0
+        fresh = [[] for _ in range(1000)]  # made after the freeze
         with gc_frozen():  # an enclosing freeze: left alone
-            assert gc.get_freeze_count() == frozen
-        assert gc.get_freeze_count() == frozen > 0
+            assert gc.get_freeze_count() < frozen + len(fresh)
+        assert 0 < gc.get_freeze_count() <= frozen
     assert gc.get_freeze_count() == 0
 
 
