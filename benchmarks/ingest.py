@@ -4,7 +4,7 @@
 
 raw limit: list files + read bytes + cv2.imdecode + cv2.resize(INTER_AREA) on a 2-thread pool (npz: np.load +
 resize, there is nothing to decode). ingest: ``medflow.data.ingest.ingest`` (workers=2), i.e. the same
-work plus the pixel sha256, statistics, quarantine checks and writing pixels.npy / manifest.csv.
+work plus the file sha256, the pixel hash, statistics, quarantine checks and writing pixels.npy / manifest.csv.
 ingest+preprocess adds ``split.run_split`` and ``shards.write_shards`` (fixed-length-record shards, 2 threads),
 each run into empty folders as under ``dvc repro``. Best of --repeat rounds; each round runs raw, ingest and
 split+shards once, in turn, so load changes on the shared machine hit all of them alike.

@@ -20,7 +20,7 @@ from medflow.data.images import (
     decode_image,
     image_stats,
     load_image_file,
-    pixel_sha256,
+    pixel_hash,
     to_model_input,
 )
 
@@ -173,11 +173,14 @@ def test_image_stats_equal_batch_stats() -> None:
                                                    for row in batch_stats(same).tolist()]
 
 
-def test_sha256_is_of_pixels_not_bytes(cell_png: bytes) -> None:
+def test_pixel_hash_is_of_pixels_and_shape_not_bytes(cell_png: bytes) -> None:
     rgb = decode_image(cell_png, **LIMITS).rgb
     as_bmp = encode(rgb[:, :, ::-1], ".bmp")
     assert as_bmp != cell_png
-    assert pixel_sha256(decode_image(as_bmp, **LIMITS).rgb) == pixel_sha256(rgb)
+    assert pixel_hash(decode_image(as_bmp, **LIMITS).rgb) == pixel_hash(rgb)
+    assert len(pixel_hash(rgb)) == 32 and int(pixel_hash(rgb), 16) >= 0
     changed = rgb.copy()
     changed[0, 0, 0] ^= 1
-    assert pixel_sha256(changed) != pixel_sha256(rgb)
+    assert pixel_hash(changed) != pixel_hash(rgb)
+    tall = np.arange(36, dtype=np.uint8).reshape(2, 6, 3)
+    assert pixel_hash(tall) != pixel_hash(tall.reshape(6, 2, 3))  # same bytes, other shape

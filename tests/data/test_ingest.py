@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -141,7 +142,10 @@ def test_every_bad_input_is_quarantined_with_its_reason(messy_tree: Path, tmp_pa
     assert (ct["format"], ct["modality"], ct["window"], ct["group"]) == ("dicom", "CT", "lung:-600/1500", "1CT1")
     assert ct["pixel_spacing"] == pytest.approx(0.661468) and ct["slice_thickness"] == 5.0
     copy_of = sorted((messy_tree / "A").glob("C*.png"))[0].relative_to(messy_tree).as_posix()
-    assert rows.loc["A/same_label_copy.png", "sha256"] == rows.loc[copy_of, "sha256"]
+    assert rows.loc["A/same_label_copy.png", "pixel_hash"] == rows.loc[copy_of, "pixel_hash"]
+    # sha256 is the file's, as `sha256sum` prints it; the pixel hash caught B/clash_reencoded.bmp above
+    assert [hashlib.sha256((messy_tree / p).read_bytes()).hexdigest() for p in manifest["path"]] == \
+        manifest["sha256"].tolist()
     assert_pixels_match(manifest, pixels, messy_tree)
     # 21 records reached decoding (loose.png had no label): the 10 that failed there have all-zero rows
     # (writer buffers are reused), the 2 label clashes keep their pixels but no manifest row points at them
@@ -205,6 +209,7 @@ def test_medmnist_npz_keeps_split_and_catches_clashes(tmp_path: Path) -> None:
     order = sorted([*manifest["path"], *quarantine["path"]], key=natural_key)  # the order records are decoded in
     assert manifest["row"].tolist() == [order.index(p) for p in manifest["path"]]
     np.testing.assert_array_equal(pixels[row["row"]], to_model_input(arrays["train_images"][2], 16, 1))
+    assert row["sha256"] == hashlib.sha256(arrays["train_images"][2].tobytes()).hexdigest()  # the array's bytes
 
 
 def test_grey_npz(tmp_path: Path) -> None:

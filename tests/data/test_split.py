@@ -21,11 +21,11 @@ MALARIA = Path(__file__).resolve().parents[2] / "data" / "raw" / "malaria-cells-
 def frame(labels, groups, hashes, source=None) -> pd.DataFrame:
     n = len(labels)
     return pd.DataFrame({"id": [f"img{i}.png" for i in range(n)], "label": labels, "group": groups,
-                         "sha256": hashes, "source_split": source if source is not None else [""] * n})
+                         "pixel_hash": hashes, "source_split": source if source is not None else [""] * n})
 
 
 def assert_no_leak(df: pd.DataFrame, out: pd.DataFrame, column: str = "split") -> None:
-    for key in ("group", "sha256"):
+    for key in ("group", "pixel_hash"):
         mask = df[key].fillna("") != ""
         spread = out.loc[mask.to_numpy(), column].groupby(df.loc[mask, key].to_numpy()).nunique()
         assert (spread <= 1).all(), f"{key} values crossing {column}s: {spread[spread > 1].index.tolist()}"
@@ -84,7 +84,7 @@ def malaria_frame() -> pd.DataFrame:
         m = pattern.match(p.stem)
         rows.append({"id": f"{p.parent.name}/{p.name}", "label": p.parent.name,
                      "group": m.group("group") if m else "",
-                     "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "source_split": ""})
+                     "pixel_hash": hashlib.sha256(p.read_bytes()).hexdigest(), "source_split": ""})
     return pd.DataFrame(rows)
 
 
@@ -154,7 +154,7 @@ def test_extra_train_data_leaves_the_test_set_unchanged():
     """Retraining adds labelled batches as official 'train' rows: the held-out test set must not move."""
     base = malaria_frame()
     extra = base.head(30).assign(id=lambda d: "extra/b1/" + d["id"], group=lambda d: "new-" + d["group"],
-                                 sha256=lambda d: "x" + d["sha256"], source_split="train")
+                                 pixel_hash=lambda d: "x" + d["pixel_hash"], source_split="train")
     before = assign_splits(base, SplitConfig())
     after = assign_splits(pd.concat([base, extra], ignore_index=True), SplitConfig())
     test_before = set(before.loc[before["split"] == "test", "id"])

@@ -23,8 +23,8 @@ def good_manifest(n_per_class: int = 25, labels=("Parasitized", "Uninfected")) -
             r = len(rows)
             rows.append({c: "" for c in MANIFEST_COLUMNS} | {
                 "id": f"{label}/img{i}.png", "path": f"{label}/img{i}.png", "label": label,
-                "group": f"slide{r // 4}", "sha256": f"{r:064x}", "format": "png", "width": 100 + i,
-                "height": 90, "channels": 3, "bytes": 1000, "bit_depth": 8, "row": r})
+                "group": f"slide{r // 4}", "sha256": f"{r:064x}", "pixel_hash": f"{r:032x}", "format": "png",
+                "width": 100 + i, "height": 90, "channels": 3, "bytes": 1000, "bit_depth": 8, "row": r})
     return pd.DataFrame(rows)
 
 
@@ -44,7 +44,7 @@ def run(tmp_path, manifest, cfg=ValidateConfig(), data=DataConfig(), quarantined
 
 def test_valid_manifest_passes_and_writes_offline_html(tmp_path, capsys):
     df = good_manifest()
-    df.loc[1, "sha256"] = df.loc[0, "sha256"]  # exact duplicate, same label: allowed, reported
+    df.loc[1, "pixel_hash"] = df.loc[0, "pixel_hash"]  # exact duplicate, same label: allowed, reported
     summary = run(tmp_path, df, data=DataConfig(labels=["Parasitized", "Uninfected"]))
     assert summary["success"] is True and summary["failed"] == []
     assert summary["rows"] == 50 and summary["classes"] == {"Parasitized": 25, "Uninfected": 25}
@@ -54,7 +54,7 @@ def test_valid_manifest_passes_and_writes_offline_html(tmp_path, capsys):
     assert result["success"] is True and result["statistics"]["failed"] == 0
     dup = [r for r in result["results"] if r["table"] == "hashes" and r["column"] == "rows"][0]
     assert dup["severity"] == "info" and dup["success"] is False
-    assert dup["offending"] == [{"rows": 2, "sha256": df.loc[0, "sha256"]}]
+    assert dup["offending"] == [{"rows": 2, "pixel_hash": df.loc[0, "pixel_hash"]}]
     html = (tmp_path / "out" / "validation.html").read_text()
     assert "PASSED" in html and "expect_column_values_to_be_in_set" in html
     assert html.count("<tr>") == len(result["results"]) + 1
@@ -75,7 +75,7 @@ BAD = {
                   "expect_column_values_to_be_between", '"width": 4'),
     "channels": (lambda d: d.assign(channels=d["channels"].where(d.index != 9, 2)), {}, {},
                  "expect_column_values_to_be_in_set", '"channels": 2'),
-    "label conflict": (lambda d: d.assign(sha256=d["sha256"].where(d.index != 30, d.loc[2, "sha256"])), {}, {},
+    "label conflict": (lambda d: d.assign(pixel_hash=d["pixel_hash"].where(d.index != 30, d.loc[2, "pixel_hash"])), {}, {},
                        "expect_column_values_to_be_between", '"labels": 2'),
     "duplicate id": (lambda d: d.assign(id=d["id"].where(d.index != 4, d.loc[0, "id"])), {}, {},
                      "expect_column_values_to_be_unique", "Parasitized/img0.png"),

@@ -8,7 +8,6 @@ decoded (decompression-bomb guard). 16-bit images are scaled to 8 bits over the 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import struct
 import warnings
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+import xxhash
 from PIL import Image, UnidentifiedImageError
 
 if TYPE_CHECKING:
@@ -237,8 +237,10 @@ def image_stats(rgb: np.ndarray) -> dict[str, float]:
     return {k: round(float(v) * 1e4) / 1e4 for k, v in zip(STATS, values, strict=True)}
 
 
-def pixel_sha256(rgb: np.ndarray) -> str:
-    """sha256 of the decoded 8-bit pixels and their shape (re-encoded copies hash alike)."""
-    h = hashlib.sha256(b"x".join(b"%d" % n for n in rgb.shape) + b"|")
+def pixel_hash(rgb: np.ndarray) -> str:
+    """xxh3-128 (32 hex digits) of the decoded 8-bit pixels and their shape: identical pixels hash alike
+    whatever the file format or encoder (exact-duplicate detection). A non-cryptographic hash: ~1 µs for
+    a 50 kB image against ~30 µs for sha256, and collisions are negligible (2^-64 at 2^32 images)."""
+    h = xxhash.xxh3_128(b"x".join(b"%d" % n for n in rgb.shape) + b"|")
     h.update(np.ascontiguousarray(rgb).data)
     return h.hexdigest()

@@ -1,18 +1,20 @@
 """Ingest: a source -> ``manifest.csv``, ``quarantine.csv``, ``pixels.npy``, ``ingest_summary.json``.
 
-Each image is read once and decoded once; from that decode come its pixel hash, statistics and
-the resized model input, which is written straight into ``pixels.npy`` (chunk by chunk, so memory
+Each image is read once and decoded once: its bytes give the ``sha256`` (what ``sha256sum`` prints for
+the file; npz: of the array's bytes) and the decode gives its pixel hash, statistics and the resized
+model input, which is written straight into ``pixels.npy`` (chunk by chunk, so memory
 does not grow with the dataset). Chunks of records run on ``ingest.workers`` threads (OpenCV and
 hashing release the GIL); a chunk of same-shaped 8-bit arrays (MedMNIST) is converted and measured
 as one batch. ``pixels.npy`` has one row per record that reached decoding: the manifest's ``row``
 column points into it, and rows of records quarantined after decoding are left unreferenced. Every
 unusable input lands in the quarantine table with a reason, and ``found = accepted + quarantined``
-is printed and stored. Identical pixels under two different labels are all quarantined
-(``conflicting_labels``); identical pixels under one label are kept.
+is printed and stored. Identical pixels (same ``pixel_hash``) under two different labels are all
+quarantined (``conflicting_labels``); identical pixels under one label are kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -35,7 +37,7 @@ from medflow.data.images import (
     decode_any,
     decode_array,
     image_stats,
-    pixel_sha256,
+    pixel_hash,
     to_model_input,
 )
 from medflow.data.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS
@@ -60,7 +62,7 @@ def process_record(rec: Record, data: DataConfig, cfg: IngestConfig) -> Result:
     limits = dict(max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_side=cfg.max_side)
     try:
         if rec.array is not None:
-            dec, nbytes = decode_array(rec.array, **limits), rec.array.nbytes
+            dec, nbytes, raw = decode_array(rec.array, **limits), rec.array.nbytes, _array_bytes(rec.array)
         else:
             assert rec.file is not None
             with open(rec.file, "rb") as f:
@@ -73,11 +75,17 @@ def process_record(rec: Record, data: DataConfig, cfg: IngestConfig) -> Result:
     except Exception as e:  # an input no decoder anticipated must still be quarantined, not lost
         return None, None, None, ("unreadable", f"{type(e).__name__}: {e}")
     fields: dict[str, Any] = {
-        "sha256": pixel_sha256(dec.rgb), "format": dec.format, "width": dec.width, "height": dec.height,
-        "channels": dec.channels, "bytes": nbytes, "bit_depth": dec.bit_depth, **image_stats(dec.rgb),
+        "sha256": hashlib.sha256(raw).hexdigest(), "pixel_hash": pixel_hash(dec.rgb), "format": dec.format,
+        "width": dec.width, "height": dec.height, "channels": dec.channels, "bytes": nbytes,
+        "bit_depth": dec.bit_depth, **image_stats(dec.rgb),
         **{k: dec.meta.get(k) for k in ("modality", "pixel_spacing", "slice_thickness", "window")},
     }
     return fields, dec.meta.get("patient_id"), to_model_input(dec.rgb, cfg.image_size, cfg.channels), None
+
+
+def _array_bytes(array: np.ndarray) -> memoryview:
+    """The bytes an in-memory image's ``sha256`` is of (C order)."""
+    return np.ascontiguousarray(array).data
 
 
 def process_array_batch(recs: Sequence[Record], cfg: IngestConfig) -> list[Result] | None:
@@ -100,8 +108,9 @@ def process_array_batch(recs: Sequence[Record], cfg: IngestConfig) -> list[Resul
     same = {"format": "npz", "width": width, "height": height, "channels": 1 if first.ndim == 2 else channels,
             "bytes": first.nbytes, "bit_depth": 8, "modality": None, "pixel_spacing": None,
             "slice_thickness": None, "window": None}
-    return [({"sha256": pixel_sha256(img), **same, **dict(zip(STATS, row.tolist()))}, None,
-             to_model_input(img, cfg.image_size, cfg.channels), None) for img, row in zip(rgb, stats)]
+    return [({"sha256": hashlib.sha256(_array_bytes(rec.array)).hexdigest(),  # type: ignore[arg-type]
+              "pixel_hash": pixel_hash(img), **same, **dict(zip(STATS, row.tolist()))}, None,
+             to_model_input(img, cfg.image_size, cfg.channels), None) for rec, img, row in zip(recs, rgb, stats)]
 
 
 def ordered_chunks(fn: Callable[[int, Sequence[T]], R], items: Sequence[T], workers: int) -> Iterator[R]:
@@ -116,13 +125,13 @@ def _drop_conflicts(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]
     """Quarantine every copy of pixels seen under >1 label."""
     labels: dict[str, set[str]] = defaultdict(set)
     for r in rows:
-        labels[r["sha256"]].add(r["label"])
+        labels[r["pixel_hash"]].add(r["label"])
     kept: list[dict[str, Any]] = []
     dropped = []
     for r in rows:
-        clash = labels[r["sha256"]]
+        clash = labels[r["pixel_hash"]]
         if len(clash) > 1:
-            detail = f"identical pixels (sha256 {r['sha256'][:12]}) appear under labels {sorted(clash)}"
+            detail = f"identical pixels (pixel_hash {r['pixel_hash'][:12]}) appear under labels {sorted(clash)}"
             dropped.append({"path": r["path"], "reason": "conflicting_labels", "detail": detail})
             continue
         kept.append(r)

@@ -6,7 +6,8 @@ Columns (README documents them too):
   label        class name (string)
   group        patient / slide / eye-pair id; rows sharing it never cross splits
   source_split train|val|test when the source fixes it, else empty
-  sha256       hash of the decoded pixels (exact duplicates share it)
+  sha256       sha256 of the file's bytes, as ``sha256sum`` prints it (npz: of the array's bytes)
+  pixel_hash   xxh3-128 of the decoded 8-bit pixels: exact duplicates share it, whatever the encoding
   format       png|jpeg|bmp|tiff|npz|dicom|...
   width height channels bytes   as found in the source (before conversion)
   bit_depth    8 or 16 as found
@@ -21,7 +22,7 @@ Quarantine columns: path, reason, detail.
 from __future__ import annotations
 
 MANIFEST_COLUMNS = [
-    "id", "path", "label", "group", "source_split", "sha256", "format",
+    "id", "path", "label", "group", "source_split", "sha256", "pixel_hash", "format",
     "width", "height", "channels", "bytes", "bit_depth",
     "mean", "std", "sharpness", "mean_r", "mean_g", "mean_b",
     "modality", "pixel_spacing", "slice_thickness", "window", "row",

@@ -57,9 +57,10 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
                  progress: bool = True) -> dict:
     """Pack pixels per split into ``out_dir/{split}/shard-NNNNN.rec`` + ``ids.json``, and ``out_dir/meta.json``.
 
-    Shards are written on ``workers`` threads, each through one reusable buffer of at most
-    ``BLOCK_BYTES``: pixel rows are read into the records' image slots with ``preadv`` (one call per run
-    of consecutive rows, no memory map, no extra copy), so memory stays bounded whatever the shard size.
+    Each shard file is created at its full size, then filled block by block (at most ``BLOCK_BYTES``
+    each) on ``workers`` threads, each through one reusable buffer: pixel rows are read into the records'
+    image slots with ``preadv`` (one call per run of consecutive rows, no memory map, no extra copy) and
+    the block is written at its offset, so memory stays bounded whatever the shard size.
     The whole folder is built under a temporary name next to ``out_dir`` and swapped in at the end.
     """
     manifest = read_manifest(manifest_csv, ["id", "label", "row"])
@@ -100,24 +101,27 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
     buffers = threading.local()  # one block buffer per thread, reused across blocks and shards
     fd = os.open(pixels_npy, os.O_RDONLY)
 
-    def write(path: Path, labels: np.ndarray, start: int, rows: np.ndarray) -> int:
+    def write(path: Path, at: int, labels: np.ndarray, start: int, rows: np.ndarray) -> int:
+        """Records ``at`` .. ``at + len(rows)`` of the shard ``path`` (created at its full size beforehand)."""
         if not hasattr(buffers, "records"):
             buffers.records = np.empty(block, record)
-        with open(path, "wb") as f:
-            for a in range(0, len(rows), block):
-                part = rows[a:a + block]
-                records = buffers.records[:len(part)]
-                records["label"] = labels[a:a + block]
-                records["position"] = np.arange(start + a, start + a + len(part), dtype=np.int32)
-                images = records["image"]
-                cuts = np.flatnonzero(np.diff(part) != 1) + 1  # runs of consecutive rows: one read each
-                for i, j in zip([0, *cuts], [*cuts, len(part)]):
-                    for k in range(i, j, IOV_MAX):  # the kernel's limit on buffers per call
-                        slots = [memoryview(images[m]) for m in range(k, min(j, k + IOV_MAX))]
-                        want = len(slots) * row_bytes
-                        if os.preadv(fd, slots, offset + int(part[k]) * row_bytes) != want:
-                            raise ValueError(f"{pixels_npy}: short read at row {int(part[k])}")
-                f.write(records.data)
+        records = buffers.records[:len(rows)]
+        records["label"] = labels
+        records["position"] = np.arange(start, start + len(rows), dtype=np.int32)
+        images = records["image"]
+        cuts = np.flatnonzero(np.diff(rows) != 1) + 1  # runs of consecutive rows: one read each
+        for i, j in zip([0, *cuts], [*cuts, len(rows)]):
+            for k in range(i, j, IOV_MAX):  # the kernel's limit on buffers per call
+                slots = [memoryview(images[m]) for m in range(k, min(j, k + IOV_MAX))]
+                want = len(slots) * row_bytes
+                if os.preadv(fd, slots, offset + int(rows[k]) * row_bytes) != want:
+                    raise ValueError(f"{pixels_npy}: short read at row {int(rows[k])}")
+        out = os.open(path, os.O_WRONLY)
+        try:
+            if os.pwrite(out, records.data, at * record.itemsize) != records.nbytes:
+                raise OSError(f"{path}: short write (disk full?)")
+        finally:
+            os.close(out)
         return len(rows)
 
     jobs = []
@@ -128,8 +132,13 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
             (tmp / name).mkdir()
             (tmp / name / IDS).write_text(json.dumps(manifest["id"].to_numpy(dtype=str)[sel].tolist()) + "\n")
             starts = range(0, len(sel), shard_size)
-            jobs += [(tmp / name / f"shard-{k:05d}.rec", index[sel[a:a + shard_size]], a, rows[sel[a:a + shard_size]])
-                     for k, a in enumerate(starts)]
+            for k, a in enumerate(starts):
+                path, part = tmp / name / f"shard-{k:05d}.rec", sel[a:a + shard_size]
+                with open(path, "wb") as f:
+                    f.truncate(len(part) * record.itemsize)
+                # one job per buffer-sized block, so the threads share even a single shard
+                jobs += [(path, b, index[part[b:b + block]], a + b, rows[part[b:b + block]])
+                         for b in range(0, len(part), block)]
             meta["counts"][name] = len(sel)
             meta["class_counts"][name] = dict(zip(classes, np.bincount(index[sel], minlength=len(classes)).tolist()))
             meta["shards"][name] = [f"shard-{k:05d}.rec" for k in range(len(starts))]

@@ -1,6 +1,6 @@
 """Stratified, grouped train/val/test split (+ optional grouped stratified K-fold).
 
-Leakage rule: rows that share a ``group`` (patient / slide) **or** a ``sha256`` (exact duplicate
+Leakage rule: rows that share a ``group`` (patient / slide) **or** a ``pixel_hash`` (exact duplicate
 pixels) form one connected component; a component never crosses splits or folds.
 
 How rows are placed:
@@ -34,7 +34,7 @@ from medflow.config import SplitConfig
 from medflow.data.manifest import SPLITS
 from medflow.io import atomic_write, atomic_write_csv, read_csv
 
-_TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "format",
+_TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "pixel_hash", "format",
                  "modality", "window")
 
 
@@ -59,10 +59,10 @@ def _source(df: pd.DataFrame) -> np.ndarray:
 
 
 def components(df: pd.DataFrame) -> np.ndarray:
-    """Connected-component id per row: rows sharing a non-empty group or sha256 are linked."""
+    """Connected-component id per row: rows sharing a non-empty group or pixel_hash are linked."""
     n = len(df)
     rows, keys, offset = [], [], n  # bipartite graph rows <-> keys; nodes 0..n-1 are rows, n.. are keys
-    for col in ("group", "sha256"):
+    for col in ("group", "pixel_hash"):
         if col not in df:
             continue
         values = _text(df[col])
@@ -177,7 +177,7 @@ def count_table(labels: pd.Series, splits: pd.Series) -> pd.DataFrame:
 def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str | Path,
               cfg: SplitConfig) -> dict:
     """Split the manifest; write ``splits_csv`` (id, split, fold) and the per-class count table."""
-    df = read_manifest(manifest_csv, ["id", "label", "group", "sha256", "source_split"])
+    df = read_manifest(manifest_csv, ["id", "label", "group", "pixel_hash", "source_split"])
     comp = components(df)
     labels, src = _text(df["label"]), _source(df)
     split, fold = _assign(comp, labels, src, cfg)

@@ -5,7 +5,7 @@ Four small tables are validated, each with its own expectation suite:
     at least two classes, width/height within ``[min_side, max_side]``, channels allowed.
   * ``classes`` (one row per label): rows per class ≥ ``min_rows_per_class``; class size divided by
     the smallest class ≤ ``max_class_ratio`` (so largest/smallest is bounded).
-  * ``hashes`` (one row per sha256): a pixel hash never maps to two labels (critical). Exact
+  * ``hashes`` (one row per ``pixel_hash``): identical pixels never map to two labels (critical). Exact
     duplicates with the *same* label are legitimate (ingest keeps them, split keeps them in one
     split): their count is reported by an ``info`` expectation that never fails the stage.
   * ``ingest`` (one row): quarantined / found ≤ ``max_quarantine_share``.
@@ -30,7 +30,8 @@ from medflow.data.manifest import MANIFEST_COLUMNS
 from medflow.data.split import read_manifest
 from medflow.io import atomic_write
 
-REQUIRED = ["id", "path", "label", "group", "sha256", "width", "height", "channels", "row"]
+REQUIRED = ["id", "path", "label", "group", "sha256", "pixel_hash", "width", "height", "channels",
+            "row"]
 MAX_OFFENDING = 20  # offending values listed per expectation (the count is always complete)
 
 
@@ -52,11 +53,11 @@ def _tables(manifest: pd.DataFrame, quarantine_rows: int, summary: dict) -> dict
     per_class = labels.dropna().value_counts().sort_index()
     classes = pd.DataFrame({"label": per_class.index.astype(str), "rows": per_class.to_numpy()})
     classes["ratio_to_smallest"] = classes["rows"] / (classes["rows"].min() if len(classes) else 1)
-    if {"sha256", "label"} <= set(manifest):
-        h = manifest.dropna(subset=["sha256"]).groupby("sha256")
+    if {"pixel_hash", "label"} <= set(manifest):
+        h = manifest.dropna(subset=["pixel_hash"]).groupby("pixel_hash")
         hashes = pd.DataFrame({"labels": h["label"].nunique(), "rows": h.size()}).reset_index()
     else:
-        hashes = pd.DataFrame({"sha256": [], "labels": [], "rows": []})
+        hashes = pd.DataFrame({"pixel_hash": [], "labels": [], "rows": []})
     found = int(summary.get("found", len(manifest) + quarantine_rows))
     quarantined = int(summary.get("quarantined", quarantine_rows))
     ingest = pd.DataFrame({"found": [found], "accepted": [len(manifest)], "quarantined": [quarantined],
@@ -107,7 +108,7 @@ def _suites(cfg: ValidateConfig, expected: list[str] | None) -> dict[str, tuple[
         gxe.ExpectColumnValuesToBeBetween(column="quarantine_share", max_value=cfg.max_quarantine_share,
                                           description=f"quarantined / found ≤ {cfg.max_quarantine_share}"),
     ]
-    return {"manifest": ("id", manifest), "classes": ("label", classes), "hashes": ("sha256", hashes),
+    return {"manifest": ("id", manifest), "classes": ("label", classes), "hashes": ("pixel_hash", hashes),
             "ingest": (None, ingest)}
 
 
@@ -180,7 +181,7 @@ def run_expectations(tables: dict[str, pd.DataFrame], cfg: ValidateConfig,
         suite = gx.ExpectationSuite(name=table, expectations=expectations)
         fmt: dict[str, Any] = {"result_format": "COMPLETE"}
         indexed = bool(index_col and index_col in tables[table])
-        if indexed:  # offending rows are named by this column (id, label, sha256)
+        if indexed:  # offending rows are named by this column (id, label, pixel_hash)
             fmt["unexpected_index_column_names"] = [index_col]
         result = batch.validate(suite, result_format=fmt)
         records += [_record(table, r, indexed) for r in result.results]
