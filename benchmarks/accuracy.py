@@ -84,6 +84,12 @@ TRIED = """Tried while choosing the recipes (one seed each, 2 shared CPU cores, 
 - PneumoniaMNIST, the `cnn` recipe with the 28 px images upsampled in-graph to 56 px (`input_size: 56`, ~4x
   the FLOPs; session 5): test 0.854 (flip TTA 0.851) on seed 0, against the recipe's 0.918 on the same seed
   (best epoch 19 of 25 at val accuracy 0.966: the gap to test is the known val/test shift); 830 s; not run further.
+- PneumoniaMNIST, the `cnn` recipe with stronger augmentation (rotation 0.05, zoom 0.2, shift 0.1, brightness
+  and contrast 0.2; session 6, three seeds): test 0.853 / 0.915 / 0.926 (mean 0.898, the recipe's 0.902),
+  early stopping at best epochs 2 / 13 / 9. The test errors are mostly normal -> pneumonia (72 / 44 / 28 of 234
+  normals), while on val they are mostly the reverse (12 / 4 / 4 of 135 normals, 22 / 15 / 21 of 399
+  pneumonia): a val/test shift that per-class grey-level mean and std do not show (train, val and test
+  within 2 grey levels of each other), so the val-chosen epoch varies widely on test.
 - BloodMNIST, frozen Lite0 at 64 px (medflow embed) + standardised logistic regression: test 0.798 (C=0.1),
   0.770 (C=0.5), 0.756 (C=2); too weak, so the backbone is fine-tuned instead.
 - BloodMNIST, Lite0 fine-tuned from block4 at 64 px: Adam lr 1e-3 diverged (train accuracy 0.09-0.11 for
