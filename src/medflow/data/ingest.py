@@ -62,7 +62,8 @@ def process_record(rec: Record, data: DataConfig, cfg: IngestConfig) -> Result:
     limits = dict(max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_side=cfg.max_side)
     try:
         if rec.array is not None:
-            dec, nbytes, raw = decode_array(rec.array, **limits), rec.array.nbytes, _array_bytes(rec.array)
+            raw = np.ascontiguousarray(rec.array).data  # what an array's sha256 is of
+            dec, nbytes = decode_array(rec.array, **limits), rec.array.nbytes
         else:
             assert rec.file is not None
             with open(rec.file, "rb") as f:
@@ -81,11 +82,6 @@ def process_record(rec: Record, data: DataConfig, cfg: IngestConfig) -> Result:
         **{k: dec.meta.get(k) for k in ("modality", "pixel_spacing", "slice_thickness", "window")},
     }
     return fields, dec.meta.get("patient_id"), to_model_input(dec.rgb, cfg.image_size, cfg.channels), None
-
-
-def _array_bytes(array: np.ndarray) -> memoryview:
-    """The bytes an in-memory image's ``sha256`` is of (C order)."""
-    return np.ascontiguousarray(array).data
 
 
 def process_array_batch(recs: Sequence[Record], cfg: IngestConfig) -> list[Result] | None:
@@ -108,9 +104,10 @@ def process_array_batch(recs: Sequence[Record], cfg: IngestConfig) -> list[Resul
     same = {"format": "npz", "width": width, "height": height, "channels": 1 if first.ndim == 2 else channels,
             "bytes": first.nbytes, "bit_depth": 8, "modality": None, "pixel_spacing": None,
             "slice_thickness": None, "window": None}
-    return [({"sha256": hashlib.sha256(_array_bytes(rec.array)).hexdigest(),  # type: ignore[arg-type]
-              "pixel_hash": pixel_hash(img), **same, **dict(zip(STATS, row.tolist()))}, None,
-             to_model_input(img, cfg.image_size, cfg.channels), None) for rec, img, row in zip(recs, rgb, stats)]
+    # sha256 of each stacked row: the same bytes as its array's, as process_record hashes them
+    return [({"sha256": hashlib.sha256(arr).hexdigest(), "pixel_hash": pixel_hash(img), **same,
+              **dict(zip(STATS, row.tolist()))}, None, to_model_input(img, cfg.image_size, cfg.channels), None)
+            for arr, img, row in zip(batch, rgb, stats)]
 
 
 def ordered_chunks(fn: Callable[[int, Sequence[T]], R], items: Sequence[T], workers: int) -> Iterator[R]:
