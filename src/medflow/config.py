@@ -150,6 +150,10 @@ class ModelConfig(_Section):
     learning_rate: float = Field(1e-3, gt=0)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
+    # weight averaging: an exponential moving average of the trained weights (momentum per step, e.g. 0.99);
+    # validation, checkpoints and the saved model then use the average
+    ema: float | None = Field(None, gt=0, lt=1)
+    keep: Literal["best", "last"] = "best"  # saved weights: of the epoch with the best val_loss, or of the last
     augment: Augment = Augment()
     class_weight: Literal["balanced", "none"] = "balanced"
     use_embedding_cache: bool = True  # frozen backbones: train the head on cached embeddings

@@ -101,7 +101,19 @@ def _optimizer(cfg: ModelConfig) -> keras.optimizers.Optimizer:
     import keras
 
     return {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
-            "rmsprop": keras.optimizers.RMSprop}[cfg.optimizer](learning_rate=cfg.learning_rate)
+            "rmsprop": keras.optimizers.RMSprop}[cfg.optimizer](
+        learning_rate=cfg.learning_rate, use_ema=cfg.ema is not None, ema_momentum=cfg.ema or 0.99)
+
+
+def averaged_weights(model: keras.Model) -> list[keras.Variable]:
+    """``model.weights`` with each trainable weight replaced by the optimizer's moving average of it
+    (``ModelConfig.ema``); the weights themselves when the optimizer keeps no average."""
+    opt = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # mixed precision wraps it
+    if not getattr(opt, "use_ema", False) or not opt.built:
+        return list(model.weights)
+    average = {id(v): a for v, a in zip(opt._trainable_variables, opt._model_variables_moving_average, strict=True)
+               if a is not None}
+    return [average.get(id(w), w) for w in model.weights]
 
 
 def _create_training_state(net: keras.Model, num_classes: int) -> None:
@@ -145,7 +157,9 @@ def _load_arrays(path: Path, variables: Sequence[keras.Variable]) -> dict[str, n
 def _checkpoint_callbacks(best_path: Path, backup_dir: Path, monitor: str,
                           best: float | None) -> tuple[keras.callbacks.Callback, keras.callbacks.Callback]:
     """(best weights, per-epoch backup): the roles of Keras' ModelCheckpoint(save_best_only, weights only)
-    and BackupAndRestore, each state one ``.npz`` written atomically."""
+    and BackupAndRestore, each state one ``.npz`` written atomically. The best weights are the averaged
+    ones when the optimizer keeps an average (what validation measured); the backup holds the raw weights
+    and the optimizer's variables, averages included."""
     import keras
 
     class BestWeights(keras.callbacks.Callback):
@@ -159,7 +173,7 @@ def _checkpoint_callbacks(best_path: Path, backup_dir: Path, monitor: str,
             value = (logs or {}).get(monitor)
             if value is not None and float(value) < self.best:
                 self.best = float(value)
-                _save_arrays(best_path, self.model.weights)
+                _save_arrays(best_path, averaged_weights(self.model))
 
     class Backup(keras.callbacks.BackupAndRestore):
         """Keras' BackupAndRestore (resume at the epoch after the last one finished; deleted when training
@@ -268,6 +282,7 @@ def _fit(net: keras.Model, train_ds: Any, val_ds: Any, cfg: ModelConfig, params:
     live.log_params({"model": cfg.model_dump(mode="json"), "train": params.train.model_dump(mode="json")})
     stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=params.train.patience)
     callbacks = [
+        *([keras.callbacks.SwapEMAWeights()] if cfg.ema is not None else []),  # validate the averaged weights
         keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.2, patience=params.train.lr_patience,
                                           min_lr=1e-7, verbose=1),
         stopper,
@@ -280,14 +295,16 @@ def _fit(net: keras.Model, train_ds: Any, val_ds: Any, cfg: ModelConfig, params:
     start = time.perf_counter()
     net.fit(train_ds, validation_data=val_ds if has_val else None, epochs=cfg.epochs, class_weight=weights,
             steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)  # datasets shuffle
-    seconds = time.perf_counter() - start
-    if best_path.exists():
+    seconds = time.perf_counter() - start  # fit() ends with the averaged weights in place (ema)
+    if cfg.keep == "best" and best_path.exists():
         _load_arrays(best_path, net.weights)
     scored = [r for r in rows.values() if r.get(monitor) not in (None, "")]
     best = min(scored, key=lambda r: float(r[monitor])) if scored else {}
     return {"seconds": seconds, "ran": history.ran, "epochs": max(rows, default=0),
             "stopped_early": stopper.stopped_epoch > 0, "monitor": monitor,
             "best_epoch": int(best["epoch"]) if best else None,
+            "kept_epoch": max(rows, default=None) if cfg.keep == "last" or not best_path.exists()
+            else int(best["epoch"]),
             "best": {k: float(best[k]) for k in HISTORY_COLUMNS[1:5] if best and best.get(k) not in (None, "")}}
 
 
@@ -368,6 +385,7 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
         "embedding_cache": embed_info.get("key"), "epochs_planned": cfg.epochs, "epochs_run": fit["epochs"],
         "epochs_this_run": len(fit["ran"]), "resumed_from_epoch": (fit["ran"][0] - 1) if resuming and fit["ran"]
         else None, "stopped_early": fit["stopped_early"], "monitor": fit["monitor"], "best_epoch": fit["best_epoch"],
+        "kept": cfg.keep, "kept_epoch": fit["kept_epoch"], "ema": cfg.ema,
         "best": fit["best"], "seconds": round(fit["seconds"], 2),
         "images_per_second": round(n_train * len(fit["ran"]) / max(fit["seconds"], 1e-9), 1),
         "params": {"total": int(model.count_params()),
@@ -375,7 +393,8 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
         "batch_size": cfg.batch_size, "mixed_precision": mixed, "replicas": strategy.num_replicas_in_sync,
     }
     atomic_write_json(out_dir / "train_summary.json", summary)
+    kept = f"epoch {fit['kept_epoch']}'s {'averaged ' if cfg.ema is not None else ''}weights"
     print(f"train {model_name}: {summary['epochs_run']} epochs, best {fit['monitor']} "
-          f"{fit['best'].get(fit['monitor'])} at epoch {fit['best_epoch']} -> {out_dir / 'model.keras'}",
+          f"{fit['best'].get(fit['monitor'])} at epoch {fit['best_epoch']}; {kept} -> {out_dir / 'model.keras'}",
           file=sys.stderr)
     return summary

@@ -86,6 +86,8 @@ def fabricate_project(root: Path) -> Layout:
         hist = pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.9, 0.6, 0.4], "accuracy": [0.5, 0.7, 0.8],
                              "val_loss": [0.8, 0.6, 0.5], "val_accuracy": [0.55, 0.7, 0.75], "lr": [1e-3] * 3})
         write(lay.model_dir(name) / "history.csv", hist.to_csv(index=False))
+        kept = {"kept": "last", "kept_epoch": 3, "ema": 0.99} if k == 0 else {"kept": "best", "kept_epoch": 3, "ema": None}
+        write(lay.model_dir(name) / "train_summary.json", json.dumps({"model": name, **kept}))
         logits = rng.normal(size=(60, 2)) + (2.0 - k) * np.eye(2)[y]
         proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
         m = compute_metrics(y, proba, CLASSES, bootstrap=20, bins=10, seed=0)
@@ -143,6 +145,11 @@ def test_report_has_every_section_embedded_and_offline(tmp_path):
     champion = json.loads(lay.champion.read_text())["model"]
     assert f"Champion: <strong>{champion}</strong>" in html
     assert "Not available yet" not in html
+    # which weights each saved model holds (train_summary.json)
+    sections = {m: html.split(f'id="model-{m}"', 1)[1].split("<section", 1)[0] for m in MODELS}
+    plain = " ".join(sections[MODELS[0]].split())
+    assert "averaged over the recent training steps (moving average, momentum 0.99) after epoch 3 (the last" in plain
+    assert "uses the weights after epoch 3 (the lowest validation loss)" in " ".join(sections[MODELS[1]].split())
 
 
 def test_report_degrades_gracefully_without_inputs(tmp_path):

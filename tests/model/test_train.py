@@ -301,3 +301,54 @@ def test_same_seed_same_model(processed: Path, tmp_path: Path) -> None:
     assert runs[0]["best"] == runs[1]["best"] and runs[0]["epochs_run"] == 3
     a, b = (load_model(tmp_path / f"run{i}" / "model.keras").get_weights() for i in range(2))
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+class _StepWeights(keras.callbacks.Callback):
+    """The raw trainable weights after every training step, grouped by epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[list[list[np.ndarray]]] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epochs.append([])
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.epochs[-1].append([keras.ops.convert_to_numpy(w) for w in self.model.trainable_weights])
+
+
+def _ema_by_epoch(steps: _StepWeights, momentum: float) -> list[list[np.ndarray]]:
+    """Exponential moving average of the recorded weights at each epoch's end (first step: the weights)."""
+    average, out = None, []
+    for epoch in steps.epochs:
+        for weights in epoch:
+            average = weights if average is None else [momentum * a + (1 - momentum) * w
+                                                       for a, w in zip(average, weights, strict=True)]
+        out.append(average)
+    return out
+
+
+@pytest.mark.parametrize("keep", ["best", "last"])
+def test_weight_average_is_validated_checkpointed_and_saved(processed: Path, tmp_path: Path, keep: str) -> None:
+    """With ``ema``, validation scores the averaged weights and the saved model holds the average of the
+    epoch kept (``keep``: best val_loss or last), not the raw weights."""
+    momentum = 0.8
+    params = _params(cnn=CNN | {"epochs": 4, "ema": momentum, "keep": keep, "augment": {"flip": False}})
+    steps = _StepWeights()
+    summary = train("cnn", params, processed, tmp_path / "emb", tmp_path / "run", callbacks=[steps])
+    rows = _history(tmp_path / "run")
+    kept = summary["best_epoch"] if keep == "best" else 4
+    assert summary["kept"] == keep and summary["kept_epoch"] == kept and summary["ema"] == momentum
+
+    model = load_model(tmp_path / "run" / "model.keras")
+    expected = _ema_by_epoch(steps, momentum)[kept - 1]
+    raw = steps.epochs[kept - 1][-1]
+    for saved, average, last in zip(model.trainable_weights, expected, raw, strict=True):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(saved), average, rtol=1e-4, atol=1e-6)
+    assert not all(np.allclose(a, r, atol=1e-6) for a, r in zip(expected, raw, strict=True))  # averaging mattered
+
+    # the val_loss logged for the kept epoch is the saved (averaged) model's loss on the val split
+    x, y, _ = shards.load_arrays(processed, "val")
+    proba = model.predict(x.astype("float32"), verbose=0)
+    loss = float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, proba)))
+    assert float(rows[kept - 1]["val_loss"]) == pytest.approx(loss, rel=1e-4)
