@@ -9,8 +9,9 @@ official npz goes through ``stages.ingest`` -> ``stages.split`` (``respect_sourc
 train/val/test are kept) -> ``stages.preprocess`` (shards) -> ``stages.train`` with a ``--recipe``
 (``RECIPES``: ``cnn``, basic_cnn widened to two convs per block and trained from scratch at the native
 28 px; ``cnnema``, the same on a fixed 25-epoch schedule whose weights are averaged (EMA) and the last
-average kept; ``cnnwide``, the same as ``cnn`` with twice the filters (64/128/256); ``lite0``, EfficientNet-Lite0 with real
-ImageNet weights fine-tuned from ``block4`` at 64 px; the val split drives early stopping / best weights),
+average kept; ``cnnwide``, ``cnn`` with twice the filters (64/128/256); ``lite0``, EfficientNet-Lite0 with
+real ImageNet weights fine-tuned from ``block4`` at 64 px; except in ``cnnema`` the val split drives early
+stopping and the best weights),
 once per seed; the saved ``model.keras`` is scored on the official test split with
 ``evaluate.compute_metrics``. Extra step (reported as its own row): horizontal-flip test-time averaging.
 
