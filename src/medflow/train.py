@@ -296,15 +296,15 @@ def _fit(net: keras.Model, train_ds: Any, val_ds: Any, cfg: ModelConfig, params:
     net.fit(train_ds, validation_data=val_ds if has_val else None, epochs=cfg.epochs, class_weight=weights,
             steps_per_epoch=steps_per_epoch, callbacks=callbacks, shuffle=False, verbose=2)  # datasets shuffle
     seconds = time.perf_counter() - start  # fit() ends with the averaged weights in place (ema)
-    if cfg.keep == "best" and best_path.exists():
-        _load_arrays(best_path, net.weights)
     scored = [r for r in rows.values() if r.get(monitor) not in (None, "")]
     best = min(scored, key=lambda r: float(r[monitor])) if scored else {}
+    keep_best = cfg.keep == "best" and best_path.exists() and bool(best)
+    if keep_best:
+        _load_arrays(best_path, net.weights)
     return {"seconds": seconds, "ran": history.ran, "epochs": max(rows, default=0),
             "stopped_early": stopper.stopped_epoch > 0, "monitor": monitor,
             "best_epoch": int(best["epoch"]) if best else None,
-            "kept_epoch": max(rows, default=None) if cfg.keep == "last" or not best_path.exists()
-            else int(best["epoch"]),
+            "kept_epoch": int(best["epoch"]) if keep_best else max(rows, default=None),
             "best": {k: float(best[k]) for k in HISTORY_COLUMNS[1:5] if best and best.get(k) not in (None, "")}}
 
 
