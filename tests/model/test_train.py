@@ -25,6 +25,7 @@ from medflow.runtime import gc_frozen  # noqa: E402
 from medflow.train import (  # noqa: E402
     HISTORY_COLUMNS,
     _create_training_state,
+    averaged_weights,
     class_weights,
     datasets,
     train,
@@ -355,3 +356,38 @@ def test_weight_average_is_validated_checkpointed_and_saved(processed: Path, tmp
     proba = model.predict(x.astype("float32"), verbose=0)
     loss = float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, proba)))
     assert float(rows[kept - 1]["val_loss"]) == pytest.approx(loss, rel=1e-4 if mixed == "off" else 1e-2)
+
+
+class _Averages(keras.callbacks.Callback):
+    """The averaged trainable weights (``averaged_weights``) at train begin and at every epoch end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.at_begin: list[np.ndarray] = []
+        self.at_end: list[list[np.ndarray]] = []
+
+    def _now(self) -> list[np.ndarray]:
+        return [keras.ops.convert_to_numpy(w) for w in averaged_weights(self.model)]
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.at_begin = self._now()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.at_end.append(self._now())
+
+
+def test_weight_average_resumes_after_kill(processed: Path, tmp_path: Path) -> None:
+    """The backup carries the moving average: a resumed run continues from the average it had reached."""
+    params = _params(cnn=CNN | {"epochs": 3, "ema": 0.8, "keep": "last"})
+    out = tmp_path / "run"
+    first = _Averages()
+    with pytest.raises(SimulatedKill):
+        train("cnn", params, processed, tmp_path / "emb", out, callbacks=[first, _Kill(at=0)])
+    second = _Averages()
+    summary = train("cnn", params, processed, tmp_path / "emb", out, callbacks=[second])
+    assert summary["resumed_from_epoch"] == 1 and summary["epochs_run"] == 3 and summary["kept_epoch"] == 3
+    for resumed, killed in zip(second.at_begin, first.at_end[0], strict=True):
+        np.testing.assert_array_equal(resumed, killed)
+    saved = load_model(out / "model.keras").weights
+    for w, a in zip(saved, second.at_end[-1], strict=True):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(w), a, rtol=1e-6)
