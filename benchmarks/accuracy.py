@@ -178,15 +178,12 @@ def summary(values: list[float]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- MedMNIST
-def run_medmnist(name: str, recipe: str, seeds: int, quick: bool, work: Path, first_seed: int = 0) -> dict[str, Any]:
-    from medflow.data import shards
-    from medflow.evaluate import compute_metrics
-    from medflow.models.registry import load_model
-    from medflow.train import train
-
+def medmnist_setup(name: str, recipe: str, work: Path, *, quick: bool = False, prefix: str = ""):
+    """``(params dict, Layout, stage info, model name, model entry)`` for ``recipe`` on MedMNIST ``name``,
+    its data prepared in ``work`` (official splits kept, native 28 px); None when the npz is missing."""
     source = MEDMNIST / f"{name}.npz"
     if not source.exists():
-        return {"dataset": name, "skipped": f"{source} not found (../shared is not beside this checkout)"}
+        return None
     work.mkdir(parents=True, exist_ok=True)
     if quick:
         source = quick_npz(source, work / f"{name}-quick.npz")
@@ -198,10 +195,24 @@ def run_medmnist(name: str, recipe: str, seeds: int, quick: bool, work: Path, fi
     layout, info = prepare(raw, work)
     spec = RECIPES[recipe]
     fields = spec["entry"] | {"augment": AUGMENT[name]} | ({"epochs": 1} if quick else {})
-    model = f"{recipe}-{name}"
+    model = f"{prefix}{recipe}-{name}"
     raw["models"] = {model: lite0(**fields) if recipe == "lite0" else fields}
     raw["active_models"] = [model]
     raw["train"].update(spec.get("train", {}))
+    return raw, layout, info, model, fields
+
+
+def run_medmnist(name: str, recipe: str, seeds: int, quick: bool, work: Path, first_seed: int = 0) -> dict[str, Any]:
+    from medflow.data import shards
+    from medflow.evaluate import compute_metrics
+    from medflow.models.registry import load_model
+    from medflow.train import train
+
+    setup = medmnist_setup(name, recipe, work, quick=quick)
+    if setup is None:
+        return {"dataset": name, "skipped": f"{MEDMNIST / f'{name}.npz'} not found (../shared is not beside this checkout)"}
+    raw, layout, info, model, fields = setup
+    spec = RECIPES[recipe]
     classes = shards.read_meta(layout.processed)["classes"]
     x, y, _ = shards.load_arrays(layout.processed, "test")
     x = x.astype("float32")

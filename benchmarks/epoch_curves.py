@@ -40,21 +40,11 @@ def main() -> None:
     from medflow.data import shards
     from medflow.train import train
 
-    source = accuracy.MEDMNIST / f"{args.dataset}.npz"
-    if not source.exists():
-        print(f"skipped: {source} not found (../shared is not beside this checkout)")
+    setup = accuracy.medmnist_setup(args.dataset, args.recipe, args.work / args.dataset, prefix="curves-")
+    if setup is None:
+        print(f"skipped: {accuracy.MEDMNIST / f'{args.dataset}.npz'} not found (../shared is not beside this checkout)")
         return
-    raw = accuracy.base_raw()
-    raw["data"].update(source=str(source), format="npz", group_pattern=None,
-                       label_names=accuracy.BLOOD_NAMES if args.dataset == "bloodmnist" else None)
-    raw["ingest"]["image_size"] = 28
-    raw["split"]["respect_source_split"] = True
-    layout, _ = accuracy.prepare(raw, args.work / args.dataset)
-    spec = accuracy.RECIPES[args.recipe]
-    fields = spec["entry"] | {"augment": accuracy.AUGMENT[args.dataset]}
-    model = f"curves-{args.recipe}-{args.dataset}"
-    raw["models"], raw["active_models"] = {model: fields}, [model]
-    raw["train"].update(spec.get("train", {}))
+    raw, layout, _, model, fields = setup
     raw["train"]["patience"] = fields["epochs"] + 1  # every epoch runs
     splits = {s: shards.load_arrays(layout.processed, s)[:2] for s in ("val", "test")}
 
