@@ -1,7 +1,7 @@
 """Accuracy on public data through medflow's own pipeline, beside published figures.
 
     .venv/bin/python benchmarks/accuracy.py [--dataset {bloodmnist,pneumoniamnist,malaria,all}]
-                                            [--recipe {cnn,cnnema,cnnwide,lite0}] [--seeds 3] [--first-seed 0]
+                                            [--recipe {cnn,cnnema,cnnwide,lite0,lite0all}] [--seeds 3] [--first-seed 0]
                                             [--quick]
 
 BloodMNIST / PneumoniaMNIST (``../shared/datasets/medmnist``, skipped with a note when missing): the
@@ -10,7 +10,7 @@ train/val/test are kept) -> ``stages.preprocess`` (shards) -> ``stages.train`` w
 (``RECIPES``: ``cnn``, basic_cnn widened to two convs per block and trained from scratch at the native
 28 px; ``cnnema``, the same on a fixed 25-epoch schedule whose weights are averaged (EMA) and the last
 average kept; ``cnnwide``, ``cnn`` with twice the filters (64/128/256); ``lite0``, EfficientNet-Lite0 with
-real ImageNet weights fine-tuned from ``block4`` at 64 px; except in ``cnnema`` the val split drives early
+real ImageNet weights fine-tuned from ``block4`` at 64 px; ``lite0all``, the same fine-tuned end to end; except in ``cnnema`` the val split drives early
 stopping and the best weights),
 once per seed; the saved ``model.keras`` is scored on the official test split with
 ``evaluate.compute_metrics``. Extra step (reported as its own row): horizontal-flip test-time averaging.
@@ -22,8 +22,9 @@ its C is chosen by an inner grouped 3-fold CV on the training folds only). Varia
 product default), 224 px, and 224 px with the embedding averaged over 8 flips/rotations (extra step).
 Each seed re-draws the fold assignment (``split.seed``).
 
-Per-dataset (and per-recipe) results are kept as JSON in ``--work``; the table covers every result
-there, and a full (non ``--quick``) run rewrites the ``## Accuracy (benchmarks/accuracy.py)`` section of
+Per-dataset (and per-recipe) results of full runs are kept as JSON in ``benchmarks/results/accuracy/`` (tracked,
+so the table can be rebuilt from every recorded run; ``--quick`` results stay in ``--work``); the table covers
+every result there, and a full (non ``--quick``) run rewrites the ``## Accuracy (benchmarks/accuracy.py)`` section of
 ``benchmarks/RESULTS.md`` (other sections untouched).
 """
 
@@ -50,6 +51,7 @@ MALARIA = ROOT / "data" / "raw" / "malaria-cells-400"
 LITE0 = ROOT / "models" / "pretrained" / "efficientnet_lite0_imagenet_notop.keras"
 RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 HEADING = "## Accuracy (benchmarks/accuracy.py)"
+RESULTS_JSON = ROOT / "benchmarks" / "results" / "accuracy"  # one result_<dataset>_<recipe>.json per full run
 
 PUBLISHED = {
     "bloodmnist": "MedMNIST v2 ACC: ResNet-18 (28) 0.958, Google AutoML Vision 0.966",
@@ -84,6 +86,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "lite0": {"label": "Lite0 ImageNet, fine-tuned block4+ at 64 px (medflow train), {epochs} epochs, augment",
               "entry": {"input_size": 64, "trainable": ["block4"], "learning_rate": 3e-4, "batch_size": 64,
                         "head_units": 0, "dropout": 0.3, "epochs": 5}},
+    # the same backbone fine-tuned end to end (BatchNormalization included) at 64 px
+    "lite0all": {"label": "Lite0 ImageNet, fine-tuned end to end at 64 px (medflow train), {epochs} epochs, augment",
+                 "entry": {"input_size": 64, "trainable": "all", "learning_rate": 3e-4, "batch_size": 64,
+                           "head_units": 0, "dropout": 0.3, "epochs": 10}},
 }
 QUICK_COUNTS = {"train": 256, "val": 64, "test": 128}
 # Exploratory runs that chose the recipes above (one seed, same pipeline; not rerun by this script).
@@ -196,7 +202,7 @@ def medmnist_setup(name: str, recipe: str, work: Path, *, quick: bool = False, p
     spec = RECIPES[recipe]
     fields = spec["entry"] | {"augment": AUGMENT[name]} | ({"epochs": 1} if quick else {})
     model = f"{prefix}{recipe}-{name}"
-    raw["models"] = {model: lite0(**fields) if recipe == "lite0" else fields}
+    raw["models"] = {model: lite0(**fields) if recipe.startswith("lite0") else fields}
     raw["active_models"] = [model]
     raw["train"].update(spec.get("train", {}))
     return raw, layout, info, model, fields
@@ -383,10 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--quick", action="store_true", help="tiny subsets, 1 epoch (smoke run)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/medflow-accuracy"),
-                    help="working folder (data, models, per-dataset result JSON)")
+                    help="working folder (data, models; --quick result JSON)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     work = args.work / ("quick" if args.quick else "full")
+    store = work if args.quick else RESULTS_JSON
+    store.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     names = ["bloodmnist", "pneumoniamnist", "malaria"] if args.dataset == "all" else [args.dataset]
     for name in names:
@@ -397,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
             result = run_medmnist(name, args.recipe, args.seeds, args.quick, work / name, args.first_seed)
             key = f"{name}_{args.recipe}" + (f"_from{args.first_seed}" if args.first_seed else "")
         result |= {"command": command, "wall_seconds": round(time.perf_counter() - start, 1)}
-        (work / f"result_{key}.json").write_text(json.dumps(result, indent=2))
-    order = ["bloodmnist", "pneumoniamnist", "malaria"]  # every result kept in --work, every recipe
-    results = sorted((json.loads(f.read_text()) for f in work.glob("result_*.json")),
+        (store / f"result_{key}.json").write_text(json.dumps(result, indent=2) + "\n")
+    order = ["bloodmnist", "pneumoniamnist", "malaria"]  # every recorded result, every recipe
+    results = sorted((json.loads(f.read_text()) for f in store.glob("result_*.json")),
                      key=lambda r: (order.index(r["dataset"]), r.get("recipe", ""), r.get("first_seed", 0)))
     out = table(results) + "\n\n" + notes(results) + "\n\n" + TRIED
     print(out)
