@@ -128,6 +128,10 @@ TRIED = """Tried while choosing the recipes (one seed each, 2 shared CPU cores, 
 - BloodMNIST, Lite0 fine-tuned from block4 at 64 px: Adam lr 1e-3 diverged (train accuracy 0.09-0.11 for
   3 epochs, test 0.091); lr 3e-4, 2 epochs: val 0.860, test 0.844 (flip TTA 0.853). Full fine-tuning at 64 px
   trains at ~100 img/s here (vs ~200 img/s from block4), too slow for 3 seeds in the time budget.
+- BloodMNIST, Lite0 fine-tuned end to end (BatchNormalization included; the `lite0all` recipe) at 64 px, Adam
+  3e-4, 10 epochs (session 8, seed 0, 889 s; `python benchmarks/accuracy.py --dataset bloodmnist --recipe lite0all
+  --seeds 1`): val accuracy 0.72 after epoch 1, 0.83-0.90 from epoch 4 on (train 0.94 at epoch 10), best epoch
+  8; test 0.899 (flip TTA 0.907), below both from-scratch CNNs. Not run on further seeds.
 - Malaria, one fold assignment: frozen Lite0 + LR at 128 px 0.898-0.908 (C 1-0.01), 8-view embedding 0.920-0.930;
   at 224 px 0.940-0.947, 8-view 0.945-0.952. The 224 px / 8-view variants were chosen on this same
   400-image sample, so their CV figure is slightly optimistic.
