@@ -58,7 +58,8 @@ class DataConfig(_Section):
     ordered: bool = False  # labels are ordinal grades (quadratic weighted kappa is reported)
     label_names: dict[str, str] | None = None  # npz: {"0": "basophil", ...}
     # Extra labelled folders (globs, relative to the project root), e.g. batches added by retraining:
-    # read like class-folder sources and always assigned to the train split (the test set stays fixed).
+    # read like class-folder sources, marked source_split "extra": the split stage puts them in train
+    # without moving any other row (a row linked to a val/test patient or image is excluded instead).
     extra_sources: list[str] = []
     csv: CsvSource = CsvSource()
     dicom: DicomSource = DicomSource()
@@ -97,7 +98,7 @@ class ValidateConfig(_Section):
     max_quarantine_share: float = Field(0.05, ge=0.0, le=1.0)
     min_side: int = Field(8, ge=1)
     max_side: int = Field(20000, ge=1)
-    allowed_channels: list[int] = [1, 3, 4]
+    allowed_channels: list[int] = [1, 2, 3, 4]  # as found (grey, grey+alpha, RGB, RGBA; all converted to RGB)
     expected_labels: list[str] | None = None  # None = data.labels or whatever ingest found
 
 
@@ -166,8 +167,11 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "on", "off"] = "auto"  # auto = on when a GPU is visible
 
 
+ChampionMetric = Literal["accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "qwk", "ece"]  # ece: lower wins
+
+
 class EvaluateConfig(_Section):
-    champion_metric: str = "macro_f1"
+    champion_metric: ChampionMetric = "macro_f1"  # qwk needs data.ordered
     bootstrap: int = Field(1000, ge=0)
     calibration_bins: int = Field(10, ge=2)
     gradcam_per_class: int = Field(3, ge=0)
@@ -207,6 +211,7 @@ class RetrainConfig(_Section):
     retry_delay_s: float = Field(30.0, ge=0)
     incoming_dir: str = "data/batches/incoming"  # one folder per new batch
     processed_dir: str = "data/batches/processed"  # batches already monitored
+    failed_dir: str = "data/batches/failed"  # batches the monitor could not check (+ <name>.error.txt)
     extra_dir: str = "data/raw/extra"  # labelled batches added to training (DVC-tracked, train split only)
 
 
@@ -239,6 +244,9 @@ class Params(_Section):
         missing = [m for m in self.active_models if m not in self.models]
         if missing:
             raise ValueError(f"active_models names models not defined under 'models': {missing}")
+        if self.evaluate.champion_metric == "qwk" and not self.data.ordered:
+            raise ValueError("evaluate.champion_metric: qwk (quadratic weighted kappa) is computed for ordered "
+                             "grades only; set data.ordered: true or choose another metric")
         return self
 
     def model(self, name: str) -> ModelConfig:

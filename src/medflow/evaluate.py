@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -30,10 +30,11 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from medflow.config import ChampionMetric
 from medflow.io import atomic_write, atomic_write_csv, atomic_write_json, sha256_file
 
 # Scalar metrics written to the metrics JSON; the champion metric must be one of them.
-SCALAR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "qwk", "ece")
+SCALAR_METRICS: tuple[str, ...] = get_args(ChampionMetric)  # one list: what params.yaml may name
 LOWER_IS_BETTER = frozenset({"ece"})
 
 

@@ -64,3 +64,16 @@ def test_unknown_model_lookup():
     p = load_params(ROOT / "params.yaml")
     with pytest.raises(ConfigError, match="unknown model"):
         p.model("does_not_exist")
+
+
+def test_champion_metric_is_checked_when_params_load():
+    """A metric evaluation does not compute stops at load time, not after every model has trained."""
+    raw = _raw()
+    raw["evaluate"]["champion_metric"] = "f1"
+    with pytest.raises(ConfigError, match=r"evaluate\.champion_metric: Input should be 'accuracy'"):
+        parse_params(raw)
+    raw["evaluate"]["champion_metric"] = "qwk"
+    with pytest.raises(ConfigError, match=r"qwk .* ordered grades only; set data\.ordered: true"):
+        parse_params(raw)
+    raw["data"] |= {"ordered": True, "labels": ["Uninfected", "Parasitized"]}
+    assert parse_params(raw).evaluate.champion_metric == "qwk"

@@ -242,8 +242,9 @@ def test_dicom_folder(tmp_path: Path) -> None:
     assert_pixels_match(manifest, pixels, tmp_path / "src", data)
 
 
-def test_extra_sources_join_the_train_split(malaria_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Labelled batches under data.extra_sources are ingested with the source, prefixed and train-only."""
+def test_extra_sources_are_marked_extra(malaria_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Labelled batches under data.extra_sources are ingested with the source, prefixed and marked
+    ``extra`` (the split stage puts them in train without moving the source's rows)."""
     main, batch = tmp_path / "main", tmp_path / "extra" / "batch-01"
     for cls in ("Parasitized", "Uninfected"):
         (main / cls).mkdir(parents=True)
@@ -259,7 +260,7 @@ def test_extra_sources_join_the_train_split(malaria_dir: Path, tmp_path: Path, m
     manifest, _, pixels, _ = read_outputs(tmp_path / "out")
     assert summary["found"] == summary["accepted"] == 16 and len(pixels) == 16
     extra = manifest[manifest["id"].str.startswith("extra/batch-01/")]
-    assert len(extra) == 6 and set(extra["source_split"]) == {"train"}
+    assert len(extra) == 6 and set(extra["source_split"]) == {"extra"}
     assert manifest.loc[~manifest["id"].str.startswith("extra/"), "source_split"].isna().all()
 
 
@@ -281,7 +282,7 @@ def test_stage_reads_extra_sources_under_the_project_root(malaria_dir: Path, tmp
     params = parse_params({"data": {"source": "data/raw/cells", "extra_sources": ["data/raw/extra/*/"]},
                            "ingest": {"image_size": 16, "workers": 1}})
     summary = stages.ingest(params, Layout(root))
-    assert summary["found"] == summary["accepted"] == 12 and summary["source_splits"] == {"train": 4}
+    assert summary["found"] == summary["accepted"] == 12 and summary["source_splits"] == {"extra": 4}
 
 
 @pytest.mark.parametrize("shape", [(28, 28), (28, 28, 1), (28, 28, 3), (9, 40, 3)])
@@ -309,3 +310,32 @@ def test_array_batch_declines_what_it_cannot_batch() -> None:
     tiny = Record("t", "x", array=np.zeros((4, 4), np.uint8))
     assert process_array_batch([tiny, tiny], SMALL) is None
     assert process_record(tiny, DataConfig(), SMALL)[3][0] == "too_small"
+
+
+def test_grey_alpha_is_converted_and_passes_the_default_channel_check(tmp_path: Path) -> None:
+    """A grey+alpha PNG (2 channels as found) is composited to RGB and not failed by the validation gate."""
+    from medflow.config import ValidateConfig
+    from medflow.data.validate import ValidationFailed, validate
+
+    grey = np.tile(np.arange(0, 240, 10, dtype=np.uint8), (24, 1))
+    alpha = np.full_like(grey, 255)
+    alpha[:, :6] = 0  # left quarter transparent: black after compositing
+    for k, cls in enumerate(("A", "B")):  # two classes, different pixels
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        la = np.dstack([grey + k, alpha])
+        (tmp_path / "src" / cls / "la.png").write_bytes(pil_bytes(Image.fromarray(la, "LA"), "PNG"))
+    ingest(tmp_path / "src", tmp_path / "out", DataConfig(), IngestConfig(image_size=24, workers=1), progress=False)
+    manifest, quarantine, pixels, _ = read_outputs(tmp_path / "out")
+    assert quarantine.empty and manifest["channels"].tolist() == [2, 2]
+    for k, row in enumerate(manifest.sort_values("path")["row"]):
+        expected = np.where(alpha > 0, grey + k, 0)
+        assert all((pixels[row][..., c] == expected).all() for c in range(3))
+    out = tmp_path / "validation"
+    try:  # two images fail the row-count checks; the channel check is what this test is about
+        validate(*(tmp_path / "out" / f for f in ("manifest.csv", "quarantine.csv", "ingest_summary.json")), out,
+                 ValidateConfig(), DataConfig())
+    except ValidationFailed:
+        pass
+    results = json.loads((out / "validation.json").read_text())["results"]
+    channels = [r for r in results if r.get("column") == "channels"]
+    assert channels and all(r["success"] for r in channels)

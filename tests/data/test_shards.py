@@ -150,6 +150,19 @@ def test_empty_split_and_input_errors(tmp_path):
     assert json.loads((tmp_path / "processed" / "meta.json").read_text())["counts"]["train"] == 7  # untouched
 
 
+
+def test_excluded_rows_are_written_to_no_split_and_reported(tmp_path, capsys):
+    """``excluded`` (extra rows linked to val/test rows) reach no split; an unknown split value stops."""
+    manifest, splits, _ = make_inputs(tmp_path, n=10, split_of=lambda i: ("train", "val", "test", "excluded")[i % 4])
+    summary = write(tmp_path)
+    assert summary["counts"] == {"train": 3, "val": 3, "test": 2} and summary["excluded"] == 2
+    written = [i for split in ("train", "val", "test") for i in load_arrays(tmp_path / "processed", split)[2]]
+    assert sorted(written) == sorted(splits.loc[splits["split"] != "excluded", "id"])
+    assert "2 excluded (split 'excluded')" in capsys.readouterr().err
+    splits.assign(split=["holdout"] + splits["split"].tolist()[1:]).to_csv(tmp_path / "splits.csv", index=False)
+    with pytest.raises(ValueError, match=r"unknown split values \['holdout'\]"):
+        write(tmp_path)
+
 MEASURE = """
 import json, sys, psutil
 from medflow.data import shards

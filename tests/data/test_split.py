@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medflow.config import DataConfig, SplitConfig
-from medflow.data.manifest import SPLITS
-from medflow.data.split import assign_splits, components, read_manifest, run_split
+from medflow.data.manifest import EXCLUDED, EXTRA, SPLITS
+from medflow.data.split import assign_splits, components, count_table, read_manifest, run_split
 
 MALARIA = Path(__file__).resolve().parents[2] / "data" / "raw" / "malaria-cells-400"
 
@@ -151,13 +151,93 @@ def test_run_split_writes_splits_and_counts(tmp_path, capsys):
 
 
 def test_extra_train_data_leaves_the_test_set_unchanged():
-    """Retraining adds labelled batches as official 'train' rows: the held-out test set must not move."""
+    """Retraining adds labelled batches as ``extra`` rows: the held-out test set must not move."""
     base = malaria_frame()
     extra = base.head(30).assign(id=lambda d: "extra/b1/" + d["id"], group=lambda d: "new-" + d["group"],
-                                 pixel_hash=lambda d: "x" + d["pixel_hash"], source_split="train")
+                                 pixel_hash=lambda d: "x" + d["pixel_hash"], source_split=EXTRA)
     before = assign_splits(base, SplitConfig())
     after = assign_splits(pd.concat([base, extra], ignore_index=True), SplitConfig())
     test_before = set(before.loc[before["split"] == "test", "id"])
     test_after = set(after.loc[after["split"] == "test", "id"])
     assert test_before == test_after and test_before
     assert set(after.loc[after["id"].str.startswith("extra/"), "split"]) == {"train"}
+
+
+def test_extra_rows_of_known_slides_never_move_val_or_test():
+    """New cells from slides already split (same group) or duplicates of split images (same pixels) go
+    to train when their slide is in train, else to ``excluded``; every source row keeps its split."""
+    base = malaria_frame()
+    before = assign_splits(base, SplitConfig())
+    where = dict(zip(base["group"], before["split"]))
+    slides = {s: next(g for g, v in where.items() if v == s) for s in SPLITS}  # one slide of each split
+    dup = base.loc[before["split"] == "val"].iloc[0]  # a duplicate of a val image on a new slide
+    extra = pd.DataFrame({"id": ["extra/b1/t.png", "extra/b1/v.png", "extra/b1/s.png", "extra/b1/d.png",
+                                 "extra/b1/n.png"],
+                          "label": ["Parasitized"] * 5,
+                          "group": [slides["train"], slides["val"], slides["test"], "new-slide", "other-slide"],
+                          "pixel_hash": ["e1", "e2", "e3", dup["pixel_hash"], "e5"], "source_split": EXTRA})
+    out = assign_splits(pd.concat([base, extra], ignore_index=True), SplitConfig())
+    assert out["split"][:len(base)].tolist() == before["split"].tolist()  # not one source row moved
+    assert out["split"][len(base):].tolist() == ["train", EXCLUDED, EXCLUDED, EXCLUDED, "train"]
+
+
+extra_rows = st.integers(1, 40).flatmap(lambda n: st.tuples(
+    st.lists(st.sampled_from(["a", "b"]), min_size=n, max_size=n),
+    st.lists(st.sampled_from(["", "g1", "g2", "g3", "g4", "g5"]), min_size=n, max_size=n),
+    st.lists(st.sampled_from(["", "h1", "h2"]) | st.uuids().map(str), min_size=n, max_size=n),
+    st.lists(st.sampled_from(["", "", "train", "test", EXTRA, EXTRA]), min_size=n, max_size=n),
+))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=extra_rows, seed=st.integers(0, 2**16))
+def test_extra_rows_never_change_the_other_rows_splits(data, seed):
+    df = frame(*data)
+    cfg = SplitConfig(seed=seed)
+    out = assign_splits(df, cfg)
+    extra = (df["source_split"] == EXTRA).to_numpy()
+    alone = assign_splits(df[~extra], cfg)
+    assert out["split"][~extra].tolist() == alone["split"].tolist()  # as if the extra rows did not exist
+    assert set(out["split"][extra]) <= {"train", EXCLUDED}
+    kept = (out["split"] != EXCLUDED).to_numpy()
+    assert_no_leak(df[kept].reset_index(drop=True), out[kept].reset_index(drop=True))
+    comp = components(df)  # an extra row is excluded exactly when it is linked to a val/test row
+    held = set(comp[~extra & (out["split"] != "train").to_numpy()])
+    assert [c in held for c in comp[extra]] == (out["split"][extra] == EXCLUDED).tolist()
+
+
+def test_test_split_is_carved_when_the_source_has_none():
+    """A tree with only train/ (and val/) folders still gets a test split, carved from its train part."""
+    n = 60
+    labels, groups, hashes = ["a", "b"] * (n // 2), [f"p{i // 2}" for i in range(n)], [f"h{i}" for i in range(n)]
+    out = assign_splits(frame(labels, groups, hashes, ["train"] * 50 + ["val"] * 10), SplitConfig())
+    assert (out["split"][50:] == "val").all()
+    head = out["split"][:50].value_counts()
+    assert set(head.index) == {"train", "test"} and abs(head["test"] / 50 - 0.3 / 0.9) < 0.07
+    only_train = assign_splits(frame(labels, groups, hashes, ["train"] * n), SplitConfig())
+    counts = only_train["split"].value_counts()
+    assert set(counts.index) == set(SPLITS) and abs(counts["test"] / n - 0.3) < 0.07
+    assert_no_leak(frame(labels, groups, hashes), only_train)
+
+
+def test_run_split_stops_on_an_empty_split_and_reports_excluded_rows(tmp_path, capsys):
+    df = frame(["a", "b"], ["p1", "p2"], ["h1", "h2"])
+    df.to_csv(tmp_path / "tiny.csv", index=False)
+    with pytest.raises(ValueError, match=r"no rows in (val|test).*2 independent groups"):
+        run_split(tmp_path / "tiny.csv", tmp_path / "s.csv", tmp_path / "c.csv", SplitConfig())
+    assert not (tmp_path / "s.csv").exists()
+
+    base = malaria_frame()
+    before = assign_splits(base, SplitConfig())
+    test_slide = base["group"][(before["split"] == "test").to_numpy()].iloc[0]
+    extra = pd.DataFrame({"id": ["extra/b/x.png", "extra/b/y.png"], "label": ["Uninfected"] * 2,
+                          "group": [test_slide, "brand-new"], "pixel_hash": ["e1", "e2"], "source_split": EXTRA})
+    pd.concat([base, extra], ignore_index=True).to_csv(tmp_path / "manifest.csv", index=False)
+    summary = run_split(tmp_path / "manifest.csv", tmp_path / "splits.csv", tmp_path / "counts.csv", SplitConfig())
+    assert summary["extra_rows"] == 2 and summary["excluded"] == 1 and summary["moved_from_source_split"] == 0
+    assert summary["rows"] == 402 and sum(summary["counts"].values()) == 401
+    counts = pd.read_csv(tmp_path / "counts.csv").set_index("label")
+    assert list(counts.columns) == ["train", "val", "test", EXCLUDED, "total"]
+    assert counts.loc["Uninfected", EXCLUDED] == 1 and counts.loc["total", "total"] == 402
+    assert "1 of 2 extra rows share a patient/slide or pixels with val/test rows" in capsys.readouterr().err
+    assert list(count_table(pd.Series(["a"]), pd.Series(["train"])).columns) == ["train", "val", "test", "total"]

@@ -5,7 +5,8 @@ Columns (README documents them too):
   path         path relative to the source root (npz: ``<file>.npz:<split>:<index>``)
   label        class name (string)
   group        patient / slide / eye-pair id; rows sharing it never cross splits
-  source_split train|val|test when the source fixes it, else empty
+  source_split train|val|test when the source fixes it, ``extra`` for rows of ``data.extra_sources``
+               (labelled batches added by retraining), else empty
   sha256       sha256 of the file's bytes, as ``sha256sum`` prints it (npz: of the array's bytes)
   pixel_hash   xxh3-128 of the decoded 8-bit pixels: exact duplicates share it, whatever the encoding
   format       png|jpeg|bmp|tiff|npz|dicom|...
@@ -29,3 +30,5 @@ MANIFEST_COLUMNS = [
 ]
 QUARANTINE_COLUMNS = ["path", "reason", "detail"]
 SPLITS = ("train", "val", "test")
+EXTRA = "extra"  # source_split of rows from data.extra_sources: training data that never moves a split
+EXCLUDED = "excluded"  # split of extra rows linked to val/test rows: in no split, so val/test stay fixed

@@ -27,7 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from medflow.config import DataConfig
-from medflow.data.manifest import SPLITS
+from medflow.data.manifest import EXCLUDED, SPLITS
 from medflow.data.split import read_manifest
 from medflow.io import read_csv, replace_dir
 
@@ -73,6 +73,9 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
     if (missing := np.flatnonzero(pd.isna(split))).size:
         raise ValueError(f"{splits_csv}: {missing.size} manifest ids have no split, "
                          f"e.g. {manifest['id'].iloc[missing[:5]].tolist()}")
+    if unknown := set(split) - {*SPLITS, EXCLUDED}:
+        raise ValueError(f"{splits_csv}: unknown split values {sorted(unknown)}; expected {SPLITS} or {EXCLUDED!r}")
+    excluded = int((split == EXCLUDED).sum())  # extra rows linked to val/test rows: written to no split
     labels = manifest["label"].astype(str).to_numpy()
     classes = list(data.labels) if data.labels else sorted(set(labels))
     index = pd.Index(classes).get_indexer(labels).astype(np.int32)
@@ -155,9 +158,9 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
     replace_dir(tmp, out_dir)
     print(f"shards: {len(rows)} images ({size}px, {channels}ch, {len(classes)} classes) -> "
           + ", ".join(f"{s} {meta['counts'][s]} in {len(meta['shards'][s])} shard(s)" for s in SPLITS)
-          + f" at {out_dir}", file=sys.stderr)
+          + (f", {excluded} excluded (split '{EXCLUDED}')" if excluded else "") + f" at {out_dir}", file=sys.stderr)
     return {k: meta[k] for k in ("classes", "image_size", "channels", "counts")} | {
-        "shards": {s: len(v) for s, v in meta["shards"].items()}}
+        "shards": {s: len(v) for s, v in meta["shards"].items()}} | ({"excluded": excluded} if excluded else {})
 
 
 def read_meta(processed_dir: str | Path) -> dict:

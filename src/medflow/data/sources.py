@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from medflow.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from medflow.data.manifest import EXTRA
 
 if TYPE_CHECKING:
     from medflow.config import CsvSource, DataConfig
@@ -206,12 +207,13 @@ def list_records(source: str | Path, fmt: Format, data: DataConfig) -> list[Reco
 
 def extra_records(patterns: list[str] | tuple[str, ...], group_pattern: str | None, root: str | Path = ".") -> list[Record]:
     """Records of every class-folder source matching ``patterns`` (globs relative to ``root``),
-    ids prefixed with the folder's relative path and forced into the train split."""
+    ids prefixed with the folder's relative path, ``source_split`` :data:`~medflow.data.manifest.EXTRA`
+    (the split stage puts them in train, never moving the source's own rows)."""
     root = Path(root)
     folders = sorted({p for pat in patterns for p in root.glob(pat) if p.is_dir()}, key=lambda p: natural_key(str(p)))
     out = []
     for folder in folders:
         prefix = folder.relative_to(root).as_posix()
         for r in folder_records(folder, group_pattern):
-            out.append(Record(f"{prefix}/{r.path}", r.label, r.group, "train", r.file, r.array, r.problem))
+            out.append(Record(f"{prefix}/{r.path}", r.label, r.group, EXTRA, r.file, r.array, r.problem))
     return out

@@ -6,8 +6,14 @@ pixels) form one connected component; a component never crosses splits or folds.
 How rows are placed:
   * Official splits (``source_split`` non-empty, ``respect_source_split``) are kept. A component that
     spans two official splits goes to the most held-out one (test > val > train) so no duplicate
-    leaks; the number of rows moved that way is reported. When the source has train but no val,
-    val is carved from the official train part at ``val / (train + val)``.
+    leaks; the number of rows moved that way is reported. When the source has train but no val
+    and/or no test, the missing ones are carved from the official train part at their ratios
+    (e.g. ``val / (train + val)``).
+  * Rows of ``data.extra_sources`` (``source_split`` ``extra``: labelled batches added by retraining)
+    never move the other rows: those are split as if the extra rows did not exist, so val and test
+    stay exactly as they were. An extra row goes to train, unless it shares a group or pixels with a
+    val/test row: then its split is ``excluded`` (in no split, reported), as putting it in train
+    would leak and putting it in val/test would change them.
   * Everything else is split by a seeded greedy: components, largest first (ties in seeded random
     order), each go to the split whose per-class deficit they fill best (least squared error of the
     class-normalised counts against ``ratio * class total``). scikit-learn's StratifiedGroupKFold
@@ -31,7 +37,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 from medflow.config import SplitConfig
-from medflow.data.manifest import SPLITS
+from medflow.data.manifest import EXCLUDED, EXTRA, SPLITS
 from medflow.io import atomic_write, atomic_write_csv, read_csv
 
 _TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "pixel_hash", "format",
@@ -51,10 +57,11 @@ def _text(col: pd.Series) -> np.ndarray:
 
 
 def _source(df: pd.DataFrame) -> np.ndarray:
-    """Official split per row (lower-case train/val/test), "" where the source sets none."""
+    """Official split per row (lower-case train/val/test), ``extra`` for rows of ``data.extra_sources``,
+    "" where the source sets none."""
     if "source_split" not in df:
         return np.full(len(df), "", dtype=object)
-    return np.array([s if s in SPLITS else "" for s in (v.lower() for v in _text(df["source_split"]))],
+    return np.array([s if s in (*SPLITS, EXTRA) else "" for s in (v.lower() for v in _text(df["source_split"]))],
                     dtype=object)
 
 
@@ -113,15 +120,29 @@ def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig, comp: np.ndarray 
     """Return ``DataFrame[id, split, fold]`` (one row per manifest row, same order); ``comp`` is
     :func:`components` of the manifest when the caller has it already."""
     df = manifest_df.reset_index(drop=True)
-    comp = components(df) if comp is None else comp
-    split, fold = _assign(comp, _text(df["label"]), _source(df), cfg)
+    split, fold = _split_rows(df, components(df) if comp is None else comp, cfg)
     return pd.DataFrame({"id": _text(df["id"]).astype(str), "split": split.astype(str), "fold": fold})
 
 
-def _assign(comp: np.ndarray, labels: np.ndarray, source: np.ndarray,
-            cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Split name (object array) and fold (-1 when folds are off) per row, from each row's component,
-    label and official split (:func:`_source`)."""
+def _split_rows(df: pd.DataFrame, comp: np.ndarray, cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Split name (object array) and fold (-1 when folds are off) per row of the manifest ``df``, whose
+    :func:`components` are ``comp``; extra rows as in the module docstring."""
+    labels, source = _text(df["label"]).astype(str), _source(df)
+    extra = source == EXTRA
+    if not extra.any():
+        return _assign(comp, labels, source, cfg), _folds(comp, labels, cfg)
+    base = ~extra
+    split = np.empty(len(df), dtype=object)
+    split[base] = _assign(components(df[base].reset_index(drop=True)), labels[base], source[base], cfg)
+    held_out = np.zeros(int(comp.max()) + 1, dtype=bool)  # components holding a val/test row
+    held_out[comp[base][split[base] != "train"]] = True
+    split[extra] = np.where(held_out[comp[extra]], EXCLUDED, "train")
+    return split, _folds(comp, labels, cfg)
+
+
+def _assign(comp: np.ndarray, labels: np.ndarray, source: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """Split name per row (object array), from each row's component, label and official split
+    (:func:`_source`, without ``extra``)."""
     y = labels.astype(str)
     if not cfg.respect_source_split:
         source = np.full(len(comp), "", dtype=object)
@@ -138,13 +159,20 @@ def _assign(comp: np.ndarray, labels: np.ndarray, source: np.ndarray,
         picked = _greedy(sub, y[free], list(SPLITS), [cfg.train, cfg.val, cfg.test], cfg.seed)
         split[free] = [picked[c] for c in sub]
     official = set(source) - {""}
+    missing = [s for s in ("val", "test") if s not in official]
     carve = (split == "train") & ~free
-    if official and "val" not in official and carve.any() and not free.any():
+    if official and missing and carve.any() and not free.any():
         sub = pd.factorize(comp[carve])[0]
-        picked = _greedy(sub, y[carve], ["train", "val"], [cfg.train / (cfg.train + cfg.val),
-                                                          cfg.val / (cfg.train + cfg.val)], cfg.seed)
+        names = ["train", *missing]
+        total = sum(getattr(cfg, s) for s in names)
+        picked = _greedy(sub, y[carve], names, [getattr(cfg, s) / total for s in names], cfg.seed)
         split[carve] = [picked[c] for c in sub]
+    return split
 
+
+def _folds(comp: np.ndarray, labels: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """Grouped stratified fold per row over all rows (-1 everywhere when ``cfg.folds`` <= 1)."""
+    y = labels.astype(str)
     fold = np.full(len(comp), -1, dtype=int)
     if cfg.folds > 1:
         n_groups = int(comp.max()) + 1 if len(comp) else 0
@@ -156,19 +184,22 @@ def _assign(comp: np.ndarray, labels: np.ndarray, source: np.ndarray,
         sgkf = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
         for k, (_, held) in enumerate(sgkf.split(np.zeros(len(comp)), y, groups=comp)):
             fold[held] = k
-    return split, fold
+    return fold
 
 
 def count_table(labels: pd.Series, splits: pd.Series) -> pd.DataFrame:
-    """Per-class x per-split counts (classes sorted) with a ``total`` column and a ``total`` row."""
+    """Per-class x per-split counts (classes sorted) with a ``total`` column and a ``total`` row; an
+    ``excluded`` column too when rows have that split."""
     codes, uniques = pd.factorize(np.asarray(labels, dtype=object))
     order = np.argsort(uniques.astype(str), kind="stable")
     names, label_index = uniques[order].astype(str), np.argsort(order)[codes]
-    split_index = pd.Index(SPLITS).get_indexer(np.asarray(splits, dtype=object))
-    counts = np.zeros((len(names), len(SPLITS)), dtype=np.int64)
+    splits = np.asarray(splits, dtype=object)
+    columns = [*SPLITS, EXCLUDED] if (splits == EXCLUDED).any() else list(SPLITS)
+    split_index = pd.Index(columns).get_indexer(splits)
+    counts = np.zeros((len(names), len(columns)), dtype=np.int64)
     known = split_index >= 0
     np.add.at(counts, (label_index[known], split_index[known]), 1)
-    table = pd.DataFrame(counts, index=pd.Index(names, name="label"), columns=list(SPLITS))
+    table = pd.DataFrame(counts, index=pd.Index(names, name="label"), columns=columns)
     table["total"] = table.sum(axis=1)
     table.loc["total"] = table.sum(axis=0)
     return table
@@ -176,20 +207,27 @@ def count_table(labels: pd.Series, splits: pd.Series) -> pd.DataFrame:
 
 def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str | Path,
               cfg: SplitConfig) -> dict:
-    """Split the manifest; write ``splits_csv`` (id, split, fold) and the per-class count table."""
+    """Split the manifest; write ``splits_csv`` (id, split, fold) and the per-class count table.
+    Stops with a message when a split would be empty (training needs all three)."""
     df = read_manifest(manifest_csv, ["id", "label", "group", "pixel_hash", "source_split"])
     comp = components(df)
-    labels, src = _text(df["label"]), _source(df)
-    split, fold = _assign(comp, labels, src, cfg)
-    out = pd.DataFrame({"id": _text(df["id"]).astype(str), "split": split.astype(str), "fold": fold})
+    out = assign_splits(df, cfg, comp)
+    labels, src, split = _text(df["label"]), _source(df), out["split"].to_numpy(dtype=object)
+    n = len(out)
+    counts = {s: int((split == s).sum()) for s in SPLITS}
+    if n and (empty := [s for s in SPLITS if not counts[s]]):
+        raise ValueError(
+            f"split: no rows in {'/'.join(empty)} ({counts}, {int(comp.max()) + 1} independent groups "
+            f"of patients/slides/duplicates). Every split needs rows: add data or groups, or change "
+            f"split.train/val/test; with official splits, split.respect_source_split: false re-splits them")
     table = count_table(labels, split)
     atomic_write_csv(splits_csv, out)
     atomic_write(counts_csv, table.to_csv(index_label="label"))
-    n = len(out)
-    counts = {s: int((split == s).sum()) for s in SPLITS}
-    official = set(src) - {""}
-    carved = (src == "train") & (split == "val") & ("val" not in official)
-    moved = (src != "") & (src != split) & ~carved
+    official = set(src) - {"", EXTRA}
+    carved = (src == "train") & np.isin(split, [s for s in ("val", "test") if s not in official])
+    moved = (src != "") & (src != EXTRA) & (src != split) & ~carved
+    extra = src == EXTRA
+    excluded = int((split == EXCLUDED).sum())
     summary = {
         "rows": n,
         "components": int(comp.max()) + 1 if n else 0,
@@ -200,8 +238,14 @@ def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str 
         "moved_from_source_split": int(moved.sum()) if cfg.respect_source_split else 0,
         "folds": cfg.folds if cfg.folds > 1 else 0,
     }
+    if extra.any():  # rows of data.extra_sources: in train, or excluded when linked to val/test rows
+        summary |= {"extra_rows": int(extra.sum()), "excluded": excluded}
     ratio_text = ":".join(f"{counts[s]}" for s in SPLITS)
     print(f"split: {n} rows in {summary['components']} independent groups -> "
           f"train:val:test = {ratio_text}"
           + (f", {cfg.folds} grouped folds" if cfg.folds > 1 else ""), file=sys.stderr)
+    if excluded:
+        print(f"split: {excluded} of {int(extra.sum())} extra rows share a patient/slide or pixels with val/test "
+              f"rows: split '{EXCLUDED}' in {splits_csv} (not trained on, so val/test stay as they were)",
+              file=sys.stderr)
     return summary
