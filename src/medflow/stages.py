@@ -13,8 +13,6 @@ from pathlib import Path
 from medflow.config import Params
 from medflow.layout import Layout
 
-DATA_STAGES = ("ingest", "validate", "split", "preprocess")
-
 
 def ingest(params: Params, layout: Layout = Layout(), source: str | Path | None = None) -> dict:
     """Source (folder | CSV | npz | DICOM) -> manifest, quarantine, pixels, summary."""

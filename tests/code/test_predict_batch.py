@@ -11,7 +11,8 @@ import pytest
 from serve_support import CLASSES, make_tiny_champion, sample_pngs
 
 from medflow.config import CsvSource, DataConfig, IngestConfig
-from medflow.serve.batch import predict_paths
+from medflow.data.sources import csv_records
+from medflow.serve.batch import expand_inputs, predict_paths
 from medflow.serve.predictor import Predictor
 
 PROB_COLS = [f"p_{c}" for c in CLASSES]
@@ -93,6 +94,28 @@ def test_batching_does_not_change_results(inputs, champion: Path, tmp_path: Path
     _, single = _run(inputs, champion, tmp_path / "b1.csv", batch_size=1)
     pd.testing.assert_series_equal(batched["status"], single["status"])
     np.testing.assert_allclose(batched[PROB_COLS].to_numpy(float), single[PROB_COLS].to_numpy(float), atol=1e-5)
+
+
+def test_csv_lists_name_the_files_ingest_reads(champion: Path, tmp_path: Path) -> None:
+    """A dotted name without the extension, whitespace around names, ``NA`` as a name, a ``.tsv`` list."""
+    images = tmp_path / "listed" / "img"
+    images.mkdir(parents=True)
+    for f, name in zip(sample_pngs(3), ["scan.001.png", "NA.png", "b.png"]):
+        shutil.copy(f, images / name)
+    csv = images.parent / "list.csv"  # no label column: a plain list to predict
+    pd.DataFrame({"file": [" scan.001 ", "NA", "b.png", ""]}).to_csv(csv, index=False)
+    tsv = images.parent / "labelled.tsv"
+    tsv.write_text("file\tlevel\nscan.001\t0\nNA \t1\nb\t1\n")
+    csv_cfg = CsvSource(image_column="file", image_dir="img", extension=".png")
+    data_cfg = DataConfig(csv=csv_cfg)
+
+    expected = [images / "NA.png", images / "b.png", images / "scan.001.png"]  # ingest's natural order
+    assert expand_inputs([csv], data_cfg) == expected
+    assert expand_inputs([tsv], data_cfg) == expected
+    assert [Path(r.file) for r in csv_records(tsv, csv_cfg.model_copy(update={"label_column": "level"}), None)] == expected
+    summary = predict_paths([csv, tsv], tmp_path / "p.csv", champion_json=champion, data_cfg=data_cfg,
+                            ingest_cfg=IngestConfig(image_size=32), progress=False)
+    assert summary["files"] == 6 and summary["predicted"] == 6
 
 
 def test_missing_champion_is_a_clear_error(tmp_path: Path) -> None:

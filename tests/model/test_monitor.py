@@ -241,6 +241,26 @@ def test_bad_files_are_quarantined_and_the_batch_still_reported(project: SimpleN
     assert not any(r.startswith("quarantined share") for r in s["reasons"])  # 3/63 is within the default 10 %
 
 
+def test_folder_batch_is_read_as_a_folder_whatever_the_training_format(project: SimpleNamespace,
+                                                                       tmp_path: Path) -> None:
+    """A class-folder batch (what ``medflow simulate-batch`` writes) of a project whose ``data.format`` is
+    ``csv``; the outputs are readable by group and others, as every pipeline output (``medflow.io``)."""
+    from medflow.monitor.run import monitor_batch
+    from medflow.monitor.simulate import simulate_batch
+
+    batch = tmp_path / "batches" / "folder"
+    simulate_batch(project.images, project.labels, batch, n=40, seed=5)
+    params = project.params.model_copy(update={"data": project.params.data.model_copy(update={"format": "csv"})})
+    out_root = tmp_path / "monitoring"
+    s = monitor_batch(batch, champion_json=project.champion, reference=project.reference, out_root=out_root,
+                      params=params)
+    assert s["n_images"] == 40 and s["performance"]["batch"]["n"] == 40
+    written = [out_root / "folder" / f for f in ("report.html", "summary.json", "predictions.csv")]
+    written += [out_root / "history.csv", *(out_root / "reference").iterdir()]
+    assert len(written) == 6 and not list(out_root.rglob(".*.tmp"))
+    assert {f.name: oct(f.stat().st_mode & 0o044) for f in written} == {f.name: oct(0o044) for f in written}
+
+
 def test_reference_is_cached_per_champion_version(project: SimpleNamespace, out_root: Path, clean: dict) -> None:
     from medflow.monitor.run import monitor_batch
 

@@ -21,14 +21,6 @@ _IMAGENET_FILES = {
     "inception_v3": "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5",
     "efficientnet_b0": "efficientnetb0_notop.h5",
 }
-_KERAS_CALLS = {
-    "vgg16": "VGG16",
-    "vgg19": "VGG19",
-    "resnet50": "ResNet50",
-    "inception_v3": "InceptionV3",
-    "mobilenet_v2": "MobileNetV2",
-    "efficientnet_b0": "EfficientNetB0",
-}
 _MOBILENET_SIZES = (96, 128, 160, 192, 224)
 
 
@@ -83,7 +75,10 @@ def resolve_weights(cfg: ModelConfig, input_size: int | None = None) -> str | No
         fname = imagenet_filename(cfg.architecture, input_size or cfg.input_size or 224)
         path = keras_models_dir() / fname
         if not path.is_file():
-            call = _KERAS_CALLS[cfg.architecture]
+            # backbones imports this module (and keras): import it only for the message
+            from medflow.models.backbones import APPLICATIONS
+
+            call = APPLICATIONS[cfg.architecture][0]
             raise WeightsUnavailable(
                 f"ImageNet weights for {cfg.architecture} are not available offline: {fname} is not in "
                 f"{keras_models_dir()}/. Put the file there (on a machine with internet, "

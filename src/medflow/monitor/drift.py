@@ -18,8 +18,6 @@ import pandas as pd
 from medflow.monitor import MonitorConfig
 from medflow.monitor.features import IMAGE_FEATURES
 
-GROUPS = ("image", "embedding", "prediction")
-
 
 def feature_groups(pcs: list[str]) -> dict[str, list[str]]:
     """Drift-tested columns by group."""

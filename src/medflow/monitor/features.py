@@ -5,8 +5,7 @@ is computed once per champion version and reference data, and cached."""
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from medflow.io import atomic_write
 from medflow.monitor import MonitorConfig
 
 # Manifest columns compared batch vs reference: brightness, contrast, sharpness, colour, size as found.
 IMAGE_FEATURES = ("mean", "std", "sharpness", "mean_r", "mean_g", "mean_b", "width", "height")
-PREDICTION_FEATURES = ("prediction", "confidence")
 
 
 def pc_columns(k: int) -> list[str]:
@@ -154,11 +153,8 @@ def reference_features(champion: Champion, ref: ReferenceData, cache_dir: str | 
     pca = PCA(n_components=k, svd_solver="full").fit(emb)
     projection = Projection(pca.mean_, pca.components_)
     frame = feature_frame(train, emb, proba, projection, champion.classes)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for path, write in ((pca_file, lambda p: np.savez(p, mean=pca.mean_, components=pca.components_)),
-                        (parquet, lambda p: frame.to_parquet(p, index=False))):
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=path.suffix)
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, mean=pca.mean_, components=pca.components_)
+    atomic_write(pca_file, buf.getvalue())
+    atomic_write(parquet, frame.to_parquet(index=False))
     return frame, projection, parquet

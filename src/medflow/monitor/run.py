@@ -8,8 +8,6 @@ for drift without a performance check.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
 import tempfile
@@ -21,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from medflow.config import Params
+from medflow.io import atomic_write, atomic_write_json
 from medflow.monitor import MonitorConfig, monitor_config
 from medflow.monitor.drift import (
     classification_snapshot,
@@ -41,14 +40,6 @@ from medflow.monitor.verdict import decide, group_drift
 HISTORY_COLUMNS = ["time", "batch", "verdict", "n_images", "n_quarantined", "drift_share", "drifted_groups",
                    "embedding_auc", "accuracy", "macro_f1", "champion_version", "reasons", "report", "summary"]
 _EXTERNAL = re.compile(r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", re.IGNORECASE)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def external_references(html: str) -> list[str]:
@@ -144,7 +135,7 @@ def render_report(summary: dict[str, Any], drift_snap: Any, cls_snap: Any | None
 
 def _append_history(path: Path, row: dict[str, Any]) -> None:
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    _write_atomic(path, old + pd.DataFrame([row], columns=HISTORY_COLUMNS).to_csv(index=False, header=not old))
+    atomic_write(path, old + pd.DataFrame([row], columns=HISTORY_COLUMNS).to_csv(index=False, header=not old))
 
 
 def _batch_name(source: Path) -> str:
@@ -168,8 +159,10 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
     batch_dir.mkdir(parents=True, exist_ok=True)
     ingest_cfg = params.ingest.model_copy(update={"image_size": int(champion.record["image_size"]),
                                                   "channels": int(champion.record["channels"])})
+    # The batch's own format (a class-folder batch stays a folder when the training source is a CSV or npz).
+    data_cfg = params.data.model_copy(update={"format": "auto"})
     with tempfile.TemporaryDirectory(prefix="medflow-monitor-") as tmp:
-        ing = ingest(batch_source, tmp, params.data, ingest_cfg, progress=progress)
+        ing = ingest(batch_source, tmp, data_cfg, ingest_cfg, progress=progress)
         for f in ("quarantine.csv", "ingest_summary.json"):
             shutil.copyfile(Path(tmp) / f, batch_dir / f)
         manifest = pd.read_csv(Path(tmp) / "manifest.csv", dtype={"id": str, "label": str, "path": str})
@@ -214,10 +207,10 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
         "params": cfg.model_dump(),
         "report": "report.html",
     }
-    _write_atomic(batch_dir / "report.html", render_report(summary, drift_snap, cls_snap))
-    _write_atomic(batch_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write(batch_dir / "report.html", render_report(summary, drift_snap, cls_snap))
+    atomic_write_json(batch_dir / "summary.json", summary)
     preds = current[["id", "label", "prediction", "confidence"]].copy()
-    _write_atomic(batch_dir / "predictions.csv", preds.to_csv(index=False))
+    atomic_write(batch_dir / "predictions.csv", preds.to_csv(index=False))
     _append_history(out_root / "history.csv", {
         "time": summary["time"], "batch": name, "verdict": summary["verdict"], "n_images": summary["n_images"],
         "n_quarantined": summary["n_quarantined"], "drift_share": round(values["drift_share"], 4),

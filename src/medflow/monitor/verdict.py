@@ -16,8 +16,6 @@ from typing import Any
 
 from medflow.monitor import MonitorConfig
 
-VERDICTS = ("ok", "drift", "degraded")
-
 
 def group_drift(features: dict[str, dict[str, Any]], embedding_auc: float | None,
                 cfg: MonitorConfig) -> dict[str, dict[str, Any]]:

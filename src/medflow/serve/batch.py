@@ -4,40 +4,48 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from medflow.config import DataConfig, IngestConfig
+from medflow.config import CsvSource, DataConfig, IngestConfig
 from medflow.data.images import BadImage, load_image_file
+from medflow.data.sources import csv_records
 from medflow.io import atomic_write_csv
 from medflow.serve.predictor import Predictor
 
 
 def expand_inputs(paths: Iterable[str | Path], data_cfg: DataConfig) -> list[Path]:
-    """Files as given; folders recursively (sorted, hidden entries skipped); a ``.csv`` by its image column.
-
-    CSV rows use ``data.csv.image_column`` (relative to ``data.csv.image_dir`` or the CSV's folder,
-    ``data.csv.extension`` appended when the name has no suffix). Paths that do not exist are kept
-    so that they are reported as ``missing_file``.
+    """Files as given; folders recursively (sorted, hidden entries skipped); a ``.csv``/``.tsv`` list by its
+    image column, resolved as ``medflow ingest`` resolves it (:func:`_csv_list`). Paths that do not exist are
+    kept so that they are reported as ``missing_file``.
     """
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
             out += sorted(f for f in p.rglob("*") if f.is_file()
                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        elif p.suffix.lower() == ".csv" and p.is_file():
-            csv = data_cfg.csv
-            base = p.parent / (csv.image_dir or "")
-            names = pd.read_csv(p, dtype=str)[csv.image_column].dropna()
-            out += [base / (n if Path(n).suffix else n + csv.extension) for n in names]
+        elif p.suffix.lower() in (".csv", ".tsv") and p.is_file():
+            out += _csv_list(p, data_cfg.csv)
         else:
             out.append(p)
     return out
+
+
+def _csv_list(csv_path: Path, csv_cfg: CsvSource) -> list[Path]:
+    """The files a CSV list names, by ingest's own CSV reader (``medflow.data.sources.csv_records``): names
+    in ``csv_cfg.image_column`` stripped, ``csv_cfg.extension`` appended unless a name already ends with
+    it, relative to ``csv_cfg.image_dir`` or the CSV's folder; tab-separated for ``.tsv``; ``NA`` is a
+    name, not a missing value. One path per distinct file, in ingest's (natural) order; rows with an
+    empty name are skipped. The label column is optional here."""
+    # csv_records needs a label column: the image column stands in for it (a row's "label" is its name).
+    cfg = csv_cfg.model_copy(update={"label_column": csv_cfg.image_column, "group_column": None})
+    return [csv_path.parent / r.path for r in csv_records(csv_path, cfg, None) if r.label]
 
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
