@@ -3,14 +3,19 @@
 New batches are folders under ``retrain.incoming_dir`` (``data/batches/incoming/<name>``; class
 sub-folders when labelled) or one path given as ``batch``. Each is checked by
 ``medflow.monitor.run.monitor_batch`` (verdict ``ok`` | ``drift`` | ``degraded``) and then moved to
-``retrain.processed_dir``. Retraining starts on drift/degradation, or when at least
-``retrain.min_new_labelled`` labelled images wait in processed batches that are not yet training data.
+``retrain.processed_dir``. A batch the monitor cannot check (e.g. empty, or no usable image) is moved
+to ``retrain.failed_dir`` with ``<name>.error.txt`` beside it; the other batches and the retraining
+decision go on, and the flow run then fails naming those batches. Retraining starts on
+drift/degradation, or when at least ``retrain.min_new_labelled`` labelled images (images in folders
+named after the production model's classes) wait in processed batches that are not yet training data.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import traceback
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,21 +23,32 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
-from flows.retraining import pending_batches, retraining_flow
+from flows.retraining import champion_record, pending_batches, retraining_flow
+from medflow import orchestrate
 from medflow.config import load_params
 from medflow.layout import Layout
-from medflow.promote import PRODUCTION, RetrainBusy, retrain_config
+from medflow.promote import RetrainBusy, retrain_config
 
 RETRAIN_DEPLOYMENT = "retraining/retraining"  # <flow name>/<deployment name> (see flows/deploy.py)
 
 
-def champion_record(root: Path) -> Path:
-    """The record of the deployed model (``models/production``), else the last run's champion."""
-    production = root / PRODUCTION / "champion.json"
-    return production if production.exists() else Layout(root).champion
+class BatchesFailed(RuntimeError):
+    """Some batches could not be monitored (moved to ``retrain.failed_dir``); ``summary`` is the flow's result."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
-@task(cache_policy=NO_CACHE, persist_result=False, retries=1, retry_delay_seconds=10)
+def _retry_transient(task: Any, run: Any, state: Any) -> bool:
+    """Retry only errors another attempt may fix: not bad config, nor a batch without usable images."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (*orchestrate.permanent_errors(), ValueError))
+
+
+# retries / delay are overridden in the flow from retrain.task_retries / retrain.retry_delay_s
+@task(cache_policy=NO_CACHE, persist_result=False, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=_retry_transient)
 def check_batch(root: str, batch: str) -> dict[str, Any]:
     """Run the monitor on one batch; returns its summary (``verdict`` among them)."""
     from medflow import stages
@@ -45,7 +61,8 @@ def check_batch(root: str, batch: str) -> dict[str, Any]:
 
 
 def archive_batch(batch: Path, processed: Path, incoming: Path) -> Path:
-    """Move a batch from the incoming folder to the processed one (copy when it lives elsewhere)."""
+    """Move a batch from the incoming folder to ``processed`` (copy when it lives elsewhere); a taken
+    name gets ``-1``, ``-2`` ... appended."""
     processed.mkdir(parents=True, exist_ok=True)
     dest = processed / batch.name
     n = 1
@@ -55,6 +72,17 @@ def archive_batch(batch: Path, processed: Path, incoming: Path) -> Path:
         os.replace(batch, dest)
     else:
         shutil.copytree(batch, dest)
+    return dest
+
+
+def fail_batch(batch: Path, failed: Path, incoming: Path, error: BaseException) -> Path:
+    """Move a batch the monitor could not check to ``failed`` (as :func:`archive_batch` does) and write
+    ``<failed>/<name>.error.txt`` (exception type and message, then the traceback) beside it."""
+    dest = archive_batch(batch, failed, incoming)
+    tb = "".join(traceback.format_exception(error)).rstrip()
+    (failed / f"{dest.name}.error.txt").write_text(
+        f"{type(error).__name__}: {error}\n\nbatch: {batch}\nmoved to: {dest}\n"
+        f"time: {datetime.now(UTC).isoformat(timespec='seconds')}\n\n{tb}\n", encoding="utf-8")
     return dest
 
 
@@ -89,14 +117,29 @@ def monitoring_flow(root: str = ".", batch: str | None = None,
     logger = get_run_logger()
     path = Path(root).resolve()
     cfg = retrain_config(load_params(path / "params.yaml"))
-    incoming, processed = path / cfg.incoming_dir, path / cfg.processed_dir
+    incoming, processed, failed = path / cfg.incoming_dir, path / cfg.processed_dir, path / cfg.failed_dir
     if batch:
         todo = [Path(batch)]
     else:
         todo = sorted(p for p in incoming.glob("*") if p.is_dir() and not p.name.startswith("."))
-    verdicts = {}
+    if todo and not champion_record(path).is_file():  # no model to check against: not the batches' fault
+        raise FileNotFoundError(f"{champion_record(path)}: no model to monitor against (train and promote one "
+                                f"first); {len(todo)} batch(es) left in place")
+    check = check_batch.with_options(retries=cfg.task_retries, retry_delay_seconds=cfg.retry_delay_s)
+    verdicts: dict[str, Any] = {}
+    failures: dict[str, str] = {}  # batch name -> where it went and why
     for b in todo:
-        result = check_batch.with_options(task_run_name=f"monitor {b.name}")(str(path), str(b))
+        try:
+            result = check.with_options(task_run_name=f"monitor {b.name}")(str(path), str(b))
+        except Exception as e:  # noqa: BLE001  (one bad batch must not block the others; re-raised below)
+            logger.error("batch %s could not be monitored: %s: %s", b.name, type(e).__name__, e)
+            try:
+                dest = fail_batch(b, failed, incoming, e)
+                failures[b.name] = f"moved to {dest} (see {dest.name}.error.txt there): {type(e).__name__}: {e}"
+            except OSError as move_error:
+                logger.error("batch %s could not be moved to %s: %s", b.name, failed, move_error)
+                failures[b.name] = f"left in place (move failed: {move_error}): {type(e).__name__}: {e}"
+            continue
         verdicts[archive_batch(b, processed, incoming).name] = result.get("verdict")
     waiting = sum(pending_batches(path, cfg).values())
     reasons = [f"{name}: {v}" for name, v in verdicts.items() if v in ("drift", "degraded")]
@@ -104,7 +147,12 @@ def monitoring_flow(root: str = ".", batch: str | None = None,
         reasons.append(f"{waiting} new labelled images >= retrain.min_new_labelled={cfg.min_new_labelled}")
     started = start_retraining(str(path), trigger or cfg.trigger) if reasons else None
     logger.info("verdicts %s; labelled images waiting %d; retraining: %s (%s)", verdicts, waiting, started, reasons)
-    return {"verdicts": verdicts, "labelled_waiting": waiting, "retrain_reasons": reasons, "retraining": started}
+    summary = {"verdicts": verdicts, "labelled_waiting": waiting, "retrain_reasons": reasons, "retraining": started,
+               "failed": failures}
+    if failures:
+        raise BatchesFailed(f"{len(failures)} batch(es) could not be monitored: "
+                            + "; ".join(f"{name} {how}" for name, how in failures.items()), summary)
+    return summary
 
 
 if __name__ == "__main__":

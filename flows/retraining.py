@@ -1,15 +1,20 @@
 """Retraining flow: add new labelled batches to the training data, retrain, promote only a better model.
 
 One run at a time (a file lock here, ``concurrency_limit=1`` on the deployment): a second run is
-rejected with :class:`medflow.promote.RetrainBusy`. Each labelled batch is copied to
+rejected with :class:`medflow.promote.RetrainBusy`. A batch's labelled images are those in sub-folders
+named after a class of the production model (:func:`labelled_classes`); other folders (e.g.
+``unlabelled/``) are only monitored. Each labelled batch's class folders are copied to
 ``data/raw/extra/<batch>/<class>/`` and ``dvc add``-ed (its ``.dvc`` hash is the data version);
-ingest reads it through ``data.extra_sources`` as train-only rows, so the test set — and with it the
-comparison with the production model — stays fixed. A failed stage fails the flow before the
+ingest reads it through ``data.extra_sources`` as ``extra`` rows, which the split stage puts in train
+without moving any other row (one linked to a val/test patient or image is excluded), so val and
+test — and with them the comparison with the production model — stay fixed. A failed stage fails the flow before the
 promotion step, so production is untouched.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,12 +23,16 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
 from flows.training import training_flow
 from medflow.config import Params, load_params
+from medflow.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, sniff_format
+from medflow.layout import Layout
 from medflow.orchestrate import dvc_repo
 from medflow.promote import (
+    PRODUCTION,
     RetrainConfig,
     decide_and_promote,
     dvc_data_version,
@@ -31,28 +40,121 @@ from medflow.promote import (
     retrain_lock,
 )
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
+_UNLABELLED_NOTE = "folders not named after a class of the production model hold unlabelled images"
+_HEAD_BYTES = 132  # enough for the DICOM magic at bytes 128..132 and every image magic
 
 
-def class_folders(batch: Path) -> dict[str, list[Path]]:
-    """``{class: image files}`` for the class sub-folders of a batch (an unlabelled batch has none)."""
-    out = {}
+def _logger() -> Any:
+    """The Prefect run logger inside a flow/task run, else a plain logger (helpers called directly)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("medflow.flows.retraining")
+
+
+def champion_record(root: Path) -> Path:
+    """The record of the deployed model (``models/production``), else the last run's champion."""
+    production = Path(root) / PRODUCTION / "champion.json"
+    return production if production.exists() else Layout(Path(root)).champion
+
+
+def _classes_in(path: Path) -> list[str] | None:
+    """The non-empty ``classes`` list of a JSON record (champion.json, meta.json), else None."""
+    if not path.is_file():
+        return None
+    try:
+        classes = json.loads(path.read_text()).get("classes")
+    except (OSError, ValueError, AttributeError) as e:
+        _logger().warning("%s: cannot read its classes (%s)", path, e)
+        return None
+    return [str(c) for c in classes] if isinstance(classes, list) and classes else None
+
+
+def labelled_classes(root: Path, params: Params | None = None) -> tuple[list[str] | None, str]:
+    """The class names a batch sub-folder must have to count as labelled, and where they come from.
+
+    The classes of the model in production — the record the monitoring flow checks batches against
+    (:func:`champion_record`) — else ``data.labels``, else the processed data's ``meta.json``;
+    ``(None, reason)`` when none is known (then no folder counts as labelled).
+    """
+    root = Path(root)
+    record = champion_record(root)
+    if classes := _classes_in(record):
+        return classes, str(record)
+    params = params if params is not None else load_params(root / "params.yaml")
+    if params.data.labels:
+        return list(params.data.labels), "params.yaml data.labels"
+    meta = Layout(root).processed / "meta.json"
+    if classes := _classes_in(meta):
+        return classes, str(meta)
+    return None, f"no champion record with classes ({record}), no data.labels, no {meta}"
+
+
+def _is_image(path: Path) -> bool:
+    if path.suffix.lower() in IMAGE_SUFFIXES | DICOM_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as f:
+            return sniff_format(f.read(_HEAD_BYTES)) is not None
+    except OSError:
+        return False
+
+
+def class_files(folder: Path) -> list[Path]:
+    """The images ingest reads from one class folder, sorted.
+
+    Ingest takes every non-hidden file below a class folder (hidden folders skipped) and decides by
+    content; kept here are those with an image/DICOM suffix (:data:`medflow.data.images.IMAGE_SUFFIXES`,
+    ``DICOM_SUFFIXES``) or whose leading bytes are an image or DICOM (e.g. DICOM without a
+    suffix); other files (notes, CSVs) are left out.
+    """
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [Path(dirpath) / f for f in filenames if not f.startswith(".") and _is_image(Path(dirpath) / f)]
+    return sorted(out)
+
+
+def class_folders(batch: Path, classes: list[str] | None, source: str = "") -> dict[str, list[Path]]:
+    """``{class: image files}`` for the sub-folders of ``batch`` named after one of ``classes``.
+
+    Other sub-folders (e.g. ``unlabelled/``) hold unlabelled images (the monitor's convention): they
+    are ignored for retraining, and logged with their image count.
+    """
+    known = set(classes or [])
+    out, ignored = {}, {}
     for d in sorted(p for p in batch.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        if files:
-            out[d.name] = files
+        files = class_files(d)
+        if d.name in known:
+            if files:
+                out[d.name] = files
+        elif files:
+            ignored[d.name] = len(files)
+    if ignored:
+        _logger().info("batch %s: %d image(s) in %s ignored for retraining (%s; classes %s from %s)",
+                       batch.name, sum(ignored.values()), ignored, _UNLABELLED_NOTE, classes, source)
     return out
 
 
-def pending_batches(root: Path, cfg: RetrainConfig) -> dict[str, int]:
-    """Processed, labelled batches not yet in the training data: ``{batch name: labelled images}``."""
+def pending_batches(root: Path, cfg: RetrainConfig, params: Params | None = None) -> dict[str, int]:
+    """Processed, labelled batches not yet in the training data: ``{batch name: labelled images}``.
+
+    Labelled images are those in a folder named after a class of :func:`labelled_classes`.
+    """
     processed, extra = root / cfg.processed_dir, root / cfg.extra_dir
     if not processed.is_dir():
         return {}
+    batches = [p for p in sorted(processed.iterdir())
+               if p.is_dir() and not p.name.startswith(".") and not (extra / p.name).exists()]
+    if not batches:
+        return {}
+    classes, source = labelled_classes(root, params)
+    if classes is None:
+        _logger().warning("no class list known (%s): no batch counts as labelled", source)
     out = {}
-    for b in sorted(p for p in processed.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        n = sum(len(v) for v in class_folders(b).values())
-        if n and not (extra / b.name).exists():
+    for b in batches:
+        n = sum(len(v) for v in class_folders(b, classes, source).values())
+        if n:
             out[b.name] = n
     return out
 
@@ -66,18 +168,29 @@ def _warn_if_unused(params: Params, cfg: RetrainConfig, logger: Any) -> None:
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def add_batch(root: str, batch: str) -> dict[str, Any]:
-    """Copy one processed batch's class folders to ``<extra_dir>/<batch>/`` and ``dvc add`` it."""
+    """Copy one processed batch's class folders to ``<extra_dir>/<batch>/`` and ``dvc add`` it.
+
+    Only folders named after a class of :func:`labelled_classes` are copied; each file keeps its
+    path relative to its class folder (``cls/a/001.png`` and ``cls/b/001.png`` are both kept).
+    """
     path = Path(root)
-    cfg = retrain_config(load_params(path / "params.yaml"))
+    params = load_params(path / "params.yaml")
+    cfg = retrain_config(params)
     src, dest = path / cfg.processed_dir / batch, path / cfg.extra_dir / batch
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not dest.exists():
+        classes, source = labelled_classes(path, params)
+        folders = class_folders(src, classes, source)
+        if not folders:
+            raise ValueError(f"batch {batch}: no labelled images in {src} (no image in a folder named after one "
+                             f"of the classes {classes}, from {source})")
         tmp = dest.parent / f".{batch}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        for cls, files in class_folders(src).items():
-            (tmp / cls).mkdir(parents=True)
+        for cls, files in folders.items():
             for f in files:
-                shutil.copy2(f, tmp / cls / f.name)
+                target = tmp / cls / f.relative_to(src / cls)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, target)
         os.replace(tmp, dest)
     with dvc_repo(path) as repo:
         repo.add(str(dest))
@@ -103,7 +216,7 @@ def retraining_flow(root: str = ".", batches: list[str] | None = None) -> dict[s
     with retrain_lock(path):
         params = load_params(path / "params.yaml")
         cfg = retrain_config(params)
-        todo = list(batches) if batches is not None else list(pending_batches(path, cfg))
+        todo = list(batches) if batches is not None else list(pending_batches(path, cfg, params))
         if todo:
             _warn_if_unused(params, cfg, logger)
         added = [add_batch(str(path), b) for b in todo]

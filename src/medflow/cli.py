@@ -68,12 +68,15 @@ def ingest(
 ) -> None:
     """Read every image of SOURCE: manifest (one row per image), quarantine (rejected files + reason), pixels.
 
-    Without SOURCE: data.source plus the data.extra_sources folders (labelled batches, train split)."""
+    Without SOURCE: data.source (read as data.format) plus the data.extra_sources folders (labelled
+    batches added by retraining). A SOURCE given here is read alone, its kind detected (format auto)."""
     p = _params(params)
     from medflow.data.ingest import ingest as run
 
-    extra = p.data.extra_sources if source is None else []
-    _run(lambda: run(Path(source or p.data.source), out, p.data, p.ingest, extra_sources=extra))
+    if source is None:
+        _run(lambda: run(Path(p.data.source), out, p.data, p.ingest, extra_sources=p.data.extra_sources))
+    else:
+        _run(lambda: run(Path(source), out, p.data.model_copy(update={"format": "auto"}), p.ingest))
 
 
 @app.command()

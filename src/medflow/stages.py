@@ -18,8 +18,8 @@ def ingest(params: Params, layout: Layout = Layout(), source: str | Path | None 
     """Source (folder | CSV | npz | DICOM) -> manifest, quarantine, pixels, summary."""
     from medflow.data.ingest import ingest as run
 
-    if source is not None:  # an explicit source (e.g. a batch) is ingested alone
-        return run(Path(source), layout.interim, params.data, params.ingest)
+    if source is not None:  # an explicit source (e.g. a batch) is ingested alone, its kind detected
+        return run(Path(source), layout.interim, params.data.model_copy(update={"format": "auto"}), params.ingest)
     return run(layout.root / params.data.source, layout.interim, params.data, params.ingest,
                extra_sources=params.data.extra_sources, extra_root=layout.root)
 

@@ -27,13 +27,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if str(ROOT) not in sys.path:  # flows/ lives at the repository root, beside src/
     sys.path.insert(0, str(ROOT))
 
-from dvc.repo import Repo  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from dvc.repo import Repo
+from prefect.testing.utilities import prefect_test_harness
 
-from flows import deploy, monitoring, retraining, training  # noqa: E402
-from medflow import orchestrate, promote, stages  # noqa: E402
-from medflow.config import ConfigError  # noqa: E402
-from medflow.evaluate import compare as real_compare  # noqa: E402
+from flows import deploy, monitoring, retraining, training
+from medflow import orchestrate, promote, stages
+from medflow.config import ConfigError, load_params
+from medflow.evaluate import compare as real_compare
 from medflow.evaluate import dir_hash, params_hash
 
 CLASSES = ["Parasitized", "Uninfected"]
@@ -245,6 +245,10 @@ def fake_monitor(monkeypatch):
 
     def monitor_batch(batch_source, *, champion_json, reference, out_root, params, name=None):
         seen.append({"batch": Path(batch_source).name, "champion": json.loads(Path(champion_json).read_text())})
+        if not any(f.is_file() for d in Path(batch_source).iterdir() if d.is_dir() for f in d.rglob("*")):
+            # what the real monitor raises when ingest finds nothing usable (loose images are quarantined)
+            loose = sum(f.is_file() for f in Path(batch_source).iterdir())
+            raise ValueError(f"{batch_source}: no usable image (all {loose} quarantined)")
         return {"verdict": verdicts.get(Path(batch_source).name, "ok")}
 
     module = types.ModuleType("medflow.monitor.run")
@@ -312,6 +316,100 @@ def test_failed_retraining_leaves_production_untouched(project, fake_monitor):
     assert promote.production_version(project) == v1
     assert (project / "models/registry.json").read_text() == registry
     assert [p.name for p in (project / "models/versions").iterdir()] == [v1]
+
+
+def _write_champion(root: Path, classes: list[str], where: str = "models/champion.json") -> None:
+    (root / where).parent.mkdir(parents=True, exist_ok=True)
+    (root / where).write_text(json.dumps({"model": "a", "classes": classes}))
+
+
+def _dicom_bytes(seed: int) -> bytes:
+    """Enough of a DICOM file for content sniffing: 128-byte preamble + ``DICM`` (no file suffix needed)."""
+    return bytes(128) + b"DICM" + bytes([seed]) * 16
+
+
+def test_labelled_classes_come_from_production_then_last_champion_then_params_then_meta(project):
+    assert retraining.labelled_classes(project)[0] is None
+    (project / "data/processed").mkdir(parents=True)
+    (project / "data/processed/meta.json").write_text(json.dumps({"classes": ["m1", "m2"]}))
+    assert retraining.labelled_classes(project)[0] == ["m1", "m2"]
+    _set_param(project, ["data", "labels"], ["p1", "p2"])
+    assert retraining.labelled_classes(project)[0] == ["p1", "p2"]
+    _write_champion(project, ["c1", "c2"])
+    assert retraining.labelled_classes(project) == (["c1", "c2"], str(project / "models/champion.json"))
+    _write_champion(project, CLASSES, where="models/production/champion.json")
+    assert retraining.labelled_classes(project)[0] == CLASSES
+    assert monitoring.champion_record(project) == project / "models/production/champion.json"  # the same record
+
+
+def test_only_the_champions_class_folders_count_and_are_added(project, caplog):
+    _write_champion(project, CLASSES)
+    batch = _batch(project / "data/batches/processed/wk", 2, seed=5)  # 2 x 2 labelled
+    for k in range(3):
+        _png(batch / "unlabelled" / f"u{k}.png", seed=600 + k)
+    _png(batch / "unlabelled/deeper/u9.png", seed=609)
+    cfg = promote.retrain_config(load_params(project / "params.yaml"))
+    with caplog.at_level("INFO"):
+        assert retraining.pending_batches(project, cfg) == {"wk": 4}  # not 8: unlabelled/ is not a class
+    assert "4 image(s) in {'unlabelled': 4} ignored for retraining" in caplog.text
+
+    out = retraining.add_batch(str(project), "wk")
+    dest = project / "data/raw/extra/wk"
+    assert sorted(p.name for p in dest.iterdir()) == CLASSES
+    copied = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
+    assert copied == sorted(p.relative_to(batch).as_posix() for c in CLASSES for p in (batch / c).iterdir())
+    assert len(copied) == 4 and out["md5"].endswith(".dir") and (project / "data/raw/extra/wk.dvc").exists()
+    assert retraining.pending_batches(project, cfg) == {}  # added: no longer pending
+
+
+def test_add_batch_keeps_sub_folders_and_takes_what_ingest_reads(project):
+    _write_champion(project, CLASSES)
+    cls = project / "data/batches/processed/wk/Parasitized"
+    _png(cls / "slideA/001.png", seed=1)
+    _png(cls / "slideB/001.png", seed=2)  # same name, different sub-folder and bytes
+    (cls / "slideB/IM0007").write_bytes(_dicom_bytes(7))  # DICOM without a suffix (ingest reads it by content)
+    (cls / "notes.txt").write_text("scanned on the 3rd\n")  # not an image: left out
+    (cls / ".DS_Store").write_bytes(b"junk")  # hidden: skipped
+    _png(cls / ".trash/001.png", seed=3)  # in a hidden folder: skipped
+    cfg = promote.retrain_config(load_params(project / "params.yaml"))
+    assert retraining.pending_batches(project, cfg) == {"wk": 3}
+
+    retraining.add_batch(str(project), "wk")
+    dest = project / "data/raw/extra/wk/Parasitized"
+    copied = {p.relative_to(dest).as_posix(): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    assert sorted(copied) == ["slideA/001.png", "slideB/001.png", "slideB/IM0007"]
+    for rel, data in copied.items():
+        assert data == (cls / rel).read_bytes(), rel
+    assert copied["slideA/001.png"] != copied["slideB/001.png"]
+
+
+def test_a_bad_batch_is_moved_to_failed_and_the_others_are_still_monitored(project, fake_monitor):
+    verdicts, seen = fake_monitor
+    _initial_release(project)
+    incoming, failed = project / "data/batches/incoming", project / "data/batches/failed"
+    (incoming / "a_empty").mkdir(parents=True)  # sorted first: they used to block every later batch
+    _png(incoming / "b_loose/img0.png", seed=7)  # images but no class folder
+    (failed / "a_empty").mkdir(parents=True)  # name taken by an earlier failure: goes to a_empty-1
+    _batch(incoming / "c_good", 1, seed=8)
+    verdicts["c_good"] = "drift"
+
+    with pytest.raises(monitoring.BatchesFailed, match="2 batch.*a_empty.*b_loose") as err:
+        monitoring.monitoring_flow(root=str(project), trigger="none")
+    assert [s["batch"] for s in seen] == ["a_empty", "b_loose", "c_good"]  # ValueError: not retried
+    summary = err.value.summary
+    assert summary["verdicts"] == {"c_good": "drift"}
+    assert summary["retrain_reasons"] == ["c_good: drift"] and summary["retraining"].startswith("not started")
+    assert (project / "data/batches/processed/c_good/Parasitized").is_dir()
+    assert not any(incoming.iterdir())
+    assert (failed / "a_empty-1").is_dir() and (failed / "b_loose/img0.png").is_file()
+    assert str(failed / "a_empty-1") in str(err.value)
+    for name, loose in [("a_empty-1", 0), ("b_loose", 1)]:
+        first = (failed / f"{name}.error.txt").read_text().splitlines()[0]
+        assert first.startswith("ValueError: ") and f"no usable image (all {loose} quarantined)" in first
+    assert not list(failed.glob("*/*.error.txt"))  # written beside the batch, not inside it
+
+    out = monitoring.monitoring_flow(root=str(project), trigger="none")  # the next run is not stuck
+    assert out["verdicts"] == {} and out["failed"] == {}
 
 
 def test_overlapping_retraining_runs_are_rejected(project, monkeypatch):

@@ -129,8 +129,8 @@ def reference_features(champion: Champion, ref: ReferenceData, cache_dir: str | 
     ``cache_dir/reference-<version>-<key>.parquet`` (+ ``.pca.npz``); key = hash of manifest, splits,
     model file and the feature settings. Returns (frame, projection, parquet path)."""
     cache_dir = Path(cache_dir)
-    stem = cache_dir / f"reference-{_safe(champion.version)}-{_cache_key(champion, ref, cfg)}"
-    parquet, pca_file = stem.with_suffix(".parquet"), stem.with_suffix(".pca.npz")
+    stem = f"reference-{_safe(champion.version)}-{_cache_key(champion, ref, cfg)}"  # versions may hold dots
+    parquet, pca_file = cache_dir / f"{stem}.parquet", cache_dir / f"{stem}.pca.npz"
     if parquet.is_file() and pca_file.is_file():
         with np.load(pca_file) as z:
             return pd.read_parquet(parquet), Projection(z["mean"], z["components"]), parquet
