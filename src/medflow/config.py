@@ -83,6 +83,12 @@ class DataConfig(_Section):
         return self
 
 
+def _check_sides(cfg: Any, section: str) -> Any:
+    if cfg.min_side > cfg.max_side:
+        raise ValueError(f"{section}.min_side ({cfg.min_side}) is larger than {section}.max_side ({cfg.max_side})")
+    return cfg
+
+
 class IngestConfig(_Section):
     image_size: int = Field(64, ge=8, le=1024)  # processed square size (pixels)
     channels: Literal[1, 3] = 3  # processed channel count (grey is replicated for 3)
@@ -90,6 +96,10 @@ class IngestConfig(_Section):
     min_side: int = Field(8, ge=1)
     max_side: int = Field(20000, ge=1)
     max_pixels: int = Field(80_000_000, ge=1)  # decompression-bomb guard (width*height)
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> "IngestConfig":
+        return _check_sides(self, "ingest")
 
 
 class ValidateConfig(_Section):
@@ -100,6 +110,10 @@ class ValidateConfig(_Section):
     max_side: int = Field(20000, ge=1)
     allowed_channels: list[int] = [1, 2, 3, 4]  # as found (grey, grey+alpha, RGB, RGBA; all converted to RGB)
     expected_labels: list[str] | None = None  # None = data.labels or whatever ingest found
+
+    @model_validator(mode="after")
+    def _sides_ordered(self) -> "ValidateConfig":
+        return _check_sides(self, "validate")
 
 
 class SplitConfig(_Section):
@@ -213,6 +227,29 @@ class RetrainConfig(_Section):
     processed_dir: str = "data/batches/processed"  # batches already monitored
     failed_dir: str = "data/batches/failed"  # batches the monitor could not check (+ <name>.error.txt)
     extra_dir: str = "data/raw/extra"  # labelled batches added to training (DVC-tracked, train split only)
+
+    @field_validator("schedule_monitor", "schedule_retrain")
+    @classmethod
+    def _cron_shape(cls, v: str) -> str:
+        """Five cron fields (minute hour day month weekday); Prefect checks the values when it deploys."""
+        import re
+
+        fields = v.split()
+        if len(fields) != 5 or not all(re.fullmatch(r"[0-9A-Za-z*/,\-?]+", f) for f in fields):
+            raise ValueError(f"{v!r} is not a 5-field cron expression such as '0 2 * * *' (minute hour day month "
+                             "weekday)")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r} (an IANA name such as 'UTC' or 'Europe/Berlin')") from None
+        return v
 
 
 class ServeConfig(_Section):

@@ -77,3 +77,18 @@ def test_champion_metric_is_checked_when_params_load():
         parse_params(raw)
     raw["data"] |= {"ordered": True, "labels": ["Uninfected", "Parasitized"]}
     assert parse_params(raw).evaluate.champion_metric == "qwk"
+
+
+def test_schedules_time_zone_and_side_bounds_are_checked_when_params_load():
+    raw = _raw()
+    raw["retrain"] |= {"schedule_monitor": "0 2 * *", "timezone": "Mars/Base"}
+    raw["validate"] |= {"min_side": 50, "max_side": 10}
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    message = str(err.value)
+    assert "retrain.schedule_monitor: Value error, '0 2 * *' is not a 5-field cron expression" in message
+    assert "retrain.timezone: Value error, unknown time zone 'Mars/Base'" in message
+    assert "validate.min_side (50) is larger than validate.max_side (10)" in message
+    raw = _raw()
+    raw["retrain"] |= {"schedule_retrain": "*/15 9-17 * * mon-fri", "timezone": "Europe/Berlin"}
+    assert parse_params(raw).retrain.schedule_retrain == "*/15 9-17 * * mon-fri"
