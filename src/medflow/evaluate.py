@@ -241,7 +241,10 @@ def evaluate(
     atomic_write_json(Path(metrics_json), flat)
 
     eval_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(eval_dir / "details.json", {"model": model_name, "classes": classes, "ordered": ordered, **flat, **m})
+    # the evaluated file's hash: a retrained model changes this output even when its metrics do not, so
+    # `compare` reruns and the champion record never names a stale model_sha256
+    atomic_write_json(eval_dir / "details.json", {"model": model_name, "classes": classes, "ordered": ordered,
+                                                  "model_sha256": file_hash(model_dir / "model.keras"), **flat, **m})
     pred = proba.argmax(axis=1)
     names = np.asarray(classes, dtype=object)
     preds = pd.DataFrame({"id": list(ids), "label": names[labels], "pred": names[pred]})

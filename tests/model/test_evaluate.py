@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -253,6 +254,7 @@ def test_evaluate_writes_every_output(tmp_path):
 
     details = json.loads((eval_dir / "details.json").read_text())
     assert details["classes"] == meta["classes"]
+    assert details["model_sha256"] == hashlib.sha256((model_dir / "model.keras").read_bytes()).hexdigest()
     assert details["confusion"] == confusion_matrix(labels, pred).tolist()
     assert set(details["per_class"]) == set(meta["classes"])
     assert details["ci95"]["accuracy"][0] <= flat["accuracy"] <= details["ci95"]["accuracy"][1]
