@@ -29,6 +29,7 @@ import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is impo
 from flows.training import training_flow
 from medflow.config import Params, load_params
 from medflow.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, sniff_format
+from medflow.data.sources import list_files
 from medflow.layout import Layout
 from medflow.orchestrate import dvc_repo
 from medflow.promote import (
@@ -103,16 +104,12 @@ def _is_image(path: Path) -> bool:
 def class_files(folder: Path) -> list[Path]:
     """The images ingest reads from one class folder, sorted.
 
-    Ingest takes every non-hidden file below a class folder (hidden folders skipped) and decides by
-    content; kept here are those with an image/DICOM suffix (:data:`medflow.data.images.IMAGE_SUFFIXES`,
-    ``DICOM_SUFFIXES``) or whose leading bytes are an image or DICOM (e.g. DICOM without a
-    suffix); other files (notes, CSVs) are left out.
+    Ingest takes every file :func:`medflow.data.sources.list_files` lists (hidden files and folders
+    skipped) and decides by content; kept here are those with an image/DICOM suffix
+    (:data:`medflow.data.images.IMAGE_SUFFIXES`, ``DICOM_SUFFIXES``) or whose leading bytes are an image
+    or DICOM (e.g. DICOM without a suffix); other files (notes, CSVs) are left out.
     """
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out += [Path(dirpath) / f for f in filenames if not f.startswith(".") and _is_image(Path(dirpath) / f)]
-    return sorted(out)
+    return sorted(Path(f) for f in list_files(str(folder)) if _is_image(Path(f)))
 
 
 def class_folders(batch: Path, classes: list[str] | None, source: str = "") -> dict[str, list[Path]]:

@@ -66,7 +66,7 @@ def resolve_group(stem: str, pattern: str | None) -> str | None:
     return m.group("group") if m else None
 
 
-def _files(folder: str) -> list[str]:
+def list_files(folder: str) -> list[str]:
     """Every non-hidden file below ``folder`` (hidden folders skipped), as joined path strings."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -95,7 +95,7 @@ def detect_format(path: str | Path) -> Format:
         raise SourceError(f"{path}: cannot tell the source format from a {suffix or 'suffix-less'} file")
     if not path.is_dir():
         raise FileNotFoundError(f"data source {path} does not exist")
-    suffixes = {_suffix(p) for p in _files(str(path))}
+    suffixes = {_suffix(p) for p in list_files(str(path))}
     return "dicom" if suffixes & DICOM_SUFFIXES and not suffixes & IMAGE_SUFFIXES else "folder"
 
 
@@ -123,7 +123,7 @@ def folder_records(root: str | Path, group_pattern: str | None) -> list[Record]:
     records = [
         Record(f[len(prefix):].replace(os.sep, "/"), class_dir.name,
                resolve_group(_stem(f), group_pattern), split, file=f)
-        for class_dir, split in class_dirs for f in _files(class_dir.path)
+        for class_dir, split in class_dirs for f in list_files(class_dir.path)
     ]
     records += [
         Record(f[len(prefix):].replace(os.sep, "/"), "", problem=("no_label", "image is not inside a class folder"))
