@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -132,6 +133,24 @@ def folder_records(root: str | Path, group_pattern: str | None) -> list[Record]:
     return sorted(records, key=lambda r: natural_key(r.path))
 
 
+def csv_files(csv_path: Path, cfg: CsvSource, columns: Sequence[str] = ()) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """A CSV list read as text (``.tsv``: tab-separated; ``NA`` stays a name) after checking it has
+    ``cfg.image_column`` and ``columns``, and per row ``(name as written, stripped; file relative to the
+    CSV's folder)``: under ``cfg.image_dir``, ``cfg.extension`` appended unless the name ends with it."""
+    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, sep="\t" if csv_path.suffix == ".tsv" else ",")
+    missing = [c for c in (cfg.image_column, *columns) if c not in df.columns]
+    if missing:
+        raise SourceError(f"{csv_path}: missing column(s) {missing}; columns are {list(df.columns)} "
+                         "(set data.csv.image_column / label_column / group_column)")
+    base = csv_path.parent
+    image_dir = base / cfg.image_dir if cfg.image_dir else base
+    files = []
+    for name in df[cfg.image_column].str.strip():
+        file = name + cfg.extension if cfg.extension and not name.lower().endswith(cfg.extension.lower()) else name
+        files.append((name, Path(os.path.relpath(image_dir / file, base)).as_posix()))
+    return df, files
+
+
 def csv_records(csv_path: str | Path, cfg: CsvSource, group_pattern: str | None) -> list[Record]:
     """Rows of ``image,label[,group]``; files relative to ``cfg.image_dir`` (default: the CSV's folder).
 
@@ -139,22 +158,14 @@ def csv_records(csv_path: str | Path, cfg: CsvSource, group_pattern: str | None)
     under two different labels -> ``conflicting_labels``; identical repeated rows collapse to one.
     """
     csv_path = Path(csv_path)
-    df = pd.read_csv(csv_path, dtype=str, keep_default_na=False, sep="\t" if csv_path.suffix == ".tsv" else ",")
-    wanted = [cfg.image_column, cfg.label_column] + ([cfg.group_column] if cfg.group_column else [])
-    missing = [c for c in wanted if c not in df.columns]
-    if missing:
-        raise SourceError(f"{csv_path}: missing column(s) {missing}; columns are {list(df.columns)} "
-                         "(set data.csv.image_column / label_column / group_column)")
+    df, files = csv_files(csv_path, cfg, [cfg.label_column] + ([cfg.group_column] if cfg.group_column else []))
     base = csv_path.parent
-    image_dir = base / cfg.image_dir if cfg.image_dir else base
     rows: dict[str, list[tuple[int, str, str | None]]] = defaultdict(list)
-    for line, (name, label, group) in enumerate(zip(
-        df[cfg.image_column].str.strip(), df[cfg.label_column].str.strip(),
+    for line, ((_, rel), label, group) in enumerate(zip(
+        files, df[cfg.label_column].str.strip(),
         df[cfg.group_column].str.strip() if cfg.group_column else [None] * len(df),
     ), start=2):
-        if cfg.extension and not name.lower().endswith(cfg.extension.lower()):
-            name += cfg.extension
-        rows[Path(os.path.relpath(image_dir / name, base)).as_posix()].append((line, label, group or None))
+        rows[rel].append((line, label, group or None))
     records = []
     for rel, entries in rows.items():
         labels = sorted({label for _, label, _ in entries})

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from medflow.config import CsvSource, DataConfig, IngestConfig
 from medflow.data.images import BadImage, load_image_file
-from medflow.data.sources import csv_records
+from medflow.data.sources import csv_files, natural_key
 from medflow.io import atomic_write_csv
 from medflow.serve.predictor import Predictor
 
@@ -38,14 +38,10 @@ def expand_inputs(paths: Iterable[str | Path], data_cfg: DataConfig) -> list[Pat
 
 
 def _csv_list(csv_path: Path, csv_cfg: CsvSource) -> list[Path]:
-    """The files a CSV list names, by ingest's own CSV reader (``medflow.data.sources.csv_records``): names
-    in ``csv_cfg.image_column`` stripped, ``csv_cfg.extension`` appended unless a name already ends with
-    it, relative to ``csv_cfg.image_dir`` or the CSV's folder; tab-separated for ``.tsv``; ``NA`` is a
-    name, not a missing value. One path per distinct file, in ingest's (natural) order; rows with an
-    empty name are skipped. The label column is optional here."""
-    # csv_records needs a label column: the image column stands in for it (a row's "label" is its name).
-    cfg = csv_cfg.model_copy(update={"label_column": csv_cfg.image_column, "group_column": None})
-    return [csv_path.parent / r.path for r in csv_records(csv_path, cfg, None) if r.label]
+    """The files a CSV/TSV list names, resolved by ingest's own reader (:func:`medflow.data.sources.csv_files`;
+    no label column needed); one path per distinct file, in ingest's (natural) order; empty names skipped."""
+    _, files = csv_files(csv_path, csv_cfg)
+    return [csv_path.parent / rel for rel in sorted({rel for name, rel in files if name}, key=natural_key)]
 
 
 def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
