@@ -3,7 +3,8 @@
 ``python -m flows.deploy`` serves them from this process (``make serve-flows`` starts it next to a
 local Prefect server); ``python -m flows.deploy --work-pool NAME`` registers them on a work pool
 instead, so that ``prefect worker start --pool NAME`` on a GPU machine runs them.
-Retraining (and monitoring) runs one at a time: deployment ``concurrency_limit=1``, extra runs queue.
+Each deployment runs one at a time (``concurrency_limit=1``, extra runs queue); training and retraining
+also share the project's pipeline lock (``models/.retrain.lock``), so neither runs beside the other.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def deployment_specs(root: Path) -> list[dict[str, Any]]:
     common = {"parameters": {"root": str(root)}, "tags": ["medflow"]}
     return [
         {"flow": training_flow, "entrypoint": "flows/training.py:training_flow", "name": "training",
-         "description": "The dvc.yaml pipeline; unchanged stages are skipped.", **common},
+         "concurrency_limit": ONE_AT_A_TIME, "description": "The dvc.yaml pipeline; unchanged stages are skipped.",
+         **common},
         {"flow": monitoring_flow, "entrypoint": "flows/monitoring.py:monitoring_flow", "name": "monitoring",
          "schedules": [Cron(cfg.schedule_monitor, timezone=cfg.timezone)], "concurrency_limit": ONE_AT_A_TIME,
          "description": "Monitor new batches; start retraining on drift/degradation or new labelled data.", **common},

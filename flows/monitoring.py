@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
-from flows.retraining import champion_record, pending_batches, retraining_flow
+from flows.retraining import pending_batches, retraining_flow
 from medflow import orchestrate
 from medflow.config import load_params
 from medflow.layout import Layout
@@ -55,7 +55,7 @@ def check_batch(root: str, batch: str) -> dict[str, Any]:
 
     path = Path(root)
     result = stages.monitor(load_params(path / "params.yaml"), Path(batch), Layout(path),
-                            champion=champion_record(path))
+                            champion=Layout(path).deployed_champion)
     get_run_logger().info("batch %s: verdict %s", Path(batch).name, result.get("verdict"))
     return result
 
@@ -122,8 +122,8 @@ def monitoring_flow(root: str = ".", batch: str | None = None,
         todo = [Path(batch)]
     else:
         todo = sorted(p for p in incoming.glob("*") if p.is_dir() and not p.name.startswith("."))
-    if todo and not champion_record(path).is_file():  # no model to check against: not the batches' fault
-        raise FileNotFoundError(f"{champion_record(path)}: no model to monitor against (train and promote one "
+    if todo and not Layout(path).deployed_champion.is_file():  # no model to check against: not the batches' fault
+        raise FileNotFoundError(f"{Layout(path).deployed_champion}: no model to monitor against (train and promote one "
                                 f"first); {len(todo)} batch(es) left in place")
     check = check_batch.with_options(retries=cfg.task_retries, retry_delay_seconds=cfg.retry_delay_s)
     verdicts: dict[str, Any] = {}

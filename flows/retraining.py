@@ -33,7 +33,6 @@ from medflow.data.sources import list_files
 from medflow.layout import Layout
 from medflow.orchestrate import dvc_repo
 from medflow.promote import (
-    PRODUCTION,
     RetrainConfig,
     decide_and_promote,
     dvc_data_version,
@@ -53,12 +52,6 @@ def _logger() -> Any:
         return logging.getLogger("medflow.flows.retraining")
 
 
-def champion_record(root: Path) -> Path:
-    """The record of the deployed model (``models/production``), else the last run's champion."""
-    production = Path(root) / PRODUCTION / "champion.json"
-    return production if production.exists() else Layout(Path(root)).champion
-
-
 def _classes_in(path: Path) -> list[str] | None:
     """The non-empty ``classes`` list of a JSON record (champion.json, meta.json), else None."""
     if not path.is_file():
@@ -75,11 +68,11 @@ def labelled_classes(root: Path, params: Params | None = None) -> tuple[list[str
     """The class names a batch sub-folder must have to count as labelled, and where they come from.
 
     The classes of the model in production — the record the monitoring flow checks batches against
-    (:func:`champion_record`) — else ``data.labels``, else the processed data's ``meta.json``;
+    (``Layout.deployed_champion``) — else ``data.labels``, else the processed data's ``meta.json``;
     ``(None, reason)`` when none is known (then no folder counts as labelled).
     """
     root = Path(root)
-    record = champion_record(root)
+    record = Layout(root).deployed_champion
     if classes := _classes_in(record):
         return classes, str(record)
     params = params if params is not None else load_params(root / "params.yaml")

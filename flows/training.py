@@ -24,7 +24,7 @@ import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is impo
 from medflow import orchestrate
 from medflow.config import load_params
 from medflow.layout import Layout
-from medflow.promote import retrain_config
+from medflow.promote import retrain_config, retrain_lock
 
 
 def _retry_transient(task: Any, run: Any, state: Any) -> bool:
@@ -73,10 +73,11 @@ def training_flow(root: str = ".", force: bool = False, stages: list[str] | None
     if unknown:
         raise ValueError(f"unknown stages {unknown}; dvc.yaml has {names}")
     results = []
-    for name in names if stages is None else [n for n in names if n in stages]:
-        run = dvc_stage.with_options(name=name, task_run_name=name, retries=cfg.task_retries,
-                                     retry_delay_seconds=cfg.retry_delay_s)
-        results.append(run(str(path), name, force))
+    with retrain_lock(path):  # not beside a retraining run: its promotion reads what these stages write
+        for name in names if stages is None else [n for n in names if n in stages]:
+            run = dvc_stage.with_options(name=name, task_run_name=name, retries=cfg.task_retries,
+                                         retry_delay_seconds=cfg.retry_delay_s)
+            results.append(run(str(path), name, force))
     ran = [r["stage"] for r in results if r["status"] == "ran"]
     skipped = [r["stage"] for r in results if r["status"] == "skipped"]
     logger.info("ran %s; skipped (unchanged) %s", ran, skipped)

@@ -26,6 +26,9 @@ app = typer.Typer(
 )
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to read.")]
+ChampionOpt = Annotated[Optional[Path], typer.Option(
+    help="Champion record naming the model (default: the deployed one, models/production/champion.json, "
+         "else the last run's models/champion.json).")]
 ModelArg = Annotated[str, typer.Argument(help="Model name from params.yaml `models` (see `medflow models`).")]
 
 
@@ -154,7 +157,7 @@ def models(params: ParamsOpt = Path("params.yaml")) -> None:
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files, folders, CSV lists (data.csv.image_column) or DICOM files.")],
     out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
-    champion: Annotated[Path, typer.Option(help="Champion record naming the model.")] = Layout().champion,
+    champion: ChampionOpt = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per model call (default serve.batch_size).")] = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -162,13 +165,13 @@ def predict(
     p = _params(params)
     from medflow.serve.batch import predict_paths
 
-    _run(lambda: predict_paths(paths, out, champion_json=champion, data_cfg=p.data, ingest_cfg=p.ingest,
+    _run(lambda: predict_paths(paths, out, champion_json=champion or Layout().deployed_champion, data_cfg=p.data, ingest_cfg=p.ingest,
                                batch_size=batch_size or p.serve.batch_size))
 
 
 @app.command()
 def serve(
-    champion: Annotated[Path, typer.Option(help="Champion record naming the model.")] = Layout().champion,
+    champion: ChampionOpt = None,
     host: Annotated[Optional[str], typer.Option(help="Default serve.host.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Default serve.port.")] = None,
     params: ParamsOpt = Path("params.yaml"),
@@ -179,7 +182,7 @@ def serve(
 
     from medflow.serve.app import create_app
 
-    _run(lambda: uvicorn.run(create_app(champion, p.data, p.ingest,
+    _run(lambda: uvicorn.run(create_app(champion or Layout().deployed_champion, p.data, p.ingest,
                                         max_upload_bytes=int(p.serve.max_upload_mb * 1024 * 1024),
                                         workers=p.serve.workers),
                              host=host or p.serve.host, port=port or p.serve.port))
@@ -190,7 +193,7 @@ def monitor(
     batch: Annotated[Path, typer.Argument(help="New batch: class folders (or any source `medflow ingest` reads); "
                                                "images in a non-class folder, e.g. unlabelled/, get no performance check.")],
     name: Annotated[Optional[str], typer.Option(help="Name under reports/monitoring (default: folder name).")] = None,
-    champion: Annotated[Optional[Path], typer.Option(help="Champion record (default models/champion.json).")] = None,
+    champion: ChampionOpt = None,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Drift (image stats, embeddings, predictions) and per-class performance of BATCH vs the champion's training data."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -155,9 +155,9 @@ class ModelConfig(_Section):
     weights_sha256: str | None = None  # checked when weights is a file
     # "none" = frozen feature extractor; a list of layer-name prefixes = train from the first matching
     # layer to the end (BatchNorm stays frozen), e.g. [block4] for VGG blocks 4-5, [mixed9] for InceptionV3
-    trainable: Literal["none", "all"] | list[str] = "all"
-    input_size: int | None = None  # None = ingest.image_size; backbone resizes in-graph
-    filters: list[int] = Field([32, 64, 128], min_length=1)  # basic_cnn: filters per conv block (pool between)
+    trainable: Literal["none", "all"] | Annotated[list[str], Field(min_length=1)] = "all"
+    input_size: int | None = Field(None, gt=0)  # None = ingest.image_size; backbone resizes in-graph
+    filters: list[Annotated[int, Field(gt=0)]] = Field([32, 64, 128], min_length=1)  # basic_cnn: per conv block
     convs_per_block: int = Field(1, ge=1, le=4)  # basic_cnn: 3x3 conv-BN-ReLU layers per block
     head_units: int = Field(256, ge=0)  # 0 = linear head on pooled features
     dropout: float = Field(0.5, ge=0, lt=1)
@@ -260,6 +260,11 @@ class ServeConfig(_Section):
     batch_size: int = Field(64, ge=1)  # images per model call in `medflow predict`
 
 
+# smallest input the Keras application backbones accept without their top
+MIN_INPUT_SIZE = {"vgg16": 32, "vgg19": 32, "resnet50": 32, "inception_v3": 75, "mobilenet_v2": 32,
+                  "efficientnet_b0": 32}
+
+
 class Params(_Section):
     data: DataConfig = DataConfig()
     ingest: IngestConfig = IngestConfig()
@@ -268,7 +273,7 @@ class Params(_Section):
     preprocess: PreprocessConfig = PreprocessConfig()
     train: TrainConfig = TrainConfig()
     models: dict[str, ModelConfig] = {}
-    active_models: list[str] = []  # what `dvc repro` / `make run` trains; the rest on demand
+    active_models: list[str] = Field([], min_length=1)  # what `dvc repro` / `make run` trains; the rest on demand
     evaluate: EvaluateConfig = EvaluateConfig()
     monitor: MonitorConfig = MonitorConfig()
     retrain: RetrainConfig = RetrainConfig()
@@ -281,6 +286,11 @@ class Params(_Section):
         missing = [m for m in self.active_models if m not in self.models]
         if missing:
             raise ValueError(f"active_models names models not defined under 'models': {missing}")
+        small = {name: f"{m.architecture} needs input_size >= {MIN_INPUT_SIZE[m.architecture]}, got {size}"
+                 for name, m in self.models.items() if m.architecture in MIN_INPUT_SIZE
+                 and (size := m.input_size or self.ingest.image_size) < MIN_INPUT_SIZE[m.architecture]}
+        if small:
+            raise ValueError(f"models too small for their backbone (set input_size, the in-graph resize): {small}")
         if self.evaluate.champion_metric == "qwk" and not self.data.ordered:
             raise ValueError("evaluate.champion_metric: qwk (quadratic weighted kappa) is computed for ordered "
                              "grades only; set data.ordered: true or choose another metric")

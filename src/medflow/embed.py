@@ -6,6 +6,10 @@ The key depends only on what the features depend on (architecture, weights file 
 ingest size/channels), so models sharing a backbone share the cache; ``cache.json`` records a hash of
 the processed data, and a cache computed from other data is recomputed. Augmentation does not
 apply to a cached model (the cache holds the features of the un-augmented images).
+
+``out_dir/<model>.json`` records which cache a model uses (key, data hash, dimension), or that it uses
+none: ``train@<model>`` depends on that file alone, so a change to one model's backbone retrains that
+model only.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from medflow.concurrency import ordered_map
 from medflow.config import ModelConfig, Params
 from medflow.data import shards
 from medflow.data.manifest import SPLITS
-from medflow.io import replace_dir
+from medflow.io import atomic_write_json, replace_dir
 from medflow.models.weights import resolve_weights, weights_fingerprint
 from medflow.runtime import gc_frozen
 
@@ -42,13 +46,31 @@ def uses_embedding_cache(cfg: ModelConfig) -> bool:
     return cfg.trainable == "none" and cfg.use_embedding_cache
 
 
+@lru_cache(maxsize=1)
+def _feature_code() -> str:
+    """sha256 of the code that computes the features (the model-building modules) and the Keras version:
+    a cache computed by other code is not reused."""
+    import keras
+
+    from medflow.models import backbones, layers, registry
+
+    h = hashlib.sha256(keras.__version__.encode())
+    for module in (registry, backbones, layers):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
 def cache_key(cfg: ModelConfig, weights: str | None, meta: dict, seed: int) -> str:
-    """``<architecture>-<input size>px-<hash>``; random weights (None) depend on the seed too."""
+    """``<architecture>-<input size>px-<hash>``; the hash also covers the feature code (:func:`_feature_code`)
+    and the dtype policy; random weights (None) depend on the seed too."""
+    import keras
+
     from medflow.models.registry import input_size
 
     size = input_size(cfg, meta["image_size"])
     ident = {"architecture": cfg.architecture, "weights": weights_fingerprint(weights), "input_size": size,
-             "image_size": meta["image_size"], "channels": meta["channels"]}
+             "image_size": meta["image_size"], "channels": meta["channels"], "code": _feature_code(),
+             "dtype_policy": keras.config.dtype_policy().name}
     if weights is None:
         ident["seed"] = seed
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
@@ -89,6 +111,7 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
     (``cached: False``). A cache holding more splits than asked for is reused."""
     cfg = params.model(model_name)
     if not uses_embedding_cache(cfg):
+        _write_record(out_dir, model_name, {"cached": False})
         return {"model": model_name, "cached": False,
                 "reason": "backbone is trained (or use_embedding_cache is off): trains end to end"}
     if unknown := set(splits) - set(SPLITS):
@@ -108,6 +131,7 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
     if info_path.exists():
         info = json.loads(info_path.read_text())
         if info.get("data") == fingerprint and all((cache_dir / f"{s}.npz").exists() for s in wanted):
+            _write_record(out_dir, model_name, {"cached": True, "key": key, "data": fingerprint, "dim": info["dim"]})
             return summary | {"reused": True, "dim": info["dim"], "counts": info["counts"], "seconds": 0.0}
 
     start = time.perf_counter()
@@ -126,11 +150,18 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, cache_dir)
+    _write_record(out_dir, model_name, {"cached": True, "key": key, "data": fingerprint, "dim": dim})
     seconds = time.perf_counter() - start
     total = sum(counts.values())
     print(f"embed {model_name}: {total} images -> {dim}-d at {cache_dir} ({seconds:.1f}s, "
           f"{total / max(seconds, 1e-9):.0f} img/s)", file=sys.stderr)
     return summary | {"reused": False, "dim": dim, "counts": counts, "seconds": round(seconds, 2)}
+
+
+def _write_record(out_dir: str | Path, model_name: str, record: dict) -> None:
+    """``out_dir/<model>.json``: the cache the model's head trains on (no times: unchanged unless it changes)."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(out_dir) / f"{model_name}.json", {"model": model_name, **record})
 
 
 def _write_splits(extractor: keras.Model, processed_dir: str | Path, meta: dict, batch_size: int, out: Path,

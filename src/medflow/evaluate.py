@@ -51,10 +51,18 @@ def dir_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+MODEL_PARAMS = ("data", "ingest", "split", "preprocess", "train", "active_models", "evaluate")
+
+
 def params_hash(params: Any) -> str:
-    """SHA-256 of the validated params (pydantic ``model_dump`` as sorted JSON)."""
+    """SHA-256 (sorted JSON) of the params that shape the champion: the :data:`MODEL_PARAMS` sections and the
+    active models' entries; serving, monitoring, retraining and validation settings are left out, as they
+    are out of the ``compare`` stage's params in dvc.yaml."""
     dumped = params.model_dump(mode="json", by_alias=True) if hasattr(params, "model_dump") else params
-    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()
+    active = dumped.get("active_models") or []
+    shaping = {k: dumped.get(k) for k in MODEL_PARAMS}
+    shaping["models"] = {m: (dumped.get("models") or {}).get(m) for m in active}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
@@ -116,7 +124,9 @@ def _scalars(y_true: np.ndarray, proba: np.ndarray, *, ordered: bool, bins: int)
         out: dict[str, float | None] = {
             "accuracy": float(accuracy_score(y_true, y_pred)),
             "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-            "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+            # over the classes in y_true or y_pred (scikit-learn's default): a class with no test image that is
+            # never predicted is left out, as in balanced accuracy and ROC-AUC, not counted as F1 = 0
+            "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
             "roc_auc": _roc_auc(y_true, proba),
         }
         if ordered:
@@ -230,6 +240,7 @@ def evaluate(
     classes = list(meta["classes"])
     ordered = bool(meta.get("ordered", False))
     cfg = params.evaluate
+    model_sha = file_hash(model_dir / "model.keras")  # of the file loaded next, as `compare` checks it
     model = load_model(model_dir / "model.keras")
     batch = params.models[model_name].batch_size if model_name in params.models else 32
 
@@ -244,7 +255,7 @@ def evaluate(
     # the evaluated file's hash: a retrained model changes this output even when its metrics do not, so
     # `compare` reruns and the champion record never names a stale model_sha256
     atomic_write_json(eval_dir / "details.json", {"model": model_name, "classes": classes, "ordered": ordered,
-                                                  "model_sha256": file_hash(model_dir / "model.keras"), **flat, **m})
+                                                  "model_sha256": model_sha, **flat, **m})
     pred = proba.argmax(axis=1)
     names = np.asarray(classes, dtype=object)
     preds = pd.DataFrame({"id": list(ids), "label": names[labels], "pred": names[pred]})
@@ -288,7 +299,8 @@ def _rank_key(metric: str) -> Callable[[tuple[str, dict[str, Any]]], tuple]:
         name, m = item
         value = m.get(metric)
         missing = value is None or (isinstance(value, float) and np.isnan(value))
-        return (missing, 0.0 if missing else sign * float(value), m.get("num_params") or 0, name)
+        # rounded: one value computed two ways (110/120 as 55+55 or 56+54 recalls) must tie
+        return (missing, 0.0 if missing else round(sign * float(value), 12), m.get("num_params") or 0, name)
 
     return key
 
@@ -330,12 +342,17 @@ def compare(
     _write_csv(Path(comparison_csv), pd.DataFrame(rows))
 
     name, best = ranked[0]
-    details = Layout(Path(root)).eval_dir(name) / "details.json"
-    if details.exists():  # per-class test figures travel with the champion (monitoring, promotion)
-        best = {**best, "per_class": json.loads(details.read_text()).get("per_class")}
+    details_json = Layout(Path(root)).eval_dir(name) / "details.json"
+    details = json.loads(details_json.read_text()) if details_json.exists() else {}
+    if details:  # per-class test figures travel with the champion (monitoring, promotion)
+        best = {**best, "per_class": details.get("per_class")}
     model_path = f"models/{name}/model.keras"
     model_file = Path(root) / model_path
     model_sha = file_hash(model_file) if model_file.exists() else None
+    evaluated = details.get("model_sha256")
+    if evaluated and model_sha and evaluated != model_sha:  # retrained since evaluate: metrics are another file's
+        raise ValueError(f"{model_file} changed after it was evaluated (sha256 {model_sha[:12]}, evaluated "
+                         f"{evaluated[:12]}): rerun `medflow evaluate {name}` (or `dvc repro`) before compare")
     short = hashlib.sha256(f"{model_sha}|{data_hash}|{params_hash}".encode()).hexdigest()[:8]
     record = {
         "model": name,

@@ -76,15 +76,25 @@ def atomic_write_csv(path: str | Path, df: Any) -> Path:
 
 
 def replace_dir(tmp: str | Path, dest: str | Path) -> None:
-    """Move a fully written temp folder onto ``dest`` (replacing it); on failure the temp folder is removed."""
+    """Move a fully written temp folder onto ``dest``, replacing it: the old folder is renamed aside first
+    and removed only once the new one is in place, so an interruption leaves one of the two at ``dest``
+    (the old one restored) and never neither. On failure the temp folder is removed."""
     tmp, dest = Path(tmp), Path(dest)
+    old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+    moved = False
     try:
         if dest.exists():
-            shutil.rmtree(dest)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            moved = True
         os.replace(tmp, dest)
     except BaseException:
+        if moved and not dest.exists():
+            os.replace(old, dest)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -74,6 +74,13 @@ class Layout:
         return self.root / "models" / "champion.json"
 
     @property
+    def deployed_champion(self) -> Path:
+        """The record of the deployed model (``models/production``, set by promote/rollback), else the last
+        run's champion: what serve, predict and monitor use unless told otherwise."""
+        record = self.root / "models" / "production" / "champion.json"
+        return record if record.exists() else self.champion
+
+    @property
     def report(self) -> Path:
         return self.root / "reports" / "index.html"
 

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from medflow.config import RetrainConfig
-from medflow.io import atomic_write_json
+from medflow.io import atomic_write_json, sha256_file
 
 REGISTRY = Path("models/registry.json")
 VERSIONS = Path("models/versions")
@@ -37,6 +38,7 @@ PRODUCTION = Path("models/production")
 RETRAIN_LOCK = Path("models/.retrain.lock")
 REGISTRY_LOCK = Path("models/.registry.lock")
 LAST_DECISION = Path("reports/retraining/last_decision.json")
+TOLERANCE = 1e-9  # metric differences below this are floating-point noise
 
 
 def retrain_config(params: Any) -> RetrainConfig:
@@ -78,18 +80,32 @@ def _flock(path: Path, *, blocking: bool) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
-            raise RetrainBusy(f"another retraining run holds {path}") from None
+            raise RetrainBusy(f"another training or retraining run holds {path}") from None
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_held = threading.local()  # lock files this thread holds (re-entry)
+
+
 @contextmanager
 def retrain_lock(root: str | Path) -> Iterator[None]:
-    """Exclusive, non-blocking: a second retraining run (thread or process) gets :class:`RetrainBusy`."""
-    with _flock(Path(root) / RETRAIN_LOCK, blocking=False):
+    """Exclusive, non-blocking lock on the project's pipeline, taken by the training and retraining flows:
+    a second run (thread or process) gets :class:`RetrainBusy`. Re-entrant in one thread, as the
+    retraining flow runs the training flow inside it."""
+    path = (Path(root) / RETRAIN_LOCK).resolve()
+    held: set[Path] = _held.__dict__.setdefault("paths", set())
+    if path in held:
         yield
+        return
+    with _flock(path, blocking=False):
+        held.add(path)
+        try:
+            yield
+        finally:
+            held.discard(path)
 
 
 # --------------------------------------------------------------------------- candidate + registry
@@ -177,8 +193,8 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, *, min_im
         return Decision(True, "no model in production yet", metric, new, None, None)
     if candidate.get("version") == champion["version"]:
         return Decision(False, "challenger is the production version", metric, new, new, 0.0)
-    old = champion["metrics"].get(metric)
-    if champion.get("metric") != metric or old is None:
+    old = champion["metrics"].get(metric)  # every scalar metric is recorded, whatever metric chose it
+    if old is None:
         return Decision(False, f"production model has no {metric} to compare with", metric, new, old, None)
     if candidate.get("test_hash") != champion.get("test_hash"):
         return Decision(False, "test set differs from the production model's: not comparable", metric, new, old, None)
@@ -196,7 +212,7 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, *, min_im
                 drops.setdefault(cls, {})[k] = round(was[k] - after[cls][k], 6)
     if drops:
         return Decision(False, f"class regression beyond {max_class_drop}: {drops}", metric, new, old, delta, drops)
-    if delta <= 0 or delta < min_improvement:
+    if delta <= 0 or delta < min_improvement - TOLERANCE:  # one more correct image of 200 is exactly 0.005
         return Decision(False, f"{metric} improves by {delta:+.4f} < required {min_improvement}", metric, new, old, delta)
     return Decision(True, f"{metric} improves by {delta:+.4f}", metric, new, old, delta)
 
@@ -231,6 +247,10 @@ def _stage_version(root: Path, candidate: dict[str, Any]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{version}."))
     try:
         shutil.copy2(src, tmp / "model.keras")
+        if (copied := sha256_file(tmp / "model.keras")) != candidate.get("model_sha256"):
+            raise PromotionError(f"{src} (sha256 {copied[:12]}) is not the evaluated challenger (sha256 "
+                                 f"{str(candidate.get('model_sha256'))[:12]}): it changed after `compare`; "
+                                 "rerun evaluate and compare (`dvc repro`)")
         record = {**candidate, "model_path": f"{PRODUCTION.as_posix()}/model.keras"}
         (tmp / "champion.json").write_text(json.dumps(record, indent=2) + "\n")
         for f in tmp.iterdir():
@@ -248,8 +268,9 @@ def _stage_version(root: Path, candidate: dict[str, Any]) -> Path:
 def promote(root: str | Path, candidate: dict[str, Any], *, reason: str = "") -> str:
     """Register ``candidate`` and make it the production model; returns its version.
 
-    Order: stage the version folder, add it to the registry, then swap the symlink (the commit
-    point). A crash before the swap leaves production unchanged (at most an unused version folder).
+    Order: stage the version folder, write it into the registry, then swap the symlink (the commit
+    point), then log the promotion. A crash before the swap leaves production unchanged (at most a
+    registered version never deployed); production always points at a registered version.
     """
     root = Path(root)
     version = candidate["version"]
@@ -261,6 +282,7 @@ def promote(root: str | Path, candidate: dict[str, Any], *, reason: str = "") ->
                     "ordered", "data_hash", "data_version", "params_hash", "test_hash", "created", "model_sha256")
             reg["versions"].append({**{k: candidate.get(k) for k in keep}, "registered": _now(),
                                     "path": (VERSIONS / version).as_posix()})
+            write_json_atomic(root / REGISTRY, reg)
         _swap_production(root, version)
         reg["history"].append({"action": "promote", "version": version, "at": _now(), "reason": reason})
         write_json_atomic(root / REGISTRY, reg)
@@ -293,8 +315,11 @@ def decide_and_promote(root: str | Path, cfg: RetrainConfig) -> dict[str, Any]:
     ``{"decision": {...}, "candidate": version, "production": version after}``.
     """
     candidate = load_candidate(root, extra_dir=cfg.extra_dir)
-    decision = decide(candidate, production_record(root), min_improvement=cfg.min_improvement,
-                      max_class_drop=cfg.max_class_drop)
+    deployed, record = production_version(root), production_record(root)
+    if deployed is not None and record is None:  # never "nothing in production": that would accept any model
+        raise PromotionError(f"{Path(root) / PRODUCTION} points at {deployed!r}, which {Path(root) / REGISTRY} "
+                             "does not list; restore the registry or `medflow rollback VERSION` to a listed one")
+    decision = decide(candidate, record, min_improvement=cfg.min_improvement, max_class_drop=cfg.max_class_drop)
     if decision.promote:
         promote(root, candidate, reason=decision.reason)
     result = {"decision": decision.to_dict(), "candidate": candidate["version"], "production": production_version(root)}

@@ -102,6 +102,6 @@ def monitor(params: Params, batch: str | Path, layout: Layout = Layout(), name: 
     from medflow.monitor.features import ReferenceData
     from medflow.monitor.run import monitor_batch
 
-    return monitor_batch(batch, champion_json=Path(champion) if champion else layout.champion,
+    return monitor_batch(batch, champion_json=Path(champion) if champion else layout.deployed_champion,
                          reference=ReferenceData(layout.manifest, layout.pixels, layout.splits),
                          out_root=layout.monitoring, params=params, name=name)

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr"]
-BACKUP_STATE = "state.npz"  # in backup/: weights, optimizer variables and the last finished epoch
+BACKUP_STATE = "state.npz"  # in backup/: weights, optimizer variables, callback counters, the last finished epoch
+COUNTER_STATE = ("wait", "best", "cooldown_counter")  # EarlyStopping / ReduceLROnPlateau state a resume restores
 
 
 def class_weights(meta: dict, mode: str) -> dict[int, float] | None:
@@ -154,12 +155,16 @@ def _load_arrays(path: Path, variables: Sequence[keras.Variable]) -> dict[str, n
     return values
 
 
-def _checkpoint_callbacks(best_path: Path, backup_dir: Path, monitor: str,
-                          best: float | None) -> tuple[keras.callbacks.Callback, keras.callbacks.Callback]:
+def _checkpoint_callbacks(best_path: Path, backup_dir: Path, monitor: str, best: float | None,
+                          counters: Sequence[keras.callbacks.Callback],
+                          ) -> tuple[keras.callbacks.Callback, keras.callbacks.Callback]:
     """(best weights, per-epoch backup): the roles of Keras' ModelCheckpoint(save_best_only, weights only)
     and BackupAndRestore, each state one ``.npz`` written atomically. The best weights are the averaged
-    ones when the optimizer keeps an average (what validation measured); the backup holds the raw weights
-    and the optimizer's variables, averages included."""
+    ones when the optimizer keeps an average (what validation measured); the backup holds the raw weights,
+    the optimizer's variables (averages included) and the ``counters`` callbacks' patience state
+    (EarlyStopping, ReduceLROnPlateau: :data:`COUNTER_STATE`), so a resumed run stops and lowers the
+    learning rate when the uninterrupted one would. The backup must come after ``counters`` in the
+    callback list: it restores their state after they reset it at the start of ``fit``."""
     import keras
 
     class BestWeights(keras.callbacks.Callback):
@@ -188,10 +193,17 @@ def _checkpoint_callbacks(best_path: Path, backup_dir: Path, monitor: str,
             if (backup_dir / BACKUP_STATE).exists():
                 extra = _load_arrays(backup_dir / BACKUP_STATE, self._state())
                 self.model._initial_epoch = int(extra["epoch"])  # how BackupAndRestore tells fit() to resume
+                for i, cb in enumerate(counters):
+                    for name in COUNTER_STATE:
+                        if (key := f"cb{i}_{name}") in extra:
+                            value = float(extra[key])
+                            setattr(cb, name, None if np.isnan(value) else value if name == "best" else int(value))
 
         def _save_model(self) -> None:
             backup_dir.mkdir(parents=True, exist_ok=True)
-            _save_arrays(backup_dir / BACKUP_STATE, self._state(), epoch=np.int64(self._current_epoch))
+            state = {f"cb{i}_{name}": np.float64(np.nan if getattr(cb, name) is None else getattr(cb, name))
+                     for i, cb in enumerate(counters) for name in COUNTER_STATE if hasattr(cb, name)}
+            _save_arrays(backup_dir / BACKUP_STATE, self._state(), epoch=np.int64(self._current_epoch), **state)
 
     return BestWeights(), Backup(str(backup_dir))
 
@@ -228,9 +240,11 @@ def _read_history(path: Path) -> dict[int, dict]:
         return {int(r["epoch"]): r for r in csv.DictReader(f)}
 
 
-def _run_id(cfg: ModelConfig, params: Params, data: str) -> str:
-    """What a backup belongs to: a backup of another config or data is discarded, not resumed."""
-    blob = json.dumps([cfg.model_dump(mode="json"), params.train.model_dump(mode="json"), data], sort_keys=True)
+def _run_id(cfg: ModelConfig, params: Params, data: str, mixed: bool) -> str:
+    """What a backup belongs to: a backup of another config, data or precision (``mixed_precision: auto``
+    resolves per machine; its loss scaling adds optimizer variables) is discarded, not resumed."""
+    blob = json.dumps([cfg.model_dump(mode="json"), params.train.model_dump(mode="json"), data, mixed],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -276,15 +290,17 @@ def _fit(net: keras.Model, train_ds: Any, val_ds: Any, cfg: ModelConfig, params:
     rows = _read_history(history_path) if resuming else {}
     previous = [float(r[monitor]) for r in rows.values() if r.get(monitor) not in (None, "")]
     best_path = out_dir / "checkpoints" / "best.weights.npz"
-    best_weights, backup = _checkpoint_callbacks(best_path, out_dir / "backup", monitor, min(previous, default=None))
+    stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=params.train.patience)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.2, patience=params.train.lr_patience,
+                                                min_lr=1e-7, verbose=1)
+    best_weights, backup = _checkpoint_callbacks(best_path, out_dir / "backup", monitor, min(previous, default=None),
+                                                 counters=[plateau, stopper])
     history = _history_callback(history_path, rows)
     live = _live(out_dir / "dvclive", resuming)
     live.log_params({"model": cfg.model_dump(mode="json"), "train": params.train.model_dump(mode="json")})
-    stopper = keras.callbacks.EarlyStopping(monitor=monitor, patience=params.train.patience)
     callbacks = [
         *([keras.callbacks.SwapEMAWeights()] if cfg.ema is not None else []),  # validate the averaged weights
-        keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.2, patience=params.train.lr_patience,
-                                          min_lr=1e-7, verbose=1),
+        plateau,
         stopper,
         best_weights,
         history,
@@ -333,9 +349,9 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
     k, size, channels = len(meta["classes"]), meta["image_size"], meta["channels"]
     out_dir = Path(out_dir)
     weights = resolve_weights(cfg, input_size(cfg, size))  # fails before any work if weights are missing
-    resuming = _prepare_out_dir(out_dir, _run_id(cfg, params, data_fingerprint(processed_dir)))
-    keras.utils.set_random_seed(params.train.seed)
     mixed = use_mixed_precision(params.train.mixed_precision)
+    resuming = _prepare_out_dir(out_dir, _run_id(cfg, params, data_fingerprint(processed_dir), mixed))
+    keras.utils.set_random_seed(params.train.seed)
     strategy = _strategy()
     cached = uses_embedding_cache(cfg)
     has_val = int(meta["counts"].get("val", 0)) > 0
@@ -351,6 +367,7 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
                               "embeddings (set use_embedding_cache: false to augment)", stacklevel=2)
             embed_info = embed(model_name, params, processed_dir, embeddings_dir)
             train_ds, val_ds = embedding_datasets(embed_info["dir"], cfg.batch_size, params.train.seed)
+            keras.utils.set_random_seed(params.train.seed)  # the same head whether embed() just built a backbone
             with strategy.scope():
                 net = build_head(cfg, k, embed_info["dim"])
         else:
@@ -359,9 +376,11 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
                 net = build_model(cfg, k, size, channels, weights=weights)
         # a head's step takes ~1 ms: one call runs a whole epoch, on an iterator kept across epochs
         steps = -(-n_train // cfg.batch_size) if cached else None
+        # several steps per call fail under MirroredStrategy with more than one replica (keras#19246)
+        per_call = steps if steps and strategy.num_replicas_in_sync == 1 else 1
         with strategy.scope():
             net.compile(optimizer=_optimizer(cfg), loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                        steps_per_execution=steps or 1)
+                        steps_per_execution=per_call)
             _create_training_state(net, k)
         fit = _fit(net, train_ds.prefetch(shards.PREFETCH_BATCHES), val_ds, cfg, params, out_dir,
                    class_weights(meta, cfg.class_weight), has_val, resuming, callbacks, steps_per_epoch=steps)

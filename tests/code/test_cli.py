@@ -60,3 +60,21 @@ def test_bad_input_and_bad_config_end_in_one_message(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("split: {train: 0.5, val: 0.1, test: 0.1}\n")
     bad = runner.invoke(app, ["split", "--params", str(tmp_path / "params.yaml")])
     assert bad.exit_code == 2 and "must be 1.0" in bad.output and "Traceback" not in bad.output
+
+
+def test_predict_uses_the_deployed_model_and_a_corrupt_record_is_a_clear_error(tmp_path: Path, small_tree: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --champion: models/production (what promote/rollback set), not the last run's challenger."""
+    from medflow.layout import Layout
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "models" / "versions" / "v1").mkdir(parents=True)
+    (tmp_path / "models" / "champion.json").write_text(json.dumps({"model": "challenger"}))
+    assert Layout().deployed_champion == Path("models/champion.json")  # nothing deployed yet
+    (tmp_path / "models" / "production").symlink_to(Path("versions") / "v1")
+    (tmp_path / "models" / "versions" / "v1" / "champion.json").write_text("{not json")
+    assert Layout().deployed_champion == Path("models/production/champion.json")
+    result = runner.invoke(app, ["predict", str(small_tree), "--out", str(tmp_path / "p.csv")])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.startswith("error: models/production/champion.json: not a champion record")

@@ -35,6 +35,7 @@ from medflow import orchestrate, promote, stages
 from medflow.config import ConfigError, load_params
 from medflow.evaluate import compare as real_compare
 from medflow.evaluate import dir_hash, params_hash
+from medflow.layout import Layout
 
 CLASSES = ["Parasitized", "Uninfected"]
 KNOBS = {"gain_per_batch": 0.05, "fail_train": None}  # steer the fake stages from a test
@@ -339,7 +340,7 @@ def test_labelled_classes_come_from_production_then_last_champion_then_params_th
     assert retraining.labelled_classes(project) == (["c1", "c2"], str(project / "models/champion.json"))
     _write_champion(project, CLASSES, where="models/production/champion.json")
     assert retraining.labelled_classes(project)[0] == CLASSES
-    assert monitoring.champion_record(project) == project / "models/production/champion.json"  # the same record
+    assert Layout(project).deployed_champion == project / "models/production/champion.json"  # the same record
 
 
 def test_only_the_champions_class_folders_count_and_are_added(project, caplog):

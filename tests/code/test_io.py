@@ -1,11 +1,15 @@
-"""medflow.io: the CSV writer and reader every stage shares."""
+"""medflow.io: the CSV writer and reader every stage shares, and the folder swap."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
+import pytest
 
-from medflow.io import atomic_write_csv, read_csv
+from medflow import io
+from medflow.io import atomic_write_csv, read_csv, replace_dir
 
 
 def test_csv_round_trip_keeps_text_as_text_and_empty_as_missing(tmp_path):
@@ -29,3 +33,27 @@ def test_csv_round_trip_keeps_text_as_text_and_empty_as_missing(tmp_path):
 
     only = read_csv(tmp_path / "m.csv", ["width", "id", "absent"], text=text)
     assert only.columns.tolist() == ["id", "width"]  # file order; absent columns skipped
+
+
+def test_replace_dir_interrupted_at_the_swap_keeps_the_old_folder(tmp_path, monkeypatch):
+    dest, new = tmp_path / "processed", tmp_path / ".processed.tmp"
+    dest.mkdir()
+    (dest / "old.rec").write_text("old")
+    new.mkdir()
+    (new / "new.rec").write_text("new")
+    real = os.replace
+
+    def interrupted(src, dst):
+        if os.fspath(src) == os.fspath(new):
+            raise KeyboardInterrupt  # Ctrl-C just as the new folder moves in
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        replace_dir(new, dest)
+    assert (dest / "old.rec").read_text() == "old" and not new.exists()
+    monkeypatch.setattr(io.os, "replace", real)
+    new.mkdir()
+    (new / "new.rec").write_text("new")
+    replace_dir(new, dest)
+    assert [p.name for p in dest.iterdir()] == ["new.rec"] and sorted(p.name for p in tmp_path.iterdir()) == ["processed"]

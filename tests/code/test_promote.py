@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -21,11 +22,12 @@ def _candidate(root: Path, version: str, f1: float, *, per_class: dict | None = 
     model = root / "models" / name / "model.keras"
     model.parent.mkdir(parents=True, exist_ok=True)
     model.write_bytes(f"weights of {version}".encode())
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
     pc = per_class or {c: {"precision": f1, "recall": f1, "f1": f1, "support": 10} for c in CLASSES}
     return {"model": name, "model_path": f"models/{name}/model.keras", "classes": CLASSES, "image_size": 32,
             "channels": 3, "ordered": False, "metric": metric, "metrics": {"macro_f1": f1, "ece": 1 - f1},
             "data_hash": "d", "params_hash": "p", "version": version, "created": "2025-01-01T00:00:00+00:00",
-            "per_class": pc, "test_hash": test_hash, "data_version": {}}
+            "per_class": pc, "test_hash": test_hash, "data_version": {}, "model_sha256": sha}
 
 
 def _rule(cand: dict, champ: dict | None) -> pm.Decision:
@@ -58,6 +60,19 @@ def test_lower_is_better_metric_and_other_test_set(tmp_path):
     assert not _rule(_candidate(tmp_path, "a-3", 0.75, metric="ece"), champ).promote
     d = _rule(_candidate(tmp_path, "a-4", 0.95, test_hash="T2"), _candidate(tmp_path, "a-1", 0.80))
     assert not d.promote and "test set differs" in d.reason
+
+
+def test_a_changed_champion_metric_still_compares_and_rounding_noise_does_not_refuse(tmp_path):
+    champ = _candidate(tmp_path, "a-1", 0.80)
+    champ["metrics"]["balanced_accuracy"] = 0.80  # production was chosen on macro_f1; every metric is recorded
+    cand = _candidate(tmp_path, "a-2", 0.95, metric="balanced_accuracy")
+    cand["metrics"]["balanced_accuracy"] = 0.95
+    d = _rule(cand, champ)
+    assert d.promote and d.delta == pytest.approx(0.15)
+    # one more correct test image of 200 is an improvement of exactly 0.005 (0.004999999999999999 in floats)
+    old, new = _candidate(tmp_path, "a-3", 112 / 200), _candidate(tmp_path, "a-4", 113 / 200)
+    assert 113 / 200 - 112 / 200 < 0.005
+    assert pm.decide(new, old, min_improvement=0.005, max_class_drop=1.0).promote
 
 
 def test_promote_registers_and_swaps_production(tmp_path):
@@ -116,6 +131,36 @@ def test_failed_swap_or_copy_leaves_production_untouched(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "models/versions").iterdir()) == ["a-1", "b-2"]
 
 
+def test_production_is_registered_even_when_killed_after_the_swap(tmp_path, monkeypatch):
+    pm.promote(tmp_path, _candidate(tmp_path, "a-1", 0.80))
+    real_write, calls = pm.write_json_atomic, []
+
+    def dies_after_swap(path, obj):
+        calls.append(pm.production_version(tmp_path))
+        if calls[-1] == "b-2":  # the swap happened: the history entry is being written
+            raise OSError("killed after the swap")
+        return real_write(path, obj)
+
+    monkeypatch.setattr(pm, "write_json_atomic", dies_after_swap)
+    with pytest.raises(OSError, match="after the swap"):
+        pm.promote(tmp_path, _candidate(tmp_path, "b-2", 0.90))
+    assert pm.production_version(tmp_path) == "b-2" and pm.production_record(tmp_path)["version"] == "b-2"
+
+
+def test_unregistered_production_or_a_changed_model_file_is_refused(tmp_path):
+    pm.promote(tmp_path, _candidate(tmp_path, "a-1", 0.80))
+    reg = pm.load_registry(tmp_path)
+    (tmp_path / pm.REGISTRY).write_text(json.dumps({**reg, "versions": []}))  # registry lost its entry
+    cand = _candidate(tmp_path, "b-2", 0.10)
+    (tmp_path / "models/champion.json").write_text(json.dumps(cand))
+    with pytest.raises(pm.PromotionError, match="does not list"):  # not "nothing in production yet"
+        pm.decide_and_promote(tmp_path, pm.RetrainConfig())
+    (tmp_path / cand["model_path"]).write_bytes(b"retrained after compare")
+    with pytest.raises(pm.PromotionError, match="not the evaluated challenger"):
+        pm.promote(tmp_path, cand)
+    assert pm.production_version(tmp_path) == "a-1" and not (tmp_path / "models/versions/b-2").exists()
+
+
 def test_decide_and_promote_reads_the_run_and_records_the_decision(tmp_path):
     cand = _candidate(tmp_path, "a-1", 0.80)
     per_class = cand.pop("per_class")
@@ -153,7 +198,8 @@ def test_retrain_lock_rejects_a_second_run(tmp_path):
         release.set()
         t.join()
     assert errors == []
-    with pm.retrain_lock(tmp_path):  # free again once the first run is done
+    # free again once the first run is done; re-entrant in one thread (retraining runs the training flow)
+    with pm.retrain_lock(tmp_path), pm.retrain_lock(tmp_path):
         pass
 
 

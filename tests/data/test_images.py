@@ -113,6 +113,20 @@ def test_palette_and_grey_pngs() -> None:
     np.testing.assert_array_equal(grey.rgb, np.repeat(rgb[..., :1], 3, axis=2))
 
 
+def test_bytes_after_the_end_marker_are_allowed_but_a_cut_main_scan_is_not(cell_png: bytes) -> None:
+    rgb = np.random.default_rng(2).integers(0, 255, (40, 40, 3), np.uint8)
+    jpeg = encode(rgb, ".jpg")
+    trailer = b"\x00" * 100 + b"ftypmp42" + bytes(range(256))  # e.g. a motion photo's video after the image
+    np.testing.assert_array_equal(decode_image(jpeg + trailer, **LIMITS).rgb, decode_image(jpeg, **LIMITS).rgb)
+    np.testing.assert_array_equal(decode_image(cell_png + trailer, **LIMITS).rgb, decode_image(cell_png, **LIMITS).rgb)
+    # an APP1 segment holding a whole thumbnail JPEG (with its own end marker) before the main image's scan
+    thumb = encode(rgb[:8, :8], ".jpg")
+    app1 = b"\xff\xe1" + (len(thumb) + 8).to_bytes(2, "big") + b"Exif\0\0" + thumb
+    with_thumb = jpeg[:2] + app1 + jpeg[2:]
+    assert decode_image(with_thumb, **LIMITS).rgb.shape == (40, 40, 3)
+    assert reason(with_thumb[: len(with_thumb) - len(jpeg) // 3]) == "truncated"  # the thumbnail's marker is no end
+
+
 def test_bad_inputs_have_reasons(cell_png: bytes) -> None:
     assert reason(b"") == "empty_file"
     assert reason(b"patient notes, not a picture\n" * 10) == "not_an_image"

@@ -110,6 +110,18 @@ def test_bootstrap_interval_contains_point_estimate_and_is_reproducible():
     assert again["ci95"] == m["ci95"]
 
 
+def test_macro_f1_leaves_out_a_class_absent_from_the_test_set_and_never_predicted():
+    y = np.array([0, 0, 1, 1, 1])  # class 2 has no test image and is never predicted
+    p = np.eye(3)[y] * 0.8 + 0.1
+    m = compute_metrics(y, p, ["a", "b", "c"], bootstrap=50, seed=0)
+    assert m["macro_f1"] == 1.0 == f1_score(y, y, average="macro")  # scikit-learn's default labels
+    assert m["ci95"]["macro_f1"] == [1.0, 1.0]  # resamples missing a class do not count it as F1 = 0
+    wrong = p.copy()
+    wrong[0] = [0.1, 0.1, 0.8]  # predicted once: then it counts, with F1 = 0
+    assert compute_metrics(y, wrong, ["a", "b", "c"], bootstrap=0)["macro_f1"] == pytest.approx(
+        f1_score(y, wrong.argmax(axis=1), average="macro"))
+
+
 def test_undefined_auc_is_none_and_bad_shape_rejected():
     y = np.zeros(5, int)
     m = compute_metrics(y, np.tile([0.7, 0.3], (5, 1)), ["a", "b"], bootstrap=0)
@@ -180,6 +192,28 @@ def test_ties_go_to_fewer_params_then_name(tmp_path):
     with pytest.raises(ValueError, match="roc_auc"):
         compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", metric="roc_auc",
                 data_hash="d", params_hash="p", meta=META)
+    # the same balanced accuracy (110/120) from recalls 55+55 and 56+54 differs in its last bit: still a tie
+    small, big = (55 / 60 + 55 / 60) / 2, (56 / 60 + 54 / 60) / 2
+    assert small != big
+    paths = {"big": write_metrics(tmp_path, "big", balanced_accuracy=max(small, big), num_params=500),
+             "small": write_metrics(tmp_path, "small", balanced_accuracy=min(small, big), num_params=100)}
+    assert compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", metric="balanced_accuracy",
+                   data_hash="d", params_hash="p", meta=META)["model"] == "small"
+
+
+def test_compare_refuses_a_model_file_changed_after_evaluate(tmp_path):
+    paths = {"b": write_metrics(tmp_path, "b", macro_f1=0.9, num_params=10)}
+    model = tmp_path / "models" / "b" / "model.keras"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"evaluated weights")
+    (tmp_path / "reports" / "eval" / "b").mkdir(parents=True)
+    (tmp_path / "reports" / "eval" / "b" / "details.json").write_text(
+        json.dumps({"per_class": {}, "model_sha256": file_hash(model)}))
+    args = {"metric": "macro_f1", "data_hash": "d", "params_hash": "p", "meta": META, "root": tmp_path}
+    assert compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", **args)["model_sha256"] == file_hash(model)
+    model.write_bytes(b"retrained weights")  # `medflow train b` without evaluate
+    with pytest.raises(ValueError, match="changed after it was evaluated"):
+        compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", **args)
 
 
 def test_hash_helpers(tmp_path):
@@ -194,6 +228,15 @@ def test_hash_helpers(tmp_path):
     p1 = parse_params({"evaluate": {"bootstrap": 10}})
     assert params_hash(p1) == params_hash(parse_params({"evaluate": {"bootstrap": 10}}))
     assert params_hash(p1) != params_hash(parse_params({"evaluate": {"bootstrap": 11}}))
+    # only what shapes the champion counts: not serving, monitoring or a model dvc repro does not train
+    cnn = {"architecture": "basic_cnn"}
+    base = parse_params({"models": {"a": cnn, "b": cnn}, "active_models": ["a"]})
+    for other in ({"serve": {"port": 8001}}, {"monitor": {"drift_share": 0.9}},
+                  {"models": {"a": cnn, "b": cnn | {"epochs": 99}}}):
+        assert params_hash(parse_params({"models": {"a": cnn, "b": cnn}, "active_models": ["a"]} | other)) == \
+            params_hash(base), other
+    assert params_hash(parse_params({"models": {"a": cnn | {"epochs": 99}, "b": cnn}, "active_models": ["a"]})) != \
+        params_hash(base)
 
 
 # --------------------------------------------------------------------------- evaluate stage

@@ -145,6 +145,32 @@ def test_resume_after_kill_continues_from_last_epoch(processed: Path, tmp_path: 
     assert (out / "model.keras").exists() and not (out / "backup").exists()
 
 
+def test_resume_restores_early_stopping_and_lr_plateau_counters(processed: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, list[tuple[int, int, float | None]]] = {"stop": [], "plateau": []}
+
+    def recording(base: type, key: str) -> type:
+        class Recording(base):  # type: ignore[misc, valid-type]
+            def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+                seen[key].append((epoch, self.wait, self.best))
+
+        return Recording
+
+    monkeypatch.setattr(keras.callbacks, "EarlyStopping", recording(keras.callbacks.EarlyStopping, "stop"))
+    monkeypatch.setattr(keras.callbacks, "ReduceLROnPlateau", recording(keras.callbacks.ReduceLROnPlateau, "plateau"))
+    params = parse_params({"train": {"seed": 3, "patience": 50, "lr_patience": 50}, "models": {"basic_cnn": CNN | {"epochs": 3}}})
+    out = tmp_path / "basic_cnn"
+    with pytest.raises(SimulatedKill):
+        train("basic_cnn", params, processed, tmp_path / "emb", out, callbacks=[_Kill(at=1)])
+    val_loss = [float(r["val_loss"]) for r in _history(out)]
+    # after epoch 2: the best val_loss so far and the epochs since it (Keras counts strict improvements)
+    expected = (2, len(val_loss) - 1 - int(np.argmin(val_loss)), min(val_loss))
+    train("basic_cnn", params, processed, tmp_path / "emb", out)
+    for key in ("stop", "plateau"):
+        epoch, wait, best = seen[key][2]  # the first epoch of the resumed run
+        assert (epoch, wait) == expected[:2] and best == pytest.approx(expected[2], rel=1e-6), key
+
+
 def test_backup_of_another_config_is_not_resumed(processed: Path, tmp_path: Path) -> None:
     out = tmp_path / "basic_cnn"
     with pytest.raises(SimulatedKill):
@@ -168,6 +194,12 @@ def test_frozen_backbone_trains_head_on_shared_cache(processed: Path, tmp_path: 
     assert x.shape == (8, 1280) and x.dtype == np.float32
     assert list(y) == list(shards.load_arrays(processed, "val")[1])
     assert embed("basic", _params(basic=CNN), processed, emb)["cached"] is False
+    # per-model records, what train@<model> depends on: a change to one model's backbone retrains it alone
+    record = json.loads((emb / "lite.json").read_text())
+    assert record == {"model": "lite", "cached": True, "key": first["key"], "data": record["data"], "dim": 1280}
+    assert json.loads((emb / "basic.json").read_text()) == {"model": "basic", "cached": False}
+    other = embed("lite", _params(lite=frozen | {"input_size": 48}), processed, emb)
+    assert other["key"] != first["key"] and json.loads((emb / "lite.json").read_text())["key"] == other["key"]
 
     summary = train("lite_wide", params, processed, emb, tmp_path / "lite_wide")
     assert summary["embedding_cache"] == first["key"]  # a second head on the same backbone reuses the cache
@@ -184,6 +216,17 @@ def test_frozen_backbone_trains_head_on_shared_cache(processed: Path, tmp_path: 
     best = min(_history(tmp_path / "lite_wide"), key=lambda r: float(r["val_loss"]))
     val_loss = keras.losses.sparse_categorical_crossentropy(y, probs)
     assert float(np.mean(val_loss)) == pytest.approx(float(best["val_loss"]), rel=1e-3)  # best epoch's weights
+
+
+def test_frozen_head_is_the_same_whether_train_built_the_cache_or_found_it(processed: Path, tmp_path: Path) -> None:
+    frozen = {"architecture": "mobilenet_v2", "trainable": "none", "input_size": 32, "head_units": 8,
+              "epochs": 1, "batch_size": 4, "augment": {"flip": False}}
+    params, emb = _params(mnv2=frozen), tmp_path / "emb"
+    train("mnv2", params, processed, emb, tmp_path / "built")  # cache missing: train() embeds first
+    train("mnv2", params, processed, emb, tmp_path / "found")  # cache present
+    built, found = (load_model(tmp_path / d / "model.keras") for d in ("built", "found"))
+    for a, b in zip(built.get_layer("head").get_weights(), found.get_layer("head").get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_missing_imagenet_weights_stop_training_before_it_starts(

@@ -95,9 +95,28 @@ def _header(data: bytes, fmt: str) -> tuple[int, int, int, str]:
         raise BadImage("corrupt", f"unreadable {fmt} header: {e}") from None
 
 
+def _jpeg_scan_start(data: bytes) -> int:
+    """Offset of the main image's first start-of-scan marker (FFDA), found by skipping marker segments by
+    their lengths, so a thumbnail inside an APP segment is not taken for it; ``len(data)`` when there is none."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xDA:
+            return i
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return len(data)
+
+
 def _check_complete(data: bytes, fmt: str) -> None:
-    tail = data[-64:]
-    if (fmt == "png" and b"IEND" not in tail) or (fmt == "jpeg" and b"\xff\xd9" not in tail):
+    """Reject files cut short: no PNG IEND chunk, no JPEG end-of-image marker after the main scan starts.
+    Bytes after the end marker (e.g. the video of a phone's "motion photo") are allowed."""
+    if (fmt == "png" and b"IEND" not in data) or (
+            fmt == "jpeg" and data.find(b"\xff\xd9", _jpeg_scan_start(data)) < 0):
         raise BadImage("truncated", f"{fmt} ends before its end marker ({len(data)} bytes)")
     if fmt == "bmp" and len(data) >= 6 and len(data) < struct.unpack("<I", data[2:6])[0]:
         raise BadImage("truncated", f"bmp has {len(data)} of {struct.unpack('<I', data[2:6])[0]} bytes")

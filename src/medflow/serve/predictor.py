@@ -11,8 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from medflow.config import DataConfig, IngestConfig
+from medflow.config import ConfigError, DataConfig, IngestConfig
 from medflow.data.images import Decoded, decode_any, to_model_input
+
+RECORD_KEYS = ("model_path", "classes", "image_size", "channels", "version")
 
 
 def load_champion(champion_json: str | Path) -> tuple[dict[str, Any], Path]:
@@ -25,9 +27,16 @@ def load_champion(champion_json: str | Path) -> tuple[dict[str, Any], Path]:
     champion_json = Path(champion_json)
     if not champion_json.is_file():
         raise FileNotFoundError(f"{champion_json}: no champion record (run `medflow compare` or `dvc repro`)")
-    record = json.loads(champion_json.read_text())
-    beside = champion_json.parent / "model.keras"
-    model_path = beside if beside.is_file() else champion_json.resolve().parent.parent / record["model_path"]
+    folder = champion_json.resolve().parent  # once: a promotion swapping models/production cannot mix versions
+    try:
+        record = json.loads((folder / champion_json.name).read_text())
+        missing = [k for k in RECORD_KEYS if k not in record]
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ConfigError(f"{champion_json}: not a champion record ({e})") from None
+    if missing:
+        raise ConfigError(f"{champion_json}: not a champion record (no {', '.join(missing)})")
+    beside = folder / "model.keras"
+    model_path = beside if beside.is_file() else folder.parent / record["model_path"]
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: model named by {champion_json} is missing")
     return record, model_path
@@ -57,7 +66,7 @@ class Predictor:
         self.model = load_model(self.model_path)
         expected = (self.image_size, self.image_size, self.channels)
         if tuple(self.model.input_shape[1:]) != expected:
-            raise ValueError(f"{self.model_path}: input {self.model.input_shape[1:]} != champion record {expected}")
+            raise ConfigError(f"{self.model_path}: input {self.model.input_shape[1:]} != champion record {expected}")
         self._lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
