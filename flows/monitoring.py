@@ -122,8 +122,9 @@ def monitoring_flow(root: str = ".", batch: str | None = None,
         todo = [Path(batch)]
     else:
         todo = sorted(p for p in incoming.glob("*") if p.is_dir() and not p.name.startswith("."))
-    if todo and not Layout(path).deployed_champion.is_file():  # no model to check against: not the batches' fault
-        raise FileNotFoundError(f"{Layout(path).deployed_champion}: no model to monitor against (train and promote one "
+    record = Layout(path).deployed_champion
+    if todo and not record.is_file():  # no model to check against: not the batches' fault
+        raise FileNotFoundError(f"{record}: no model to monitor against (train and promote one "
                                 f"first); {len(todo)} batch(es) left in place")
     check = check_batch.with_options(retries=cfg.task_retries, retry_delay_seconds=cfg.retry_delay_s)
     verdicts: dict[str, Any] = {}
