@@ -158,6 +158,28 @@ def embed(model_name: str, params: Params, processed_dir: str | Path, out_dir: s
     return summary | {"reused": False, "dim": dim, "counts": counts, "seconds": round(seconds, 2)}
 
 
+def prune(out_dir: str | Path, models: Sequence[str]) -> list[str]:
+    """Remove from ``out_dir`` the caches no record of ``models`` points to, and the records of other models;
+    the removed names. Only folders holding a ``cache.json`` count as caches (temporary ones start with a dot).
+    Old caches stay in DVC's cache, so ``dvc checkout`` of an older commit brings them back."""
+    out_dir = Path(out_dir)
+    keep: set[str] = set()
+    removed = []
+    for path in sorted(out_dir.glob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("model", path.stem) in models:
+            keep.add(record.get("key", ""))
+        else:
+            path.unlink()
+            removed.append(path.name)
+    for folder in sorted(out_dir.iterdir()):
+        if folder.is_dir() and not folder.name.startswith(".") and (folder / CACHE_INFO).exists() \
+                and folder.name not in keep:
+            shutil.rmtree(folder)
+            removed.append(folder.name)
+    return removed
+
+
 def _write_record(out_dir: str | Path, model_name: str, record: dict) -> None:
     """``out_dir/<model>.json``: the cache the model's head trains on (no times: unchanged unless it changes)."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)

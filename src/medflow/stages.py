@@ -8,6 +8,7 @@ wires layout paths to them, so there is exactly one definition of the pipeline.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from medflow.config import Params
@@ -49,13 +50,17 @@ def preprocess(params: Params, layout: Layout = Layout()) -> dict:
 
 
 def embed(params: Params, layout: Layout = Layout(), models: list[str] | None = None) -> dict:
-    """Cache frozen-backbone embeddings for the given (default: active) models."""
+    """Cache frozen-backbone embeddings for the given (default: active) models, then remove the caches and
+    records that no active model uses any more (an old backbone, size or data would otherwise stay for good)."""
     from medflow.embed import embed as run
+    from medflow.embed import prune
 
     out = {}
     layout.embeddings.mkdir(parents=True, exist_ok=True)  # the DVC output exists even with no frozen model
     for name in models if models is not None else params.active_models:
         out[name] = run(name, params, layout.processed, layout.embeddings)
+    if removed := prune(layout.embeddings, [*params.active_models, *(models or [])]):
+        print(f"embed: removed what no active model uses: {', '.join(removed)}", file=sys.stderr)
     return out
 
 

@@ -253,6 +253,31 @@ def test_mixed_precision_trains_in_float16_and_saves_float32(processed: Path, tm
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"}  # serving runs in float32
 
 
+def test_embed_stage_removes_caches_and_records_no_active_model_uses(processed: Path, tmp_path: Path) -> None:
+    from medflow import stages
+    from medflow.layout import Layout
+
+    layout = Layout(tmp_path)
+    layout.processed.parent.mkdir(parents=True)
+    layout.processed.symlink_to(processed)
+    frozen = CNN | {"trainable": "none"}
+
+    def run(active: list[str], **models: dict) -> dict:
+        return stages.embed(parse_params({"train": {"seed": 3}, "models": models, "active_models": active}), layout)
+
+    old = run(["a", "b"], a=frozen, b=CNN)["a"]
+    (layout.embeddings / ".x.tmp").mkdir()  # another run's folder in progress
+    (layout.embeddings / "notes").mkdir()  # not a cache: never touched
+    new = run(["a"], a=frozen | {"input_size": 48}, b=CNN)["a"]
+    assert new["key"] != old["key"] and not new["reused"]
+    assert sorted(p.name for p in layout.embeddings.iterdir()) == sorted([".x.tmp", "notes", "a.json", new["key"]])
+    # a model run on demand (not active) keeps its record and cache
+    on_demand = stages.embed(parse_params({"train": {"seed": 3}, "models": {"a": frozen | {"input_size": 48},
+                                                                              "c": frozen}, "active_models": ["a"]}),
+                             layout, models=["c"])["c"]
+    assert (layout.embeddings / "c.json").exists() and (layout.embeddings / on_demand["key"]).is_dir()
+
+
 def test_embeddings_are_each_splits_features_in_order(processed: Path, tmp_path: Path) -> None:
     """Batches of 5 span the split boundaries (12 + 8 + 4 images) and the last one is padded: each split's
     cached rows are still its own images' features, labels and ids, in shard order."""
