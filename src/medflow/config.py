@@ -190,6 +190,9 @@ class EvaluateConfig(_Section):
     calibration_bins: int = Field(10, ge=2)
     gradcam_per_class: int = Field(3, ge=0)
     misclassified_max: int = Field(24, ge=0)
+    # the class a binary ROC curve and the monitoring's binary precision/recall are about (e.g. the disease);
+    # null: every class is shown one-vs-rest
+    positive_class: str | None = None
 
 
 class MonitorConfig(_Section):
@@ -291,6 +294,9 @@ class Params(_Section):
                  and (size := m.input_size or self.ingest.image_size) < MIN_INPUT_SIZE[m.architecture]}
         if small:
             raise ValueError(f"models too small for their backbone (set input_size, the in-graph resize): {small}")
+        positive = self.evaluate.positive_class
+        if positive is not None and self.data.labels and positive not in self.data.labels:
+            raise ValueError(f"evaluate.positive_class {positive!r} is not one of data.labels {self.data.labels}")
         if self.evaluate.champion_metric == "qwk" and not self.data.ordered:
             raise ValueError("evaluate.champion_metric: qwk (quadratic weighted kappa) is computed for ordered "
                              "grades only; set data.ordered: true or choose another metric")

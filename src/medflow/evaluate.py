@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, get_args
@@ -30,8 +30,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from medflow.config import ChampionMetric
-from medflow.io import atomic_write, atomic_write_csv, atomic_write_json, sha256_file
+from medflow.config import ChampionMetric, ConfigError
+from medflow.io import atomic_write, atomic_write_csv, atomic_write_json, read_csv, sha256_file
 
 # Scalar metrics written to the metrics JSON; the champion metric must be one of them.
 SCALAR_METRICS: tuple[str, ...] = get_args(ChampionMetric)  # one list: what params.yaml may name
@@ -136,19 +136,61 @@ def _scalars(y_true: np.ndarray, proba: np.ndarray, *, ordered: bool, bins: int)
     return out
 
 
-def _bootstrap_ci(
-    y_true: np.ndarray, proba: np.ndarray, *, ordered: bool, bins: int, n: int, seed: int
-) -> dict[str, list[float] | None]:
-    """Percentile 95% intervals from ``n`` resamples (with replacement) of the test set."""
+def _resamples(n_items: int, groups: Sequence[str] | None, n: int, seed: int) -> Iterator[np.ndarray]:
+    """``n`` bootstrap index arrays over ``n_items`` test images: whole patient/slide ``groups`` drawn with
+    replacement when given (images of one group are not independent), else single images."""
     rng = np.random.default_rng(seed)
+    if groups is None:
+        members = None
+        units = n_items
+    else:
+        codes, uniques = pd.factorize(np.asarray(groups, dtype=object), sort=False)
+        order = np.argsort(codes, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(codes, minlength=len(uniques)))[:-1])
+        units = len(uniques)
+    for _ in range(n):
+        pick = rng.integers(0, units, units)
+        yield pick if members is None else np.concatenate([members[g] for g in pick])
+
+
+def _bootstrap_ci(
+    y_true: np.ndarray, proba: np.ndarray, *, ordered: bool, bins: int, n: int, seed: int,
+    groups: Sequence[str] | None = None,
+) -> dict[str, list[float] | None]:
+    """Percentile 95% intervals from ``n`` resamples (with replacement) of the test set (see :func:`_resamples`)."""
     draws: dict[str, list[float]] = {}
     with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):  # inputs checked once
-        for _ in range(n):
-            idx = rng.integers(0, len(y_true), len(y_true))
+        for idx in _resamples(len(y_true), groups, n, seed):
             for name, value in _scalars(y_true[idx], proba[idx], ordered=ordered, bins=bins).items():
                 if value is not None:
                     draws.setdefault(name, []).append(value)
     return {name: [float(v) for v in np.percentile(vals, [2.5, 97.5])] for name, vals in draws.items()}
+
+
+def paired_difference(
+    y_true: np.ndarray, proba_a: np.ndarray, proba_b: np.ndarray, metric: str, *, ordered: bool, bins: int,
+    n: int, seed: int, groups: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """``metric`` of model a minus model b on the same test images, with a 95% interval from paired resamples
+    (the same draws for both); ``share_a_better``: the share of draws where a is better (lower for ece)."""
+    def value(idx: np.ndarray, proba: np.ndarray) -> float | None:
+        return _scalars(y_true[idx], proba[idx], ordered=ordered, bins=bins).get(metric)
+
+    everything = np.arange(len(y_true))
+    a, b = value(everything, proba_a), value(everything, proba_b)
+    if a is None or b is None:
+        return {"metric": metric, "difference": None, "ci95": None, "share_a_better": None}
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    diffs = []
+    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        for idx in _resamples(len(y_true), groups, n, seed):
+            da, db = value(idx, proba_a), value(idx, proba_b)
+            if da is not None and db is not None:
+                diffs.append(da - db)
+    d = np.asarray(diffs)
+    return {"metric": metric, "difference": float(a - b),
+            "ci95": [float(v) for v in np.percentile(d, [2.5, 97.5])] if len(d) else None,
+            "share_a_better": float(np.mean(sign * d > 0)) if len(d) else None}
 
 
 def compute_metrics(
@@ -160,12 +202,14 @@ def compute_metrics(
     bootstrap: int = 1000,
     bins: int = 10,
     seed: int = 0,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """All test metrics for integer labels ``y_true`` and class probabilities ``proba`` (N x K).
 
     Returns accuracy, balanced_accuracy, macro_f1, roc_auc, qwk (only when ``ordered``), ece,
     n, per_class {class: {precision, recall, f1, support}}, confusion (rows = actual),
-    ci95 {metric: [lo, hi]} (empty when ``bootstrap`` is 0). JSON-able.
+    ci95 {metric: [lo, hi]} (empty when ``bootstrap`` is 0; resampling the patient/slide ``groups`` when
+    given), ci_unit ("groups" or "images") and ci_units (how many). JSON-able.
     """
     y = np.asarray(list(y_true), dtype=int)
     p = np.asarray(proba, dtype=float)
@@ -181,14 +225,30 @@ def compute_metrics(
         for i, c in enumerate(classes)
     }
     out["confusion"] = confusion_matrix(y, y_pred, labels=labels).tolist()
-    out["ci95"] = _bootstrap_ci(y, p, ordered=ordered, bins=bins, n=bootstrap, seed=seed) if bootstrap else {}
+    if groups is not None and len(groups) != len(y):
+        raise ValueError(f"groups has {len(groups)} entries for {len(y)} test images")
+    out["ci95"] = _bootstrap_ci(y, p, ordered=ordered, bins=bins, n=bootstrap, seed=seed,
+                                groups=groups) if bootstrap else {}
+    out["ci_unit"] = "images" if groups is None else "groups"
+    out["ci_units"] = len(y) if groups is None else len(set(groups))
     return out
 
 
-def roc_table(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """ROC points (class, fpr, tpr, threshold); binary: the positive class only, else one-vs-rest."""
+def positive_index(classes: list[str], positive: str | None) -> int | None:
+    """Index of ``evaluate.positive_class`` among ``classes`` (None when unset or not binary); a class the
+    data does not have is a ConfigError."""
+    if positive is None:
+        return None
+    if positive not in classes:
+        raise ConfigError(f"evaluate.positive_class {positive!r} is not one of the data's classes {classes}")
+    return classes.index(positive) if len(classes) == 2 else None
+
+
+def roc_table(y_true: np.ndarray, proba: np.ndarray, classes: list[str], positive: int | None = None) -> pd.DataFrame:
+    """ROC points (class, fpr, tpr, threshold): of class ``positive`` alone when given (binary), else of every
+    class against the rest."""
     y = np.asarray(y_true)
-    wanted = [1] if len(classes) == 2 else range(len(classes))
+    wanted = [positive] if positive is not None else range(len(classes))
     frames = []
     for c in wanted:
         if 0 < np.sum(y == c) < len(y):
@@ -214,16 +274,18 @@ def evaluate(
     *,
     arrays: tuple[np.ndarray, np.ndarray, list[str]] | None = None,
     meta: Mapping[str, Any] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Predict the test split with ``model_dir/model.keras`` and write every evaluation output.
 
     Writes ``metrics_json`` (flat scalars for ``dvc metrics show``) and, in ``eval_dir``:
     details.json (all of :func:`compute_metrics` + classes), predictions.csv (id, label, pred,
-    p_<class>...), roc.csv, confusion.csv (actual, predicted), calibration.csv,
-    misclassified.csv (+ misclassified.png) and gradcam.png. ``arrays`` (images uint8, labels, ids)
-    and ``meta`` replace reading the shards (tests, notebooks).
+    p_<class>..., group), roc.csv, confusion.csv (actual, predicted), calibration.csv,
+    misclassified.csv (+ misclassified.png) and gradcam.png. The bootstrap intervals resample the test
+    images' patient/slide groups. ``arrays`` (images uint8, labels, ids), ``meta`` and ``groups`` (one per
+    image; default: each image its own) replace reading the shards (tests, notebooks).
     """
-    from medflow.models.gradcam import gradcam, overlay
+    from medflow.models.gradcam import GRADCAM_COLORMAP, gradcam, overlay
     from medflow.models.registry import (
         load_model,  # registers the custom layers; safe_mode on
     )
@@ -234,19 +296,24 @@ def evaluate(
         from medflow.data import shards
 
         meta = meta if meta is not None else shards.read_meta(processed_dir)
-        arrays = arrays if arrays is not None else shards.load_arrays(processed_dir, "test")
+        if arrays is None:
+            arrays = shards.load_arrays(processed_dir, "test")
+            if (known := shards.read_groups(processed_dir, "test")) is not None:
+                group_of = dict(zip(shards.read_ids(processed_dir, "test"), known, strict=True))
+                groups = [group_of[i] for i in arrays[2]]
     images, labels, ids = arrays
     labels = np.asarray(labels, dtype=int)
     classes = list(meta["classes"])
     ordered = bool(meta.get("ordered", False))
     cfg = params.evaluate
+    positive = positive_index(classes, cfg.positive_class)
     model_sha = file_hash(model_dir / "model.keras")  # of the file loaded next, as `compare` checks it
     model = load_model(model_dir / "model.keras")
     batch = params.models[model_name].batch_size if model_name in params.models else 32
 
     proba = np.asarray(model.predict(images.astype("float32"), batch_size=batch, verbose=0), dtype=float)
     m = compute_metrics(labels, proba, classes, ordered=ordered, bootstrap=cfg.bootstrap,
-                        bins=cfg.calibration_bins, seed=params.train.seed)
+                        bins=cfg.calibration_bins, seed=params.train.seed, groups=groups)
     flat = {k: m[k] for k in SCALAR_METRICS if k in m}
     flat.update(n_test=m["n"], num_params=int(model.count_params()))
     atomic_write_json(Path(metrics_json), flat)
@@ -261,9 +328,10 @@ def evaluate(
     preds = pd.DataFrame({"id": list(ids), "label": names[labels], "pred": names[pred]})
     for i, c in enumerate(classes):
         preds[f"p_{c}"] = proba[:, i]
+    preds["group"] = list(groups) if groups is not None else list(ids)  # unknown: each image its own
     _write_csv(eval_dir / "predictions.csv", preds)
     _write_csv(eval_dir / "confusion.csv", preds[["label", "pred"]].set_axis(["actual", "predicted"], axis=1))
-    _write_csv(eval_dir / "roc.csv", roc_table(labels, proba, classes))
+    _write_csv(eval_dir / "roc.csv", roc_table(labels, proba, classes, positive))
     _write_csv(eval_dir / "calibration.csv", calibration_table(labels, proba, cfg.calibration_bins))
 
     # Misclassified test images, most confident mistakes first.
@@ -286,7 +354,8 @@ def evaluate(
         for j, i in enumerate(pick):
             tiles += [images[i], overlay(images[i], heat[j])]
             titles += [f"true {names[labels[i]]}", f"pred {names[pred[i]]} ({conf[i]:.0%})"]
-        atomic_write(eval_dir / "gradcam.png", image_grid(tiles, titles, ncols=2 * max(1, cfg.gradcam_per_class)))
+        atomic_write(eval_dir / "gradcam.png", image_grid(tiles, titles, ncols=2 * max(1, cfg.gradcam_per_class),
+                                                          colorbar=(GRADCAM_COLORMAP, "influence on the answer")))
 
     return {"model": model_name, **flat, "misclassified": int((pred != labels).sum())}
 
@@ -315,13 +384,18 @@ def compare(
     params_hash: str,
     meta: Mapping[str, Any] | None = None,
     root: str | Path = ".",
+    bootstrap: int = 1000,
+    bins: int = 10,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Rank models by ``metric``, write the comparison table and the champion record.
 
     ``metrics_jsons``: {model name: metrics JSON path} or a list of paths (name = file stem).
     Best = highest ``metric`` (lowest for ece); ties: fewer parameters, then name. ``meta`` supplies
     classes, image_size, channels, ordered (default: the shards' meta.json under ``root``).
-    ``model_path`` in the record is relative to ``root``. Returns the champion record.
+    ``model_path`` in the record is relative to ``root``. The record's ``runner_up`` holds the champion's
+    ``metric`` minus the runner-up's with a paired bootstrap interval (:func:`paired_difference`, from both
+    models' predictions.csv, resampling patient/slide groups; ``bootstrap`` draws). Returns the champion record.
     """
     from medflow.layout import Layout
 
@@ -369,5 +443,23 @@ def compare(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_sha256": model_sha,
     }
+    if len(ranked) > 1 and bootstrap:
+        record["runner_up"] = _versus(Layout(Path(root)), name, ranked[1][0], metric, list(meta["classes"]),
+                                      ordered=bool(meta.get("ordered", False)), bins=bins, n=bootstrap, seed=seed)
     atomic_write_json(Path(champion_json), record)
     return record
+
+
+def _versus(layout: Any, a: str, b: str, metric: str, classes: list[str], **kwargs: Any) -> dict[str, Any]:
+    """:func:`paired_difference` of models ``a`` and ``b`` from their predictions.csv (same test images)."""
+    paths = [layout.eval_dir(m) / "predictions.csv" for m in (a, b)]
+    frames = [read_csv(p, text=("id", "label", "group")) if p.is_file() else None for p in paths]
+    if any(f is None for f in frames) or not frames[0]["id"].equals(frames[1]["id"]):
+        return {"model": b, "metric": metric, "difference": None, "ci95": None, "share_a_better": None,
+                "note": "predictions of the two models are missing or not on the same test images"}
+    first = frames[0]
+    y = pd.Index(classes).get_indexer(first["label"].astype(str))
+    probas = [f[[f"p_{c}" for c in classes]].to_numpy(dtype=float) for f in frames]
+    groups = first["group"].astype(str).tolist() if "group" in first else None
+    return {"model": b, **paired_difference(y, *probas, metric, groups=groups, **kwargs)}
+

@@ -90,7 +90,8 @@ def compare(params: Params, layout: Layout = Layout(), models: list[str] | None 
     names = models if models is not None else params.active_models
     return run({m: layout.metrics(m) for m in names}, layout.comparison, layout.champion,
                metric=params.evaluate.champion_metric, data_hash=dir_hash(layout.processed),
-               params_hash=params_hash(params), meta=read_meta(layout.processed), root=layout.root)
+               params_hash=params_hash(params), meta=read_meta(layout.processed), root=layout.root,
+               bootstrap=params.evaluate.bootstrap, bins=params.evaluate.calibration_bins, seed=params.train.seed)
 
 
 def report(params: Params, layout: Layout = Layout()) -> dict:

@@ -400,6 +400,7 @@ def train(model_name: str, params: Params, processed_dir: str | Path, embeddings
 
     summary = {
         "model": model_name, "architecture": cfg.architecture, "classes": meta["classes"],
+        "input_size": input_size(cfg, size),
         "weights": cfg.weights or "none (random initialisation)", "weights_fingerprint": weights_fingerprint(weights),
         "embedding_cache": embed_info.get("key"), "epochs_planned": cfg.epochs, "epochs_run": fit["epochs"],
         "epochs_this_run": len(fit["ran"]), "resumed_from_epoch": (fit["ran"][0] - 1) if resuming and fit["ran"]

@@ -87,18 +87,20 @@ def fabricate_project(root: Path) -> Layout:
                              "val_loss": [0.8, 0.6, 0.5], "val_accuracy": [0.55, 0.7, 0.75], "lr": [1e-3] * 3})
         write(lay.model_dir(name) / "history.csv", hist.to_csv(index=False))
         kept = {"kept": "last", "kept_epoch": 3, "ema": 0.99} if k == 0 else {"kept": "best", "kept_epoch": 3, "ema": None}
-        write(lay.model_dir(name) / "train_summary.json", json.dumps({"model": name, **kept}))
+        run = {"epochs_run": 3, "epochs_planned": 3 + 2 * k, "stopped_early": k == 1, "best_epoch": 3, "input_size": 16}
+        write(lay.model_dir(name) / "train_summary.json", json.dumps({"model": name, **kept, **run}))
         logits = rng.normal(size=(60, 2)) + (2.0 - k) * np.eye(2)[y]
         proba = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-        m = compute_metrics(y, proba, CLASSES, bootstrap=20, bins=10, seed=0)
+        m = compute_metrics(y, proba, CLASSES, bootstrap=20, bins=10, seed=0, groups=[f"s{i // 3}" for i in range(60)])
         flat = {key: m[key] for key in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece")}
         write(lay.metrics(name), json.dumps(flat))
         ev = lay.eval_dir(name)
         write(ev / "details.json", json.dumps({"model": name, "classes": CLASSES, **m}))
-        write(ev / "roc.csv", roc_table(y, proba, CLASSES).to_csv(index=False))
+        write(ev / "roc.csv", roc_table(y, proba, CLASSES, positive=0).to_csv(index=False))
         write(ev / "calibration.csv", calibration_table(y, proba, 10).to_csv(index=False))
         wrong = np.flatnonzero(proba.argmax(1) != y)[:4]
-        write(ev / "misclassified.csv", pd.DataFrame({"id": wrong, "label": y[wrong]}).to_csv(index=False))
+        write(ev / "misclassified.csv", pd.DataFrame({"id": [f"cell_{i}.png" for i in wrong],
+                                                       "label": y[wrong]}).to_csv(index=False))
         (ev / "misclassified.png").write_bytes(image_grid(list(images[wrong]), ["x"] * len(wrong)))
         (ev / "gradcam.png").write_bytes(image_grid(list(images[:4]), ["g"] * 4, ncols=4))
         rows.append({"model": name, **flat})
@@ -109,7 +111,9 @@ def fabricate_project(root: Path) -> Layout:
         "model": best["model"], "model_path": f"models/{best['model']}/model.keras", "classes": CLASSES,
         "image_size": 16, "channels": 3, "ordered": False, "metric": "macro_f1",
         "metrics": {k: float(best[k]) for k in ("accuracy", "macro_f1")}, "data_hash": "a" * 64,
-        "params_hash": "b" * 64, "version": f"{best['model']}-12345678", "created": "2025-01-01T00:00:00+00:00"}))
+        "params_hash": "b" * 64, "version": f"{best['model']}-12345678", "created": "2025-01-01T00:00:00+00:00",
+        "runner_up": {"model": table.iloc[1]["model"], "metric": "macro_f1", "difference": 0.0123,
+                      "ci95": [-0.02, 0.05], "share_a_better": 0.71}}))
     write(lay.monitoring / "history.csv", "time,batch,verdict,drift_share,report\n"
                                           "2025-01-02T00:00:00,batch-1,ok,0.0,batch-1/report.html\n")
     write(lay.monitoring / "batch-1" / "report.html", "<html></html>")
@@ -150,6 +154,25 @@ def test_report_has_every_section_embedded_and_offline(tmp_path):
     plain = " ".join(sections[MODELS[0]].split())
     assert "averaged over the recent training steps (moving average, momentum 0.99) after epoch 3 (the last" in plain
     assert "uses the weights after epoch 3 (the lowest validation loss)" in " ".join(sections[MODELS[1]].split())
+    # training ran out of epochs while validation still improved: said so; not after an early stop
+    assert ("Ran 3 of 3 planned epochs; lowest validation loss at epoch 3. <strong>Validation was still improving at "
+            "the last epoch") in plain
+    assert "Ran 3 of 5 planned epochs (stopped early)" in " ".join(sections[MODELS[1]].split())
+    assert "still improving" not in sections[MODELS[1]]
+    text = " ".join(html.split())
+    # intervals resample the 20 slides; the ROC names its positive class; mistakes can be looked up by file
+    assert "bootstrap resampling of the 20 patient/slide groups" in text
+    assert "ROC curve for Parasitized." in text and "how many <em>Parasitized</em> images are found" in text
+    assert "<summary>File names of these images</summary>" in text and "cell_" in html.split(f'id="misclassified-{MODELS[0]}"')[1].split("</section>")[0]
+    # the champion's lead with its paired interval, which spans 0 here; the comparison shows each interval
+    runner = json.loads(lay.champion.read_text())["runner_up"]["model"]
+    assert (f"Its lead over the runner-up, <strong>{runner}</strong>, is +0.012 (95% interval -0.020 to +0.050, paired "
+            "bootstrap on the same test images): <strong>the test set cannot tell these two models apart</strong>") in text
+    comparison = html.split('id="comparison"', 1)[1].split("</section>", 1)[0]
+    ci = json.loads((lay.eval_dir(champion) / "details.json").read_text())["ci95"]["macro_f1"]
+    assert "<th>95% interval</th>" in comparison and f"{ci[0]:.3f} – {ci[1]:.3f}" in comparison
+    assert ">Macro F1</th>" in comparison and "macro_f1" not in comparison.split("<tbody>")[0]
+    assert "not a clinical validation" in text
 
 
 def test_report_degrades_gracefully_without_inputs(tmp_path):
@@ -174,5 +197,5 @@ def test_split_counts_wide_or_long(tmp_path, long):
     write(lay.split_counts, text)
     html, page = parse(build_report(lay, params()))
     section = html.split('id="splits"', 1)[1].split("</section>", 1)[0]
-    assert "<td>B</td><td>4</td><td>2</td>" in section.replace("\n", "").replace(" ", "")
+    assert '<td>B</td><tdclass="num">4</td><tdclass="num">2</td>' in section.replace("\n", "").replace(" ", "")
     assert 'src="data:image/png;base64,' in section

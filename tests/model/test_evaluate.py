@@ -19,12 +19,17 @@ from sklearn.metrics import (
     f1_score,
     precision_recall_fscore_support,
     roc_auc_score,
+    roc_curve,
 )
 
 from medflow.config import parse_params
+from medflow.config import ConfigError
 from medflow.evaluate import (
     compare,
     compute_metrics,
+    paired_difference,
+    positive_index,
+    roc_table,
     dir_hash,
     evaluate,
     file_hash,
@@ -110,6 +115,53 @@ def test_bootstrap_interval_contains_point_estimate_and_is_reproducible():
     assert again["ci95"] == m["ci95"]
 
 
+def test_bootstrap_resamples_whole_groups():
+    y = np.random.default_rng(3).integers(0, 2, 120)
+    p = noisy_proba(y, 2, seed=4)
+    images = compute_metrics(y, p, ["a", "b"], bootstrap=300, seed=7)
+    singletons = compute_metrics(y, p, ["a", "b"], bootstrap=300, seed=7, groups=[f"g{i}" for i in range(120)])
+    assert singletons["ci95"] == images["ci95"]  # one image per group: the same draws as resampling images
+    assert (images["ci_unit"], singletons["ci_unit"], singletons["ci_units"]) == ("images", "groups", 120)
+    # 12 slides of 10 images, each slide all right or all wrong: 12 independent units, not 120
+    slide = np.repeat(np.arange(12), 10)
+    right = np.isin(slide, [0, 1, 2, 3, 4, 5, 6, 7, 8])
+    clustered = np.where(right[:, None], np.eye(2)[y] * 0.8 + 0.1, np.eye(2)[1 - y] * 0.8 + 0.1)
+    naive = compute_metrics(y, clustered, ["a", "b"], bootstrap=300, seed=7)["ci95"]["accuracy"]
+    grouped = compute_metrics(y, clustered, ["a", "b"], bootstrap=300, seed=7,
+                              groups=[f"s{g}" for g in slide])["ci95"]["accuracy"]
+    assert grouped[1] - grouped[0] > 1.8 * (naive[1] - naive[0])
+    with pytest.raises(ValueError, match="groups has 3 entries"):
+        compute_metrics(y, p, ["a", "b"], bootstrap=10, groups=["a", "b", "c"])
+
+
+def test_paired_difference_of_two_models_on_the_same_images():
+    y = np.random.default_rng(5).integers(0, 2, 200)
+    good = noisy_proba(y, 2, seed=1)
+    bad = np.random.default_rng(2).dirichlet([1, 1], len(y))  # guessing
+    acc = lambda p: accuracy_score(y, p.argmax(axis=1))  # noqa: E731
+    d = paired_difference(y, good, bad, "accuracy", ordered=False, bins=10, n=300, seed=0)
+    assert d["difference"] == pytest.approx(acc(good) - acc(bad)) and d["difference"] > 0
+    assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] and d["ci95"][0] > 0 and d["share_a_better"] > 0.99
+    same = paired_difference(y, good, good, "ece", ordered=False, bins=10, n=50, seed=0)
+    assert same["difference"] == 0.0 and same["ci95"] == [0.0, 0.0] and same["share_a_better"] == 0.0
+
+
+def test_roc_of_the_positive_class_or_of_every_class():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    p = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55], [0.2, 0.8], [0.1, 0.9]])
+    classes = ["Parasitized", "Uninfected"]
+    assert positive_index(classes, None) is None and positive_index(classes, "Parasitized") == 0
+    assert positive_index(["a", "b", "c"], "a") is None  # several classes: one-vs-rest curves for all
+    with pytest.raises(ConfigError, match="'Infected' is not one of the data's classes"):
+        positive_index(classes, "Infected")
+    one = roc_table(y, p, classes, positive=0)
+    fpr, tpr, _ = roc_curve(y == 0, p[:, 0])
+    assert set(one["class"]) == {"Parasitized"}
+    np.testing.assert_allclose(one["tpr"], tpr)
+    np.testing.assert_allclose(one["fpr"], fpr)
+    assert list(roc_table(y, p, classes)["class"].unique()) == classes
+
+
 def test_macro_f1_leaves_out_a_class_absent_from_the_test_set_and_never_predicted():
     y = np.array([0, 0, 1, 1, 1])  # class 2 has no test image and is never predicted
     p = np.eye(3)[y] * 0.8 + 0.1
@@ -176,6 +228,29 @@ def test_champion_is_best_by_configured_metric(tmp_path):
     by_ece = compare(paths, tmp_path / "c3.csv", tmp_path / "ch3.json", metric="ece",
                      data_hash="d", params_hash="p", meta=META)
     assert by_ece["model"] == "b"  # lower calibration error is better
+
+
+def test_champion_record_holds_its_lead_over_the_runner_up(tmp_path):
+    y = np.random.default_rng(5).integers(0, 2, 90)
+    groups = [f"slide{i // 3}" for i in range(90)]
+    probas = {"good": noisy_proba(y, 2, seed=1), "close": noisy_proba(y, 2, seed=2)}
+    paths = {}
+    for name, p in probas.items():
+        pred = p.argmax(axis=1)
+        paths[name] = write_metrics(tmp_path, name, macro_f1=f1_score(y, pred, average="macro"), num_params=1)
+        (tmp_path / "reports" / "eval" / name).mkdir(parents=True)
+        names = np.array(META["classes"], dtype=object)
+        pd.DataFrame({"id": [f"i{i}" for i in range(90)], "label": names[y], "pred": names[pred],
+                      "p_Parasitized": p[:, 0], "p_Uninfected": p[:, 1], "group": groups}).to_csv(
+            tmp_path / "reports" / "eval" / name / "predictions.csv", index=False)
+    rec = compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", metric="macro_f1", data_hash="d",
+                  params_hash="p", meta=META, root=tmp_path, bootstrap=200, seed=3)
+    champion, runner_up = (rec["model"], "close") if rec["model"] == "good" else (rec["model"], "good")
+    expected = paired_difference(y, probas[champion], probas[runner_up], "macro_f1", ordered=False, bins=10,
+                                 n=200, seed=3, groups=groups)
+    assert rec["runner_up"] == {"model": runner_up, **expected}
+    assert expected["difference"] >= 0 and expected["ci95"][0] <= expected["difference"] <= expected["ci95"][1]
+    assert json.loads((tmp_path / "ch.json").read_text())["runner_up"] == rec["runner_up"]
 
 
 def test_ties_go_to_fewer_params_then_name(tmp_path):
@@ -278,13 +353,15 @@ def test_evaluate_writes_every_output(tmp_path):
     images, labels, ids = fabricate(s)
     params = parse_params({
         "models": {"tiny": {"architecture": "basic_cnn", "batch_size": 8}},
-        "evaluate": {"bootstrap": 30, "calibration_bins": 5, "gradcam_per_class": 2, "misclassified_max": 2},
+        "evaluate": {"bootstrap": 30, "calibration_bins": 5, "gradcam_per_class": 2, "misclassified_max": 2,
+                     "positive_class": "Parasitized"},
     })
     meta = {"classes": ["Parasitized", "Uninfected"], "ordered": False, "image_size": s, "channels": 3}
     metrics_json, eval_dir = tmp_path / "reports" / "metrics" / "tiny.json", tmp_path / "reports" / "eval" / "tiny"
+    groups = [f"slide{i // 2}" for i in range(s)]  # two images per slide
 
     summary = evaluate("tiny", params, tmp_path / "processed", model_dir, metrics_json, eval_dir,
-                       arrays=(images, labels, ids), meta=meta)
+                       arrays=(images, labels, ids), meta=meta, groups=groups)
 
     proba = model.predict(images.astype("float32"), verbose=0)
     pred = proba.argmax(axis=1)
@@ -301,16 +378,21 @@ def test_evaluate_writes_every_output(tmp_path):
     assert details["confusion"] == confusion_matrix(labels, pred).tolist()
     assert set(details["per_class"]) == set(meta["classes"])
     assert details["ci95"]["accuracy"][0] <= flat["accuracy"] <= details["ci95"]["accuracy"][1]
+    assert (details["ci_unit"], details["ci_units"]) == ("groups", 12)  # the slides are resampled
 
     preds = pd.read_csv(eval_dir / "predictions.csv")
-    assert preds.columns.tolist() == ["id", "label", "pred", "p_Parasitized", "p_Uninfected"]
-    assert preds["id"].tolist() == ids
+    assert preds.columns.tolist() == ["id", "label", "pred", "p_Parasitized", "p_Uninfected", "group"]
+    assert preds["id"].tolist() == ids and preds["group"].tolist() == groups
     np.testing.assert_allclose(preds[["p_Parasitized", "p_Uninfected"]].to_numpy(), proba, rtol=1e-5)
     conf = pd.read_csv(eval_dir / "confusion.csv")
     assert conf.columns.tolist() == ["actual", "predicted"] and len(conf) == 24
     assert (conf["actual"] != conf["predicted"]).sum() == 3
     roc = pd.read_csv(eval_dir / "roc.csv")
     assert {"fpr", "tpr", "threshold", "class"} <= set(roc.columns) and roc["tpr"].iloc[-1] == 1.0
+    assert set(roc["class"]) == {"Parasitized"}  # the positive class set in params, not the second one
+    fpr, tpr, _ = roc_curve(labels == 0, proba[:, 0])
+    np.testing.assert_allclose(roc["tpr"], tpr)
+    np.testing.assert_allclose(roc["fpr"], fpr)
     calib = pd.read_csv(eval_dir / "calibration.csv")
     assert len(calib) == 5 and calib["count"].sum() == 24
     mis = pd.read_csv(eval_dir / "misclassified.csv")

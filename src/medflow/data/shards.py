@@ -2,7 +2,8 @@
 
 ``out_dir/{split}/shard-NNNNN.rec`` holds ``shard_size`` records of ``RECORD_HEADER`` bytes
 (label class index and position in the split, little-endian int32) followed by the image's raw
-uint8 H×W×C pixels; ``out_dir/{split}/ids.json`` lists the split's manifest ids by position and
+uint8 H×W×C pixels; ``out_dir/{split}/ids.json`` lists the split's manifest ids by position,
+``groups.json`` their patient/slide groups (what evaluation's bootstrap resamples), and
 ``out_dir/meta.json`` the classes, sizes and counts. Writing reads pixel rows straight into the
 records (no per-image serialisation), reading is ``tf.data.FixedLengthRecordDataset`` plus one ``decode_raw``
 per batch. ``write_shards`` reads ``pixels.npy`` block by block into a reusable buffer, so memory stays
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 META = "meta.json"
 IDS = "ids.json"
+GROUPS = "groups.json"
 FORMAT = "medflow-fixed-records-v1"
 RECORD_HEADER = 8  # int32 label + int32 position, little-endian
 SHUFFLE_BYTES = 256 * 2**20  # raw image bytes the shuffle buffer may hold (memory bound)
@@ -63,7 +65,7 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
     the block is written at its offset, so memory stays bounded whatever the shard size.
     The whole folder is built under a temporary name next to ``out_dir`` and swapped in at the end.
     """
-    manifest = read_manifest(manifest_csv, ["id", "label", "row"])
+    manifest = read_manifest(manifest_csv, ["id", "label", "row", "group"])
     splits = read_csv(splits_csv, ["id", "split"], text=("id", "split"))
     split_ids = pd.Index(splits["id"])
     if not split_ids.is_unique:
@@ -133,7 +135,8 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
             sel = np.flatnonzero(split == name)
             sel = sel[np.argsort(rows[sel], kind="stable")]  # ascending rows: sequential reads
             (tmp / name).mkdir()
-            (tmp / name / IDS).write_text(json.dumps(manifest["id"].to_numpy(dtype=str)[sel].tolist()) + "\n")
+            for file, column in ((IDS, "id"), (GROUPS, "group" if "group" in manifest else "id")):
+                (tmp / name / file).write_text(json.dumps(manifest[column].to_numpy(dtype=str)[sel].tolist()) + "\n")
             starts = range(0, len(sel), shard_size)
             for k, a in enumerate(starts):
                 path, part = tmp / name / f"shard-{k:05d}.rec", sel[a:a + shard_size]
@@ -174,9 +177,9 @@ def read_meta(processed_dir: str | Path) -> dict:
 
 
 def all_shard_files(processed_dir: str | Path) -> list[Path]:
-    """Every file holding a split's data (shards and id lists), sorted: what a data fingerprint covers."""
+    """Every file holding a split's data (shards, id and group lists), sorted: what a data fingerprint covers."""
     root = Path(processed_dir)
-    return sorted([*root.glob("*/shard-*.rec"), *root.glob(f"*/{IDS}")])
+    return sorted([*root.glob("*/shard-*.rec"), *root.glob(f"*/{IDS}"), *root.glob(f"*/{GROUPS}")])
 
 
 def _files(processed_dir: str | Path, split: str) -> list[str]:
@@ -189,6 +192,12 @@ def read_ids(processed_dir: str | Path, split: str) -> list[str]:
     """The manifest ids of one split, by position."""
     path = Path(processed_dir) / split / IDS
     return json.loads(path.read_text()) if path.exists() else []
+
+
+def read_groups(processed_dir: str | Path, split: str) -> list[str] | None:
+    """The patient/slide group of each image of one split, by position (None for shards written without)."""
+    path = Path(processed_dir) / split / GROUPS
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _parser(meta: dict, ids: list[str] | None, dtype: str = "float32"):

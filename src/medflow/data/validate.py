@@ -236,10 +236,13 @@ def validate(manifest_csv: str | Path, quarantine_csv: str | Path, summary_json:
 
 
 _HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>medflow data validation</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>medflow data validation</title>
 <style>
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+.scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.9em}
+td{overflow-wrap:anywhere}
 th,td{border:1px solid #ccc;padding:.3em .5em;text-align:left;vertical-align:top}
 th{background:#f0f0f0}
 .ok{color:#176317;font-weight:bold}.fail{color:#b00020;font-weight:bold}.info{color:#8a6d00;font-weight:bold}
@@ -253,7 +256,7 @@ code{font-size:.85em;word-break:break-all}
 ({{ r.statistics.failed }} critical failure(s))</p>
 <p>{{ r.rows }} rows; classes {{ dumps(r.classes) }}; {{ r.duplicate_hashes }} duplicated pixel hashes;
 quarantine share {{ '%.3f' % r.quarantine_share }} {{ dumps(r.by_reason) if r.by_reason else '' }}</p>
-<table><thead><tr><th>table</th><th>expectation</th><th>column</th><th>meaning</th><th>severity</th>
+<div class="scroll"><table><thead><tr><th>table</th><th>expectation</th><th>column</th><th>meaning</th><th>severity</th>
 <th>result</th><th>observed</th><th>offending values</th></tr></thead><tbody>
 {% for e in r.results %}<tr>
 <td>{{ e.table }}</td><td><code>{{ e.expectation }}</code></td><td>{{ e.column }}</td>
@@ -264,5 +267,5 @@ quarantine share {{ '%.3f' % r.quarantine_share }} {{ dumps(r.by_reason) if r.by
 <td>{% if e.offending %}<code>{{ dumps(e.offending) }}</code>{% if e.offending_count > e.offending|length %}
 … ({{ e.offending_count }} in all){% endif %}{% endif %}</td>
 </tr>{% endfor %}
-</tbody></table></body></html>
+</tbody></table></div></body></html>
 """

@@ -38,6 +38,9 @@ def gradcam(model: Any, images: np.ndarray, class_index: int | np.ndarray | None
     return np.divide(cam, peak[:, None, None], out=np.zeros_like(cam), where=peak[:, None, None] > 0).clip(0, 1)
 
 
+GRADCAM_COLORMAP = "jet"  # matplotlib's name for OpenCV's COLORMAP_JET below (the colour bar under the grid)
+
+
 def overlay(image_uint8: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """Blend a 0..1 heatmap (JET colormap: red = most important) over an RGB or grey uint8 image."""
     img = np.asarray(image_uint8, dtype=np.uint8)

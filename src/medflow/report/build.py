@@ -28,6 +28,8 @@ METRIC_LABELS = {
     "qwk": "Quadratic weighted kappa",
     "ece": "Calibration error (ECE)",
 }
+COLUMN_LABELS = {**METRIC_LABELS, "num_params": "Parameters", "n_test": "Test images", "champion": "Champion",
+                 "rank": "Rank", "model": "Model"}
 
 
 def _json(path: Path) -> Any | None:
@@ -47,12 +49,26 @@ def _png(path: Path) -> str | None:
     return figures.data_uri(path.read_bytes()) if path.is_file() else None
 
 
-def _table(df: pd.DataFrame, max_rows: int = 200) -> dict[str, Any]:
-    """A DataFrame as {columns, rows} with floats rounded for display."""
+def _cell(v: Any) -> Any:
+    """Display form of one value: 3 decimals for fractions, lists joined, booleans as yes/no, blanks for missing."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "" if pd.isna(v) else f"{v:.0f}" if v.is_integer() and abs(v) >= 1000 else f"{v:.3f}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(_cell(x)) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_cell(x)}" for k, x in v.items())
+    return "" if v is None or (not isinstance(v, str) and pd.isna(v)) else v
+
+
+def _table(df: pd.DataFrame, max_rows: int = 200, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A DataFrame as {columns, rows, numeric} for display (see :func:`_cell`); ``labels`` rename columns;
+    ``numeric`` flags the columns to right-align."""
     df = df.head(max_rows)
-    rows = [[f"{v:.4g}" if isinstance(v, float) else ("" if pd.isna(v) else v) for v in r]
-            for r in df.itertuples(index=False)]
-    return {"columns": [str(c) for c in df.columns], "rows": rows}
+    rows = [[_cell(v) for v in r] for r in df.itertuples(index=False)]
+    numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
+    return {"columns": [(labels or {}).get(str(c), str(c)) for c in df.columns], "rows": rows, "numeric": numeric}
 
 
 def _fmt(value: Any) -> str:
@@ -86,12 +102,13 @@ def _validation_section(layout: Layout) -> dict[str, Any] | None:
     v = _json(layout.validation_dir / "validation.json")
     if v is None:
         return None
-    scalars = {k: val for k, val in _flatten(v).items() if isinstance(val, (str, int, float, bool)) or val is None}
+    scalars = {k.replace("statistics.", "checks ").replace("_", " "): val for k, val in _flatten(v).items()
+               if k != "success" and (isinstance(val, (str, int, float, bool)) or val is None)}
     tables = {}
     for k, val in v.items():
         if isinstance(val, list) and val and all(isinstance(x, dict) for x in val):
-            df = pd.DataFrame(val)
-            tables[k] = _table(df[[c for c in df.columns if not df[c].map(lambda x: isinstance(x, (dict, list))).any()]])
+            df = pd.DataFrame(val).drop(columns=["kwargs", "offending"], errors="ignore")  # in the full report
+            tables["checks" if k == "results" else k] = _table(df)
     html = layout.validation_dir / "validation.html"
     return {"status": v.get("success"), "scalars": scalars, "tables": tables,
             "link": os.path.relpath(html, layout.report.parent) if html.is_file() else None}
@@ -133,8 +150,11 @@ def _model_section(layout: Layout, name: str) -> dict[str, Any]:
     mis = _csv(ev / "misclassified.csv")
     out: dict[str, Any] = {"name": name, "train": _json(layout.model_dir(name) / "train_summary.json")}
     out["curves"] = figures.data_uri(figures.learning_curves(history)) if history is not None and len(history) else None
+    if out["train"]:
+        out["input_size"] = out["train"].get("input_size")
     if details is not None:
         ci = details.get("ci95", {})
+        out["ci_unit"], out["ci_units"] = details.get("ci_unit", "images"), details.get("ci_units", details.get("n"))
         out["metrics"] = [
             {"label": METRIC_LABELS[k], "value": _fmt(details[k]),
              "ci": "–".join(_fmt(x) for x in ci[k]) if k in ci else ""}
@@ -142,13 +162,17 @@ def _model_section(layout: Layout, name: str) -> dict[str, Any]:
         ]
         out["n"] = details.get("n")
         out["confusion"] = figures.data_uri(figures.confusion(details["confusion"], details["classes"]))
+        out["confusion_text"] = "; ".join(f"true {a}: " + ", ".join(f"{n} called {b}" for b, n in zip(
+            details["classes"], row)) for a, row in zip(details["classes"], details["confusion"]))
         per_class = pd.DataFrame.from_dict(details["per_class"], orient="index").rename_axis("class").reset_index()
         out["per_class"] = _table(per_class)
         out["reliability"] = figures.data_uri(figures.reliability(calib)) if calib is not None else None
+        out["roc_classes"] = [] if roc_pts is None or not len(roc_pts) else list(roc_pts["class"].unique())
         out["roc"] = (figures.data_uri(figures.roc(roc_pts, details.get("roc_auc")))
-                      if roc_pts is not None and len(roc_pts) else None)
+                      if out["roc_classes"] else None)
     out["misclassified"] = None if mis is None else {
-        "count": len(mis), "image": _png(ev / "misclassified.png"), "table": _table(mis)}
+        "count": len(mis), "image": _png(ev / "misclassified.png"),
+        "table": _table(mis, labels={"id": "image", "label": "true class", "pred": "model's answer"})}
     out["gradcam"] = _png(ev / "gradcam.png")
     return out
 
@@ -158,12 +182,20 @@ def _comparison_section(layout: Layout) -> dict[str, Any] | None:
     if df is None:
         return None
     champ = _json(layout.champion)
+    metric = champ["metric"] if champ else None
+    if metric and metric in df:  # each model's interval of the ranking metric, beside its value
+        ci = {m: ((_json(layout.eval_dir(m) / "details.json") or {}).get("ci95") or {}).get(metric)
+              for m in df["model"]}
+        df.insert(int(df.columns.get_loc(metric)) + 1, f"{metric} 95% interval",
+                  [" – ".join(_fmt(x) for x in ci[m]) if ci[m] else "" for m in df["model"]])
     if champ is not None:
-        metric = champ["metric"]
+        runner = champ.get("runner_up") or {}
         champ = {**champ, "metric_label": METRIC_LABELS.get(metric, metric),
                  "value": _fmt(champ["metrics"].get(metric)),
-                 "direction": "lowest" if metric == "ece" else "highest"}
-    return {"table": _table(df), "champion": champ}
+                 "direction": "lowest" if metric == "ece" else "highest",
+                 "runner_up": runner if runner.get("ci95") else None}
+    labels = COLUMN_LABELS | ({f"{metric} 95% interval": "95% interval"} if metric else {})
+    return {"table": _table(df, labels=labels), "champion": champ}
 
 
 def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
@@ -174,7 +206,9 @@ def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
         return None
     rel = os.path.relpath(layout.monitoring, layout.report.parent)
     links = [(str(r["batch"]), f"{rel}/{r['report']}") for r in rows if r.get("report")]
-    return {"table": _table(pd.DataFrame(rows).drop(columns=["report"])), "links": links}
+    labels = {"batch": "Batch", "time": "Time (UTC)", "verdict": "Verdict", "drift_share": "Drifted share of features",
+              "accuracy": "Accuracy", "macro_f1": "Macro F1", "reasons": "Reasons"}
+    return {"table": _table(pd.DataFrame(rows).drop(columns=["report"]), labels=labels), "links": links}
 
 
 def build_report(layout: Layout, params: Any) -> Path:

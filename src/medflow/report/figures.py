@@ -30,17 +30,26 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], ncols: int = 6) -> bytes:
-    """Grid of uint8 images (H×W×C, C = 1 or 3) with a small caption under each."""
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], ncols: int = 6,
+               colorbar: tuple[str, str] | None = None) -> bytes:
+    """Grid of uint8 images (H×W×C, C = 1 or 3) with a caption over each; ``colorbar`` = (matplotlib colormap,
+    label) adds a 0-1 colour bar under the grid (for heat-map overlays)."""
     ncols = max(1, min(ncols, len(images)))
     nrows = math.ceil(len(images) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.9 * ncols, 2.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.1 * ncols, 2.5 * nrows + (0.6 if colorbar else 0)),
+                             squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, title in zip(axes.flat, images, titles):
         img = np.asarray(img)
         ax.imshow(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(title, fontsize=7)
+        ax.set_title(title, fontsize=9)
+    if colorbar:
+        cmap, label = colorbar
+        bar = fig.colorbar(plt.cm.ScalarMappable(cmap=cmap), ax=axes.ravel().tolist(), orientation="horizontal",
+                           fraction=0.04, pad=0.03, aspect=40)
+        bar.set_ticks([0, 1], labels=["weak", "strong"])
+        bar.set_label(label, fontsize=9)
     return to_png(fig)
 
 
@@ -73,13 +82,15 @@ def confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> bytes:
 def roc(points: pd.DataFrame, auc: float | None) -> bytes:
     """ROC curve(s) from a table of class, fpr, tpr; the diagonal is a random guess."""
     fig, ax = plt.subplots(figsize=(4.2, 4))
-    for cls, g in points.groupby("class", sort=False):
-        ax.plot(g["fpr"], g["tpr"], label=str(cls))
+    groups = list(points.groupby("class", sort=False))
+    for cls, g in groups:
+        ax.plot(g["fpr"], g["tpr"], label=f"{cls} vs rest" if len(groups) > 1 else str(cls))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="random guess")
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title("ROC" + (f" (AUC {auc:.3f})" if auc is not None else ""))
-    ax.legend(fontsize=7)
+    about = f"positive class: {groups[0][0]}" if len(groups) == 1 else "one class vs the rest"
+    ax.set_title(f"ROC, {about}" + (f"\nAUC {auc:.3f}" if auc is not None else ""), fontsize=10)
+    ax.legend(fontsize=8)
     return to_png(fig)
 
 
@@ -88,13 +99,19 @@ def reliability(table: pd.DataFrame) -> bytes:
     fig, ax = plt.subplots(figsize=(4.2, 4))
     used = table[table["count"] > 0]
     width = float((table["upper"] - table["lower"]).iloc[0])
-    ax.bar(used["lower"], used["accuracy"], width=width, align="edge", alpha=0.7, edgecolor="k", label="accuracy")
+    ax.bar(used["lower"], used["accuracy"], width=width, align="edge", alpha=0.7, edgecolor="k", label="share correct")
+    wrong = used[used["accuracy"] == 0]  # a zero-height bar would look like an empty bin
+    ax.bar(wrong["lower"], [0.02] * len(wrong), width=width, align="edge", fill=False, edgecolor="tab:red",
+           hatch="//", label="images, none correct" if len(wrong) else None)
+    for lower, acc, n in zip(used["lower"], used["accuracy"], used["count"]):
+        ax.annotate(f"{int(n)}", (lower + width / 2, acc), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", label="perfect calibration")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.08)
     ax.set_xlabel("model confidence")
-    ax.set_ylabel("share correct")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("share correct (number on bar: images in the bin)")
+    ax.legend(fontsize=7, loc="upper left")
     return to_png(fig)
 
 
