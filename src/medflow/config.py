@@ -64,6 +64,19 @@ class DataConfig(_Section):
     csv: CsvSource = CsvSource()
     dicom: DicomSource = DicomSource()
 
+    @field_validator("labels", "label_names", mode="before")
+    @classmethod
+    def _grades_as_text(cls, v: Any) -> Any:
+        """Unquoted grades in YAML (``labels: [0, 1, 2]``, ``label_names: {0: normal}``) are label text."""
+        def text(x: Any) -> Any:
+            return str(x) if isinstance(x, int) and not isinstance(x, bool) else x
+
+        if isinstance(v, list):
+            return [text(x) for x in v]
+        if isinstance(v, dict):
+            return {text(k): text(x) for k, x in v.items()}
+        return v
+
     @field_validator("group_pattern")
     @classmethod
     def _regex_compiles(cls, v: str | None) -> str | None:

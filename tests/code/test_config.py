@@ -79,6 +79,17 @@ def test_champion_metric_is_checked_when_params_load():
     assert parse_params(raw).evaluate.champion_metric == "qwk"
 
 
+def test_unquoted_grades_are_label_text_and_the_positive_class_must_be_one():
+    raw = _raw()
+    raw["data"] |= {"labels": [0, 1, 2, 3, 4], "ordered": True, "label_names": {0: "normal", 4: "proliferative"}}
+    raw["evaluate"]["positive_class"] = None
+    data = parse_params(raw).data
+    assert data.labels == ["0", "1", "2", "3", "4"] and data.label_names == {"0": "normal", "4": "proliferative"}
+    raw["evaluate"]["positive_class"] = "5"
+    with pytest.raises(ConfigError, match=r"evaluate\.positive_class '5' is not one of data\.labels"):
+        parse_params(raw)
+
+
 def test_schedules_time_zone_and_side_bounds_are_checked_when_params_load():
     raw = _raw()
     raw["retrain"] |= {"schedule_monitor": "0 2 * *", "timezone": "Mars/Base"}

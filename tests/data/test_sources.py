@@ -155,3 +155,19 @@ def test_detect_format(tmp_path: Path, malaria_dir: Path) -> None:
         detect_format(tmp_path / "notes.txt")
     with pytest.raises(FileNotFoundError):
         detect_format(tmp_path / "nothing-here")
+
+
+def test_a_format_that_does_not_match_the_source_is_a_clear_error(tmp_path):
+    from medflow.config import DataConfig
+    from medflow.data.sources import SourceError, list_records
+
+    folder = tmp_path / "tree"
+    (folder / "a").mkdir(parents=True)
+    listing = tmp_path / "labels.csv"
+    listing.write_text("image,level\nx.png,0\n")
+    with pytest.raises(SourceError, match=r"data.format is 'csv' but .*tree is a folder: set data.format to auto"):
+        list_records(folder, "csv", DataConfig())
+    for fmt in ("folder", "npz"):
+        with pytest.raises(SourceError, match=rf"data.format is '{fmt}' but .*labels.csv is a .csv file"):
+            list_records(listing, fmt, DataConfig())
+

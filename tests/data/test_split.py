@@ -117,6 +117,15 @@ def test_official_splits_kept_and_duplicates_moved_to_the_held_out_side():
     assert_no_leak(df, ignored)
 
 
+def test_rows_moved_off_their_official_split_are_counted_and_warned_about(tmp_path, capsys):
+    df = frame(["a", "b"] * 6, [f"p{i}" for i in range(12)], [f"h{i}" for i in range(11)] + ["h0"],
+               ["train"] * 6 + ["val"] * 2 + ["test"] * 4)
+    df.to_csv(tmp_path / "manifest.csv", index=False)
+    summary = run_split(tmp_path / "manifest.csv", tmp_path / "splits.csv", tmp_path / "c.csv", SplitConfig())
+    assert summary["moved_from_source_split"] == 1  # h0's train copy joined its duplicate in test
+    assert "split: WARNING 1 of 12 rows (8%) moved off the source's official split" in capsys.readouterr().err
+
+
 def test_val_is_carved_from_official_train_when_source_has_none():
     n = 40
     df = frame(["a", "b"] * (n // 2), [f"p{i}" for i in range(n)], [f"h{i}" for i in range(n)],

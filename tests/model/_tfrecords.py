@@ -15,6 +15,7 @@ def make_processed(root: Path, counts: dict[str, int], *, size: int = 32, channe
     """Write ``root/processed`` with two classes ('a' dark blobs, 'b' bright blobs) and ``counts`` per split.
 
     Classes alternate within a split, so each split holds both classes (a class-dependent signal plus noise).
+    Images whose ids end in the same digit share a slide (``group``), across splits.
     """
     rng = np.random.default_rng(seed)
     rows = [(split, i % 2) for split, n in counts.items() for i in range(n)]
@@ -26,8 +27,8 @@ def make_processed(root: Path, counts: dict[str, int], *, size: int = 32, channe
     interim = root / "interim"
     interim.mkdir(parents=True, exist_ok=True)
     np.save(interim / "pixels.npy", pixels)
-    pd.DataFrame({"id": ids, "label": ["ab"[label] for _, label in rows], "row": range(len(rows))}).to_csv(
-        interim / "manifest.csv", index=False)
+    pd.DataFrame({"id": ids, "label": ["ab"[label] for _, label in rows], "row": range(len(rows)),
+                  "group": [f"slide{i[-1]}" for i in ids]}).to_csv(interim / "manifest.csv", index=False)
     pd.DataFrame({"id": ids, "split": [s for s, _ in rows]}).to_csv(interim / "splits.csv", index=False)
     out = root / "processed"
     write_shards(interim / "manifest.csv", interim / "pixels.npy", interim / "splits.csv", out,

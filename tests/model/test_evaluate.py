@@ -400,3 +400,24 @@ def test_evaluate_writes_every_output(tmp_path):
     assert mis["confidence"].is_monotonic_decreasing
     for png in ("misclassified.png", "gradcam.png"):
         assert (eval_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_reads_the_test_split_and_its_groups_from_the_shards(tmp_path):
+    from _tfrecords import make_processed
+
+    from medflow.data import shards
+
+    processed = make_processed(tmp_path, {"train": 6, "val": 4, "test": 10}, size=24)
+    model_dir = tmp_path / "models" / "tiny"
+    model_dir.mkdir(parents=True)
+    tiny_model(24).save(model_dir / "model.keras")
+    params = parse_params({"evaluate": {"bootstrap": 20, "gradcam_per_class": 0, "misclassified_max": 0}})
+    summary = evaluate("tiny", params, processed, model_dir, tmp_path / "m.json", tmp_path / "eval")
+    _, labels, ids = shards.load_arrays(processed, "test")
+    preds = pd.read_csv(tmp_path / "eval" / "predictions.csv", dtype=str)
+    assert summary["n_test"] == 10 and preds["id"].tolist() == ids  # the test split, not train or val
+    assert preds["label"].tolist() == [["a", "b"][y] for y in labels]
+    assert preds["group"].tolist() == shards.read_groups(processed, "test") == [f"slide{i[-1]}" for i in ids]
+    details = json.loads((tmp_path / "eval" / "details.json").read_text())
+    assert (details["ci_unit"], details["ci_units"]) == ("groups", len(set(preds["group"])))
+

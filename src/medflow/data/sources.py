@@ -13,6 +13,7 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -207,6 +208,12 @@ def npz_records(npz_path: str | Path, label_names: dict[str, str] | None) -> lis
 
 def list_records(source: str | Path, fmt: Format, data: DataConfig) -> list[Record]:
     """Records of ``source`` read as ``fmt`` (see :func:`detect_format`)."""
+    path = Path(source)
+    wrong_kind = path.is_dir() != (fmt in ("folder", "dicom"))
+    if path.exists() and (wrong_kind or path.is_file() and zipfile.is_zipfile(path) != (fmt == "npz")):
+        found = "a folder" if path.is_dir() else f"a {path.suffix or 'suffix-less'} file"
+        raise SourceError(f"data.format is {fmt!r} but {path} is {found}: set data.format to auto (or to the kind "
+                          "the source is: folder, csv, npz, dicom)")
     if fmt in ("folder", "dicom"):
         return folder_records(source, data.group_pattern)
     if fmt == "csv":

@@ -244,6 +244,11 @@ def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str 
     print(f"split: {n} rows in {summary['components']} independent groups -> "
           f"train:val:test = {ratio_text}"
           + (f", {cfg.folds} grouped folds" if cfg.folds > 1 else ""), file=sys.stderr)
+    if summary["moved_from_source_split"]:
+        print(f"split: WARNING {summary['moved_from_source_split']} of {n} rows "
+              f"({summary['moved_from_source_split'] / n:.0%}) moved off the source's official split: their "
+              "patient/slide group or identical pixels span two official splits (check data.group_pattern; set "
+              "split.respect_source_split: false to split afresh)", file=sys.stderr)
     if excluded:
         print(f"split: {excluded} of {int(extra.sum())} extra rows share a patient/slide or pixels with val/test "
               f"rows: split '{EXCLUDED}' in {splits_csv} (not trained on, so val/test stay as they were)",

@@ -40,7 +40,8 @@ class ValidationFailed(RuntimeError):
 
     def __init__(self, failures: list[dict]):
         self.failures = failures
-        lines = [f"data validation failed ({len(failures)} expectation(s)):"]
+        lines = [f"data validation failed ({len(failures)} critical expectation(s); thresholds are in params.yaml "
+                 "under validate):"]
         for f in failures:
             lines.append(f"  - {f['table']}.{f['expectation']}"
                          f"{'(' + f['column'] + ')' if f['column'] else ''}: {f['description']}; "
@@ -225,8 +226,10 @@ def validate(manifest_csv: str | Path, quarantine_csv: str | Path, summary_json:
     out_dir = Path(out_dir)
     atomic_write(out_dir / "validation.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     atomic_write(out_dir / "validation.html", render_html(result))
-    print(f"validate: {'PASSED' if not failed else 'FAILED'} {result['statistics']['successful']}/"
-          f"{len(records)} expectations on {len(manifest)} rows, {len(result['classes'])} classes, "
+    unmet = len(records) - result["statistics"]["successful"]
+    print(f"validate: {'PASSED' if not failed else 'FAILED'}: {result['statistics']['successful']} of "
+          f"{len(records)} expectations met" + (f", {unmet} not met ({len(failed)} critical)" if unmet else "")
+          + f"; {len(manifest)} rows, {len(result['classes'])} classes, "
           f"{result['duplicate_hashes']} duplicate hashes, quarantine share "
           f"{result['quarantine_share']:.3f}", file=sys.stderr)
     if failed:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import keras
 
-from medflow.config import ModelConfig
+from medflow.config import ConfigError, ModelConfig
 from medflow.models import layers as _layers
 from medflow.models.backbones import load_backbone, preprocess_mode
 from medflow.models.weights import resolve_weights
@@ -50,7 +50,13 @@ def build_model(
         mode = preprocess_mode(cfg.architecture)
         if mode is not None:
             x = _layers.BackbonePreprocess(mode, name="preprocess", dtype="float32")(x)
-        x = backbone(x, training=False) if cfg.trainable == "none" else backbone(x)
+        try:
+            x = backbone(x, training=False) if cfg.trainable == "none" else backbone(x)
+        except ValueError as e:  # e.g. a .keras backbone whose strides leave nothing of a small input
+            if "negative" not in str(e):
+                raise
+            raise ConfigError(f"{cfg.architecture} backbone cannot take {size}x{size} px inputs: its strided layers "
+                              "leave no pixels; raise the model's input_size") from None
     x = keras.layers.Identity(name=FEATURES)(x)
     x = keras.layers.GlobalAveragePooling2D(name=EMBEDDING)(x)
     outputs = _head(x, cfg, num_classes)
