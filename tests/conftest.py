@@ -18,11 +18,3 @@ def malaria_dir() -> Path:
     assert path.is_dir(), f"embedded dataset missing: {path}"
     return path
 
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """``../shared`` beside the checkout (datasets, weights); skips when it is not there."""
-    path = (REPO / ".." / "shared").resolve()
-    if not path.is_dir():
-        pytest.skip(f"../shared not found at {path} (optional datasets for this test)")
-    return path

@@ -231,12 +231,16 @@ def simulate_batch(
 
 
 @app.command()
-def promote(params: ParamsOpt = Path("params.yaml")) -> None:
+def promote(
+    params: ParamsOpt = Path("params.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Promote even when the rule refuses (e.g. the first model "
+                                                         "for a new dataset: its test set is not comparable).")] = False,
+) -> None:
     """Promote this run's champion (models/champion.json) if it beats production (the `retrain` rule)."""
     from medflow.promote import decide_and_promote, retrain_config
 
     p = _params(params)
-    _run(lambda: decide_and_promote(Path("."), retrain_config(p)))
+    _run(lambda: decide_and_promote(Path("."), retrain_config(p), force=force))
 
 
 @app.command()

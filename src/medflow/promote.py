@@ -24,7 +24,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -308,8 +308,9 @@ def rollback(root: str | Path, version: str | None = None) -> str:
     return version
 
 
-def decide_and_promote(root: str | Path, cfg: RetrainConfig) -> dict[str, Any]:
-    """Compare the current run's champion with production; promote when the rule allows.
+def decide_and_promote(root: str | Path, cfg: RetrainConfig, *, force: bool = False) -> dict[str, Any]:
+    """Compare the current run's champion with production; promote when the rule allows, or whatever it says with
+    ``force`` (a first model for a new dataset, whose test set the production model's cannot be compared with).
 
     Returns (and writes to ``reports/retraining/last_decision.json``)
     ``{"decision": {...}, "candidate": version, "production": version after}``.
@@ -320,6 +321,8 @@ def decide_and_promote(root: str | Path, cfg: RetrainConfig) -> dict[str, Any]:
         raise PromotionError(f"{Path(root) / PRODUCTION} points at {deployed!r}, which {Path(root) / REGISTRY} "
                              "does not list; restore the registry or `medflow rollback VERSION` to a listed one")
     decision = decide(candidate, record, min_improvement=cfg.min_improvement, max_class_drop=cfg.max_class_drop)
+    if force and not decision.promote and candidate["version"] != deployed:
+        decision = replace(decision, promote=True, reason=f"forced by hand; the rule said: {decision.reason}")
     if decision.promote:
         promote(root, candidate, reason=decision.reason)
     result = {"decision": decision.to_dict(), "candidate": candidate["version"], "production": production_version(root)}

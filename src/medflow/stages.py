@@ -105,9 +105,18 @@ def report(params: Params, layout: Layout = Layout()) -> dict:
 def monitor(params: Params, batch: str | Path, layout: Layout = Layout(), name: str | None = None,
             champion: str | Path | None = None) -> dict:
     """Ingest a new batch, predict with the champion, Evidently drift/performance report; verdict ok|drift|degraded."""
+    from medflow.config import ConfigError
+    from medflow.data.shards import read_meta
     from medflow.monitor.features import ReferenceData
     from medflow.monitor.run import monitor_batch
+    from medflow.serve.predictor import load_champion
 
-    return monitor_batch(batch, champion_json=Path(champion) if champion else layout.deployed_champion,
+    record, _ = load_champion(champion_json := Path(champion) if champion else layout.deployed_champion)
+    if layout.processed.exists() and list(record["classes"]) != (classes := read_meta(layout.processed)["classes"]):
+        raise ConfigError(f"{champion_json}: model {record.get('version')} knows the classes {record['classes']}, "
+                          f"but the pipeline's data (the drift reference) has {classes}: deploy a model trained on "
+                          "this data (`medflow promote`; `medflow promote --force` when the test set changed) or "
+                          "rerun the pipeline on the model's data")
+    return monitor_batch(batch, champion_json=champion_json,
                          reference=ReferenceData(layout.manifest, layout.pixels, layout.splits),
                          out_root=layout.monitoring, params=params, name=name)

@@ -456,7 +456,6 @@ def test_deployments_use_the_configured_schedules_and_limits(project):
 
 
 # --------------------------------------------------------------------------- the real pipeline
-SHARED = ROOT / ".." / "shared"
 def _tiny_project(dest: Path) -> Path:
     """The repository's dvc.yaml + src on 48 malaria images, one tiny CNN, 32 px, 1 epoch."""
     src_images = ROOT / "data/raw/malaria-cells-400"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom.data
 import pytest
 from serve_support import CLASSES, make_tiny_champion, sample_pngs
 
@@ -42,7 +43,7 @@ def inputs(tmp_path: Path) -> dict[str, Path]:
     # pngs[6] without its suffix: data.csv.extension adds it
     pd.DataFrame({"image": [pngs[5].name, pngs[6].stem, "gone.png"]}).to_csv(csv, index=False)
     dcm = tmp_path / "ct.dcm"
-    shutil.copy(pytest.importorskip("pydicom.data").get_testdata_file("CT_small.dcm"), dcm)
+    shutil.copy(pydicom.data.get_testdata_file("CT_small.dcm"), dcm)
     return {"folder": folder, "csv": csv, "dicom": dcm, "missing": tmp_path / "nope.png"}
 
 

@@ -179,6 +179,37 @@ def test_decide_and_promote_reads_the_run_and_records_the_decision(tmp_path):
     assert json.loads((tmp_path / pm.LAST_DECISION).read_text())["decision"] == again["decision"]
 
 
+def test_force_deploys_a_model_the_rule_cannot_compare(tmp_path):
+    """A first model for a new dataset: its test set differs from production's, so only --force deploys it."""
+    pm.promote(tmp_path, _candidate(tmp_path, "a-1", 0.80))
+    cand = _candidate(tmp_path, "b-2", 0.70) | {"test_hash": "another test set"}
+    (tmp_path / "models/champion.json").write_text(json.dumps(cand))
+    refused = pm.decide_and_promote(tmp_path, pm.RetrainConfig())
+    assert not refused["decision"]["promote"] and "not comparable" in refused["decision"]["reason"]
+    forced = pm.decide_and_promote(tmp_path, pm.RetrainConfig(), force=True)
+    assert forced["production"] == "b-2" and forced["decision"]["promote"]
+    assert forced["decision"]["reason"] == "forced by hand; the rule said: test set differs from the production " \
+                                           "model's: not comparable"
+    assert pm.load_registry(tmp_path)["history"][-1]["reason"] == forced["decision"]["reason"]
+    again = pm.decide_and_promote(tmp_path, pm.RetrainConfig(), force=True)  # already deployed: nothing to force
+    assert not again["decision"]["promote"] and again["production"] == "b-2"
+
+
+def test_monitoring_refuses_a_deployed_model_that_knows_other_classes(tmp_path):
+    from medflow import stages
+    from medflow.config import ConfigError, parse_params
+    from medflow.data.shards import FORMAT, META
+    from medflow.layout import Layout
+
+    pm.promote(tmp_path, _candidate(tmp_path, "a-1", 0.80))  # deployed: classes a, b
+    layout = Layout(tmp_path)
+    layout.processed.mkdir(parents=True)
+    (layout.processed / META).write_text(json.dumps({"format": FORMAT, "classes": ["normal", "pneumonia"]}))
+    with pytest.raises(ConfigError, match=r"model a-1 knows the classes \['Parasitized', 'Uninfected'\], but the pipeline's data .* has "
+                                          r"\['normal', 'pneumonia'\]: deploy a model trained on this data"):
+        stages.monitor(parse_params({}), tmp_path / "batch", layout)
+
+
 def test_retrain_lock_rejects_a_second_run(tmp_path):
     inside, release, errors = threading.Event(), threading.Event(), []
 

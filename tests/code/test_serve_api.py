@@ -83,8 +83,14 @@ def test_predict_real_png_matches_the_model(client: TestClient, champion: Path, 
     np.testing.assert_allclose(proba, expected, atol=1e-5)
 
 
+def test_interactive_docs_are_off_and_the_schema_is_served(client: TestClient) -> None:
+    for path in ("/docs", "/redoc"):  # their pages load scripts from a CDN
+        assert client.get(path).status_code == 404, path
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
 def test_predict_dicom(client: TestClient) -> None:
-    pydicom_data = pytest.importorskip("pydicom.data")
+    import pydicom.data as pydicom_data
     dcm = Path(pydicom_data.get_testdata_file("CT_small.dcm")).read_bytes()
     resp = _post(client, dcm, name="scan.dcm", ctype="application/dicom")
     assert resp.status_code == 200, resp.text[:500]

@@ -6,10 +6,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np
 import pytest
-
-keras = pytest.importorskip("keras")
 
 from medflow.models.gradcam import gradcam, overlay  # noqa: E402
 
