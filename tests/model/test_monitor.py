@@ -95,7 +95,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     from medflow.monitor.simulate import held_out
 
     p.images, p.labels = held_out(p.source, p.reference.manifest, p.reference.splits, p.data, p.ingest)
-    p.params = parse_params({"data": {"source": str(MALARIA), "group_pattern": None}, "ingest": {"image_size": SIZE}})
+    p.params = parse_params({"data": {"source": str(MALARIA), "group_pattern": None}, "ingest": {"image_size": SIZE},
+                             "evaluate": {"positive_class": "Parasitized"}})
     return p
 
 
@@ -140,7 +141,8 @@ def test_clean_batch_is_ok_and_writes_its_outputs(project: SimpleNamespace, out_
     assert set(clean["drift"]["groups"]) == {"image", "embedding", "prediction"}
     assert 0.0 <= clean["drift"]["embedding_auc"] <= 1.0
     history = pd.read_csv(out_root / "history.csv")
-    assert list(history["batch"]) == ["clean"] and list(history["verdict"]) == ["ok"]
+    clean_rows = history[history["batch"] == "clean"]  # other tests of the module append their batches too
+    assert len(clean_rows) == 1 and list(clean_rows["verdict"]) == ["ok"]
     index = monitoring_index(out_root)
     assert [(r["batch"], r["verdict"]) for r in index] == [("clean", "ok")]
     assert (out_root / index[0]["report"]).is_file()
@@ -169,14 +171,37 @@ def test_per_class_metrics_equal_scikit_learn(project: SimpleNamespace, out_root
 
 
 class _Tags(HTMLParser):
+    """External references, the <title> text, the <h1> text and the classes of elements inside the <h1>."""
+
     def __init__(self) -> None:
         super().__init__()
         self.external: list[str] = []
+        self.text = {"title": "", "h1": ""}
+        self.h1_classes: list[str] = []
+        self._open: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         for key, value in attrs:
             if key in ("src", "href") and value and value.startswith(("http:", "https:", "//")):
                 self.external.append(f"<{tag} {key}={value}>")
+            if key == "class" and value and "h1" in self._open:
+                self.h1_classes += value.split()
+        if tag in self.text:
+            self._open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.text and tag in self._open:
+            self._open.remove(tag)
+
+    def handle_data(self, data: str) -> None:
+        for tag in self._open:
+            self.text[tag] += data
+
+
+def _page(path: Path) -> _Tags:
+    parser = _Tags()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
 
 
 def test_report_is_offline_and_has_every_section(out_root: Path, clean: dict) -> None:
@@ -186,13 +211,57 @@ def test_report_is_offline_and_has_every_section(out_root: Path, clean: dict) ->
     assert parser.external == []
     for section in ("Monitoring summary", "Drift by group", "Per-feature drift tests", "Predicted classes",
                     "Per-class performance, batch / champion test",
-                    "Drift: image statistics, embeddings, predictions (Evidently)", "Embedding drift (domain-classifier ROC AUC)",
+                    "Drift per column (Evidently)", "Embedding drift (domain-classifier ROC AUC)",
                     "Classification quality of the labelled batch (Evidently)"):
         assert section in html, section
     for feature in ("sharpness", "mean_r", "width", "emb_pc0", "confidence", "prediction"):
         assert feature in html
     size = len(html.encode())
     assert size < 15_000_000  # Evidently's bundled JS (~3.7 MB) + aggregated plots, no raw rows
+
+
+def test_report_has_a_title_and_a_heading_with_batch_and_verdict(out_root: Path, clean: dict) -> None:
+    page = _page(out_root / "clean" / "report.html")
+    assert page.text["title"] == "medflow monitoring: clean"
+    assert " ".join(page.text["h1"].split()) == "medflow monitoring: clean - verdict OK"
+    assert page.h1_classes == ["verdict", "verdict-ok"]
+
+
+def test_report_names_the_positive_class_of_its_precision_and_recall(project: SimpleNamespace, out_root: Path,
+                                                                   clean: dict) -> None:
+    import re
+
+    from medflow.config import ConfigError
+    from medflow.monitor.run import monitor_batch
+
+    perf = clean["performance"]
+    assert project.classes == ["Parasitized", "Uninfected"] and perf["positive_class"] == "Parasitized"
+    html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
+    assert "Precision / recall / F1 are those of the positive class: Parasitized" in html
+    headline = {k: v for v, k in re.findall(r'\{"value": "([0-9.]+)", "label": "(Precision|Recall)"\}', html)}
+    parasitized = perf["batch"]["per_class"]["Parasitized"]
+    assert headline == {"Precision": str(round(parasitized["precision"], 3)),
+                        "Recall": str(round(parasitized["recall"], 3))}
+    params = project.params.model_copy(update={"evaluate": project.params.evaluate.model_copy(
+        update={"positive_class": "Malaria"})})
+    with pytest.raises(ConfigError, match="Malaria"):
+        monitor_batch(out_root.parent / "batches" / "clean", champion_json=project.champion,
+                      reference=project.reference, out_root=out_root, params=params, name="bad-positive")
+
+
+def test_report_tables_name_their_flags_and_show_the_thresholds(out_root: Path, clean: dict) -> None:
+    html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
+    for text in ('"p < 0.05 (uncorrected)"', '"group threshold"', '"counts toward verdict"',
+                 '"features below threshold"', '"features p < 0.05 (uncorrected)"',
+                 "Drifted feature share, p < 0.05 (uncorrected); drift at >= 0.5",
+                 "Embedding drift (domain-classifier ROC AUC); drift at >= 0.7",
+                 "threshold = family_alpha 0.01 / tests"):
+        assert text in html, text
+    assert '"drifted features"' not in html
+    groups = clean["drift"]["groups"]  # Evidently's own per-column flag is the verdict's
+    assert html.count("Data drift detected.") == sum(len(g["significant_features"]) for g in groups.values())
+    n_flags = html.count("Data drift not detected.") + html.count("Data drift detected.")
+    assert n_flags == len(clean["drift"]["features"])
 
 
 SHIFT_GROUP = {"stain": "image", "brightness": "image", "contrast": "image", "blur": "image", "jpeg": "image",
@@ -202,6 +271,9 @@ SHIFT_GROUP = {"stain": "image", "brightness": "image", "contrast": "image", "bl
 @pytest.mark.parametrize("shift", sorted(SHIFT_GROUP))
 def test_each_strong_shift_drifts(project: SimpleNamespace, out_root: Path, shift: str) -> None:
     s = monitor(project, out_root, f"shift-{shift}", shift=shift, strength=1.0, seed=1)
+    page = _page(out_root / f"shift-{shift}" / "report.html")
+    assert page.text["title"] == f"medflow monitoring: shift-{shift}"
+    assert page.h1_classes == ["verdict", f"verdict-{s['verdict']}"] and s["verdict"].upper() in page.text["h1"]
     groups = s["drift"]["groups"]
     assert groups[SHIFT_GROUP[shift]]["drifted"], groups
     assert any(r.startswith(f"{SHIFT_GROUP[shift]} drift") for r in s["reasons"])
@@ -308,7 +380,8 @@ def test_verdict_rules_bonferroni_share_and_degradation() -> None:
     g = group_drift(_features({**image, "f0": ("image", 0.002)}), 0.5, cfg)
     assert not g["image"]["drifted"] and g["image"]["threshold"] == pytest.approx(0.01 / 8)
     g = group_drift(_features({**image, "f0": ("image", 0.001)}), None, cfg)
-    assert g["image"]["drifted"] and decide(g, 0.1, None, {}, 0.0, cfg)["verdict"] == "drift"
+    assert decide(g, 0.1, None, {}, 0.0, cfg) == {
+        "verdict": "drift", "reasons": ["image drift: p=0.001 < 0.00125 (Bonferroni over 8); below threshold: f0"]}
     # the embedding group also drifts on the domain classifier's AUC alone
     emb = {f"pc{i}": ("embedding", 0.3) for i in range(4)}
     assert group_drift(_features(emb), 0.75, cfg)["embedding"]["drifted"]
@@ -316,7 +389,8 @@ def test_verdict_rules_bonferroni_share_and_degradation() -> None:
     # many weakly drifted features: the drift-share rule
     calm = group_drift(_features({f"f{i}": ("image", 0.03) for i in range(8)}), None, cfg)
     assert not calm["image"]["drifted"]
-    assert decide(calm, 1.0, None, {}, 0.0, cfg)["verdict"] == "drift"
+    assert decide(calm, 1.0, None, {}, 0.0, cfg)["reasons"] == [
+        "drifted feature share 1.00 >= 0.5 (p < 0.05, uncorrected)"]
     assert decide(calm, 0.4, None, {}, 0.0, cfg)["verdict"] == "ok"
     assert decide(calm, 0.0, None, {}, 0.2, cfg)["reasons"] == ["quarantined share 0.20 > 0.1"]
     # degraded beats drift; too few labels give no performance verdict
@@ -327,6 +401,47 @@ def test_verdict_rules_bonferroni_share_and_degradation() -> None:
     assert len(out["reasons"]) == 2
     assert decide(calm, 0.0, {**perf, "n": 10}, champ, 0.0, cfg)["verdict"] == "ok"
     assert decide(calm, 0.0, {**perf, "accuracy": 0.85}, champ, 0.0, cfg)["verdict"] == "ok"
+
+
+def test_a_feature_counts_toward_the_verdict_below_its_group_threshold_or_through_the_share_rule() -> None:
+    from medflow.monitor.verdict import counts_toward_verdict, group_drift
+
+    cfg = MonitorConfig()
+    features = _features({"f0": ("image", 0.001), "f1": ("image", 0.03), "f2": ("image", 0.5), "f3": ("image", 0.5)})
+    groups = group_drift(features, None, cfg)
+    assert groups["image"]["significant_features"] == ["f0"] and groups["image"]["drifted_features"] == ["f0", "f1"]
+    assert [counts_toward_verdict(f, groups, 0.25, cfg) for f in features.values()] == [True, False, False, False]
+    assert [counts_toward_verdict(f, groups, 0.5, cfg) for f in features.values()] == [True, True, False, False]
+
+
+def test_evidently_column_drift_uses_the_group_bonferroni_threshold() -> None:
+    """A feature at p between the group threshold and feature_alpha: drifted (uncorrected) for the share, but
+    neither its group nor Evidently's own per-column test calls it drift."""
+    from medflow.monitor.drift import drift_snapshot, drift_values, feature_groups
+    from medflow.monitor.features import IMAGE_FEATURES
+    from medflow.monitor.verdict import group_drift
+
+    rng = np.random.default_rng(0)
+    pcs = ["emb_pc0", "emb_pc1"]
+    columns = [*IMAGE_FEATURES, *pcs, "confidence"]
+
+    def frame(n: int, shift: float) -> pd.DataFrame:
+        df = pd.DataFrame(rng.normal(size=(n, len(columns))), columns=columns).assign(std=lambda d: d["std"] + shift)
+        return df.assign(prediction=rng.choice(["a", "b"], n))
+
+    cfg = MonitorConfig()
+    snapshot = drift_snapshot(frame(500, 0.0), frame(200, 0.2), pcs, cfg)
+    values = drift_values(snapshot, pcs, cfg)
+    sizes = {g: len(c) for g, c in feature_groups(pcs).items()}
+    assert {m["config"]["column"]: m["config"]["threshold"] for m in snapshot.dict()["metrics"]} == pytest.approx(
+        {c: cfg.family_alpha / sizes[g] for g, cols in feature_groups(pcs).items() for c in cols})
+    std = values["features"]["std"]
+    assert cfg.family_alpha / len(IMAGE_FEATURES) < std["p_value"] < cfg.feature_alpha and std["drifted"]
+    assert values["drift_share"] == pytest.approx(values["drifted_count"] / len(columns + ["prediction"]))
+    assert not group_drift(values["features"], None, cfg)["image"]["drifted"]
+    flags = {w.params["counters"][0]["value"]: w.params["counters"][0]["label"]
+             for w in snapshot._widgets if w.type == "counter"}
+    assert flags["Drift in column 'std'"].startswith("Data drift not detected.")
 
 
 def test_monitor_config_from_plain_params_dict() -> None:
@@ -355,7 +470,27 @@ def test_evidently_classification_matches_scikit_learn_even_for_degenerate_batch
     values = {m["metric_name"].split("(")[0]: m["value"]
               for m in classification_snapshot(df, list("abcdefgh")).dict()["metrics"]}
     assert values["Accuracy"] == pytest.approx(accuracy_score(df["label"], df["prediction"]))
-    if len(set(labels) | set(predictions)) > 2:  # multiclass: per-label F1 as scikit-learn computes it
-        present = sorted(set(labels))
-        f1 = f1_score(df["label"], df["prediction"], labels=present, average=None, zero_division=0)
-        assert {k: v for k, v in values["F1ByLabel"].items() if k in present} == pytest.approx(dict(zip(present, f1)))
+    present = sorted(set(labels))  # per-label F1 as scikit-learn computes it
+    f1 = f1_score(df["label"], df["prediction"], labels=present, average=None, zero_division=0)
+    assert {k: v for k, v in values["F1ByLabel"].items() if k in present} == pytest.approx(dict(zip(present, f1)))
+    # a headline precision / recall only for three or more classes (a macro average), never one Evidently picks
+    assert ("Recall" in values) == (len(set(labels) | set(predictions)) > 2)
+
+
+def test_binary_headline_precision_and_recall_are_the_positive_class() -> None:
+    from sklearn.metrics import precision_score, recall_score
+
+    from medflow.monitor.drift import classification_snapshot
+
+    classes = ["Parasitized", "Uninfected"]
+    df = pd.DataFrame({"label": ["Parasitized"] * 20 + ["Uninfected"] * 20,
+                       "prediction": ["Parasitized"] * 15 + ["Uninfected"] * 25})  # 5 infections missed
+    values = {m["metric_name"].split("(")[0]: m["value"]
+              for m in classification_snapshot(df, classes, "Parasitized").dict()["metrics"]}
+    assert (values["Precision"], values["Recall"]) == pytest.approx((1.0, 0.75))
+    assert values["Recall"] == pytest.approx(recall_score(df["label"], df["prediction"], pos_label="Parasitized"))
+    assert values["Precision"] == pytest.approx(precision_score(df["label"], df["prediction"], pos_label="Parasitized"))
+    per_class = {m["metric_name"].split("(")[0]: m["value"]
+                 for m in classification_snapshot(df, classes).dict()["metrics"]}
+    assert "Recall" not in per_class and per_class["RecallByLabel"] == pytest.approx({"Parasitized": 0.75,
+                                                                                      "Uninfected": 1.0})

@@ -1,7 +1,8 @@
 """Evidently (0.7) drift and classification reports of a batch against the reference, and their values.
 
-Every feature gets one Evidently ``ValueDrift`` p-value test (``num_stattest`` / ``cat_stattest``);
-``DriftedColumnsCount`` gives the drifted share. The embedding PCs are also scored jointly by Evidently's
+Every feature gets one Evidently ``ValueDrift`` p-value test (``num_stattest`` / ``cat_stattest``) at its
+group's Bonferroni threshold, so Evidently's per-column "drift detected" is what the verdict uses; the drifted
+share counts p-values below ``feature_alpha`` (uncorrected). The embedding PCs are also scored jointly by Evidently's
 embedding drift method ``model`` (a domain classifier's ROC AUC, reference vs batch), called directly:
 its ``EmbeddingsDrift`` metric would add a t-SNE plot that costs more than the rest of the report.
 Classification quality is an Evidently report on the labelled batch alone
@@ -17,6 +18,7 @@ import pandas as pd
 
 from medflow.monitor import MonitorConfig
 from medflow.monitor.features import IMAGE_FEATURES
+from medflow.monitor.verdict import group_threshold
 
 
 def feature_groups(pcs: list[str]) -> dict[str, list[str]]:
@@ -33,16 +35,15 @@ def _definition(numerical: list[str], categorical: list[str], classification: li
 def drift_snapshot(reference: pd.DataFrame, current: pd.DataFrame, pcs: list[str], cfg: MonitorConfig):
     """Run the drift report (current vs reference); return the Evidently snapshot."""
     from evidently import Dataset, Report
-    from evidently.metrics import DriftedColumnsCount, ValueDrift
+    from evidently.metrics import ValueDrift
 
     groups = feature_groups(pcs)
     numerical = [c for g in groups.values() for c in g if c != "prediction"]
     columns = numerical + ["prediction"]
     definition = _definition(numerical, ["prediction"])
-    metrics: list[Any] = [DriftedColumnsCount(columns=columns, num_method=cfg.num_stattest, cat_method=cfg.cat_stattest,
-                                              threshold=cfg.feature_alpha, drift_share=cfg.drift_share)]
-    metrics += [ValueDrift(column=c, method=cfg.num_stattest, threshold=cfg.feature_alpha) for c in numerical]
-    metrics.append(ValueDrift(column="prediction", method=cfg.cat_stattest, threshold=cfg.feature_alpha))
+    metrics: list[Any] = [ValueDrift(column=c, method=cfg.cat_stattest if c == "prediction" else cfg.num_stattest,
+                                     threshold=group_threshold(len(cols), cfg))
+                          for cols in groups.values() for c in cols]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Evidently's plotting internals (pandas/plotly deprecations)
         return Report(metrics).run(Dataset.from_pandas(current[columns].copy(), data_definition=definition),
@@ -50,21 +51,16 @@ def drift_snapshot(reference: pd.DataFrame, current: pd.DataFrame, pcs: list[str
 
 
 def drift_values(snapshot: Any, pcs: list[str], cfg: MonitorConfig) -> dict[str, Any]:
-    """Per-feature p-values, drifted share and embedding score read back from the snapshot."""
+    """Per-feature p-values (``drifted``: below ``feature_alpha``, uncorrected) and the drifted count and share."""
     group_of = {c: g for g, cols in feature_groups(pcs).items() for c in cols}
     features: dict[str, dict[str, Any]] = {}
-    out: dict[str, Any] = {}
     for m in snapshot.dict()["metrics"]:
-        kind = m["config"]["type"].rsplit(":", 1)[-1]
-        if kind == "ValueDrift":
-            col, p = m["config"]["column"], float(m["value"])
-            features[col] = {"group": group_of[col], "test": m["config"]["method"], "p_value": p,
-                             "drifted": p < cfg.feature_alpha}
-        elif kind == "DriftedColumnsCount":
-            out["drifted_count"] = int(m["value"]["count"])
-            out["drift_share"] = float(m["value"]["share"])
-    out["features"] = {c: features[c] for c in group_of if c in features}
-    return out
+        col, p = m["config"]["column"], float(m["value"])
+        features[col] = {"group": group_of[col], "test": m["config"]["method"], "p_value": p,
+                         "drifted": p < cfg.feature_alpha}
+    count = sum(f["drifted"] for f in features.values())
+    return {"drifted_count": count, "drift_share": count / len(features),
+            "features": {c: features[c] for c in group_of}}
 
 
 def embedding_auc(reference: pd.DataFrame, current: pd.DataFrame, pcs: list[str], cfg: MonitorConfig) -> float:
@@ -77,19 +73,28 @@ def embedding_auc(reference: pd.DataFrame, current: pd.DataFrame, pcs: list[str]
     return float(auc)
 
 
-def classification_snapshot(current: pd.DataFrame, classes: list[str]):
-    """Evidently accuracy and per-class precision / recall / F1 of the labelled batch rows (no reference)."""
+def classification_snapshot(current: pd.DataFrame, classes: list[str], positive: str | None = None):
+    """Evidently accuracy and per-class precision / recall / F1 of the labelled batch rows (no reference).
+
+    Headline precision / recall / F1 are those of ``positive`` when both classes of a binary task are present,
+    a macro average over three or more classes; otherwise (Evidently would pick a positive class itself)
+    only accuracy and the per-class figures are reported.
+    """
     from evidently import Dataset, Report
     from evidently.core.datasets import BinaryClassification, MulticlassClassification
-    from evidently.presets import ClassificationPreset
+    from evidently.metrics import Accuracy
+    from evidently.presets import ClassificationPreset, ClassificationQualityByLabel
 
     present = sorted(set(current["label"]) | set(current["prediction"]), key=classes.index)
     if len(present) == 2:  # Evidently treats exactly two observed values as a binary task
-        task = BinaryClassification(target="label", prediction_labels="prediction", pos_label=present[1])
+        pos_label = positive if positive in present else present[1]  # without a positive class: no headline
+        task = BinaryClassification(target="label", prediction_labels="prediction", pos_label=pos_label)
     else:
         task = MulticlassClassification(target="label", prediction_labels="prediction")
+    headline = positive in present if len(present) == 2 else len(present) > 2
+    metrics = [ClassificationPreset()] if headline else [Accuracy(), ClassificationQualityByLabel()]
     definition = _definition([], ["label", "prediction"], [task])
     data = current[["label", "prediction"]].astype(str)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn's undefined-precision warnings for absent classes
-        return Report([ClassificationPreset()]).run(Dataset.from_pandas(data, data_definition=definition), None)
+        return Report(metrics).run(Dataset.from_pandas(data, data_definition=definition), None)

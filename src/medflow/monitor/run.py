@@ -8,6 +8,7 @@ for drift without a performance check.
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import tempfile
@@ -35,7 +36,7 @@ from medflow.monitor.features import (
     pc_columns,
     reference_features,
 )
-from medflow.monitor.verdict import decide, group_drift
+from medflow.monitor.verdict import counts_toward_verdict, decide, group_drift
 
 HISTORY_COLUMNS = ["time", "batch", "verdict", "n_images", "n_quarantined", "drift_share", "drifted_groups",
                    "embedding_auc", "accuracy", "macro_f1", "champion_version", "reasons", "report", "summary"]
@@ -79,25 +80,35 @@ def _summary_widgets(summary: dict[str, Any]) -> list[Any]:
     """Evidently widgets for medflow's own sections: verdict, groups, features, batch vs champion."""
     from evidently.legacy.renderers.html_widgets import CounterData, counter, table_data
 
-    drift, perf = summary["drift"], summary["performance"]
+    drift, perf, cfg = summary["drift"], summary["performance"], monitor_config(summary["params"])
+    uncorrected = f"p < {cfg.feature_alpha:.3g} (uncorrected)"
+    groups = drift["groups"]
     widgets = [
         counter(title=f"Batch {summary['batch']} - champion {summary['champion']['version']}", counters=[
             CounterData("Verdict", summary["verdict"].upper()),
             CounterData("Images (quarantined)", f"{summary['n_images']} ({summary['n_quarantined']})"),
-            CounterData("Drifted feature share", f"{drift['share']:.2f}"),
-            CounterData("Embedding drift (domain-classifier ROC AUC)", f"{drift['embedding_auc']:.3f}"),
+            CounterData(f"Drifted feature share, {uncorrected}; drift at >= {cfg.drift_share:.3g}",
+                        f"{drift['share']:.2f}"),
+            CounterData(f"Embedding drift (domain-classifier ROC AUC); drift at >= {cfg.embedding_auc:.3g}",
+                        f"{drift['embedding_auc']:.3f}"),
             CounterData("Accuracy (batch / champion test)",
                         f"{_fmt(perf['batch']['accuracy'])} / {_fmt(perf['champion_test'].get('accuracy'))}"
                         if perf else "no labels")]),
         table_data(title="Verdict reasons", column_names=["reason"],
                    data=[[r] for r in summary["reasons"]] or [["no drift, no degradation"]]),
-        table_data(title="Drift by group (Bonferroni within each group)",
-                   column_names=["group", "tests", "min p-value", "threshold", "ROC AUC", "drifted", "drifted features"],
+        table_data(title=f"Drift by group (Bonferroni within each group: threshold = family_alpha "
+                         f"{cfg.family_alpha:.3g} / tests; embeddings also at ROC AUC >= {cfg.embedding_auc:.3g})",
+                   column_names=["group", "tests", "min p-value", "threshold", "ROC AUC", "drifted",
+                                 "features below threshold", f"features {uncorrected}"],
                    data=[[g, v["tests"], f"{v['min_p']:.3g}", f"{v['threshold']:.3g}", _fmt(v.get("auc")),
-                          v["drifted"], ", ".join(v["drifted_features"])] for g, v in drift["groups"].items()]),
+                          v["drifted"], ", ".join(v["significant_features"]), ", ".join(v["drifted_features"])]
+                         for g, v in groups.items()]),
         table_data(title="Per-feature drift tests (image statistics, embedding PCs, predictions)",
-                   column_names=["feature", "group", "test", "p-value", "drifted"],
-                   data=[[c, v["group"], v["test"], f"{v['p_value']:.3g}", v["drifted"]]
+                   column_names=["feature", "group", "test", "p-value", uncorrected, "group threshold",
+                                 "counts toward verdict"],
+                   data=[[c, v["group"], v["test"], f"{v['p_value']:.3g}", v["drifted"],
+                          f"{groups[v['group']]['threshold']:.3g}",
+                          counts_toward_verdict(v, groups, drift["share"], cfg)]
                          for c, v in drift["features"].items()]),
         table_data(title="Predicted classes (share: batch / reference)", column_names=["class", "batch", "reference"],
                    data=[[c, f"{b:.3f}", f"{summary['predictions']['reference_share'][c]:.3f}"]
@@ -115,22 +126,39 @@ def _summary_widgets(summary: dict[str, Any]) -> list[Any]:
     return widgets
 
 
+_VERDICT_COLOURS = {"ok": ("#1b5e20", "#e8f5e9"), "drift": ("#7a4f01", "#fff3cd"), "degraded": ("#8b0000", "#fde2e2")}
+
+
+def _page_head(page: str, summary: dict[str, Any]) -> str:
+    """Add a <title> and an <h1> naming the batch and its verdict (colour and text) to Evidently's page."""
+    batch, verdict = html.escape(summary["batch"]), summary["verdict"]
+    fg, bg = _VERDICT_COLOURS[verdict]
+    h1 = (f'<h1 style="font-family:sans-serif;margin:16px 24px">medflow monitoring: {batch} - verdict '
+          f'<span class="verdict verdict-{verdict}" style="color:{fg};background:{bg};border:2px solid {fg};'
+          f'border-radius:4px;padding:0 8px">{verdict.upper()}</span></h1>')
+    page = page.replace("<head>", f"<head>\n<title>medflow monitoring: {batch}</title>", 1)
+    return re.sub(r'<body>(\s*<div id="root_)', lambda m: f"<body>\n{h1}{m.group(1)}", page, count=1)
+
+
 def render_report(summary: dict[str, Any], drift_snap: Any, cls_snap: Any | None) -> str:
     """One self-contained HTML page: medflow summary, Evidently drift report, Evidently classification report."""
     from evidently.core.metric_types import render_widgets
-    from evidently.legacy.renderers.html_widgets import group_widget
+    from evidently.legacy.renderers.html_widgets import group_widget, header_text
 
     # Snapshot widgets are Evidently's own rendering of each report (what Snapshot.save_html renders).
     groups = [group_widget(title="Monitoring summary", widgets=_summary_widgets(summary)),
-              group_widget(title="Drift: image statistics, embeddings, predictions (Evidently)",
-                           widgets=drift_snap._widgets)]
+              group_widget(title="Drift per column (Evidently): 'drift detected' at the column's group threshold "
+                                 "(Bonferroni, as the verdict)", widgets=drift_snap._widgets)]
     if cls_snap is not None:
+        positive = summary["performance"]["positive_class"]
+        note = (f"Precision / recall / F1 are those of the positive class: {positive}" if positive else
+                "No positive class: precision / recall / F1 per class (a single figure is a macro average)")
         groups.append(group_widget(title="Classification quality of the labelled batch (Evidently)",
-                                   widgets=cls_snap._widgets))
-    html = render_widgets(groups)
-    if external := external_references(html):
+                                   widgets=[header_text(label=note), *cls_snap._widgets]))
+    page = _page_head(render_widgets(groups), summary)
+    if external := external_references(page):
         raise RuntimeError(f"the report would load from the network: {external[:3]}")
-    return html
+    return page
 
 
 def _append_history(path: Path, row: dict[str, Any]) -> None:
@@ -148,12 +176,15 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
                   progress: bool = False) -> dict[str, Any]:
     """Monitor one batch (any source ``medflow ingest`` reads); return the summary written to summary.json."""
     from medflow.data.ingest import ingest
+    from medflow.evaluate import positive_index
 
     cfg: MonitorConfig = monitor_config(params.monitor)
     batch_source, out_root = Path(batch_source), Path(out_root)
     name = name or _batch_name(batch_source)
     champion = load_champion(champion_json)
     classes = champion.classes
+    pos = positive_index(classes, params.evaluate.positive_class)
+    positive = None if pos is None else classes[pos]
     ref, projection, ref_cache = reference_features(champion, reference, out_root / "reference", cfg)
     batch_dir = out_root / name
     batch_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +212,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
     perf_batch = _performance(current, proba, champion.record, bins=params.evaluate.calibration_bins)
     champ_metrics = champion.record.get("metrics", {})
     labelled = current[current["label"].isin(classes)]
-    cls_snap = classification_snapshot(labelled, classes) if perf_batch else None
+    cls_snap = classification_snapshot(labelled, classes, positive) if perf_batch else None
     quarantine_share = ing["quarantined"] / max(ing["found"], 1)
     verdict = decide(groups, values["drift_share"], perf_batch, champ_metrics, quarantine_share, cfg)
 
@@ -200,7 +231,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
             "mean_confidence": {"batch": float(current["confidence"].mean()), "reference": float(ref["confidence"].mean())},
         },
         "performance": None if perf_batch is None else {
-            "batch": perf_batch,
+            "batch": perf_batch, "positive_class": positive,
             "champion_test": {k: champ_metrics.get(k) for k in ("n", "accuracy", "balanced_accuracy", "macro_f1",
                                                                  "per_class") if k in champ_metrics}},
         "reference": {"rows": len(ref), "cache": str(ref_cache)},
