@@ -31,7 +31,13 @@ from sklearn.metrics import (
 )
 
 from medflow.config import ChampionMetric, ConfigError
-from medflow.io import atomic_write, atomic_write_csv, atomic_write_json, read_csv, sha256_file
+from medflow.io import (
+    atomic_write,
+    atomic_write_csv,
+    atomic_write_json,
+    read_csv,
+    sha256_file,
+)
 
 # Scalar metrics written to the metrics JSON; the champion metric must be one of them.
 SCALAR_METRICS: tuple[str, ...] = get_args(ChampionMetric)  # one list: what params.yaml may name

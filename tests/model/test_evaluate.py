@@ -22,18 +22,17 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from medflow.config import parse_params
-from medflow.config import ConfigError
+from medflow.config import ConfigError, parse_params
 from medflow.evaluate import (
     compare,
     compute_metrics,
-    paired_difference,
-    positive_index,
-    roc_table,
     dir_hash,
     evaluate,
     file_hash,
+    paired_difference,
     params_hash,
+    positive_index,
+    roc_table,
 )
 
 CHAMPION_FIELDS = {"model", "model_path", "classes", "image_size", "channels", "ordered", "metric", "metrics",
@@ -138,7 +137,7 @@ def test_paired_difference_of_two_models_on_the_same_images():
     y = np.random.default_rng(5).integers(0, 2, 200)
     good = noisy_proba(y, 2, seed=1)
     bad = np.random.default_rng(2).dirichlet([1, 1], len(y))  # guessing
-    acc = lambda p: accuracy_score(y, p.argmax(axis=1))  # noqa: E731
+    acc = lambda p: accuracy_score(y, p.argmax(axis=1))
     d = paired_difference(y, good, bad, "accuracy", ordered=False, bins=10, n=300, seed=0)
     assert d["difference"] == pytest.approx(acc(good) - acc(bad)) and d["difference"] > 0
     assert d["ci95"][0] <= d["difference"] <= d["ci95"][1] and d["ci95"][0] > 0 and d["share_a_better"] > 0.99

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 

@@ -40,8 +40,8 @@ class ValidationFailed(RuntimeError):
 
     def __init__(self, failures: list[dict]):
         self.failures = failures
-        lines = [f"data validation failed ({len(failures)} critical expectation(s); thresholds are in params.yaml "
-                 "under validate):"]
+        lines = [(f"data validation failed ({len(failures)} critical expectation(s); thresholds are in params.yaml "
+                  "under validate):")]
         for f in failures:
             lines.append(f"  - {f['table']}.{f['expectation']}"
                          f"{'(' + f['column'] + ')' if f['column'] else ''}: {f['description']}; "
