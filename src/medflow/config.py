@@ -218,7 +218,8 @@ class MonitorConfig(_Section):
     family_alpha: float = Field(0.01, gt=0, lt=1)  # per group (image, embedding, prediction), Bonferroni
     embedding_components: int = Field(8, ge=1, le=64)  # PCA (fitted on the reference) of the embeddings
     embedding_auc: float = Field(0.7, gt=0.5, le=1)  # Evidently domain-classifier ROC AUC that means drift
-    degradation_metrics: list[Literal["accuracy", "balanced_accuracy", "macro_f1"]] = ["accuracy", "macro_f1"]
+    # qwk (quadratic weighted kappa) needs data.ordered
+    degradation_metrics: list[Literal["accuracy", "balanced_accuracy", "macro_f1", "qwk"]] = ["accuracy", "macro_f1"]
     degradation_tolerance: float = Field(0.1, ge=0, lt=1)  # degraded: batch metric < champion test - this
     min_labelled: int = Field(30, ge=1)  # fewer labelled images: no performance verdict
     max_quarantine_share: float = Field(0.1, ge=0, le=1)  # more quarantined files: drift (input quality)
@@ -313,6 +314,9 @@ class Params(_Section):
         if self.evaluate.champion_metric == "qwk" and not self.data.ordered:
             raise ValueError("evaluate.champion_metric: qwk (quadratic weighted kappa) is computed for ordered "
                              "grades only; set data.ordered: true or choose another metric")
+        if "qwk" in self.monitor.degradation_metrics and not self.data.ordered:
+            raise ValueError("monitor.degradation_metrics: qwk (quadratic weighted kappa) is computed for ordered "
+                             "grades only; set data.ordered: true or remove it")
         return self
 
     def model(self, name: str) -> ModelConfig:

@@ -75,8 +75,14 @@ def test_champion_metric_is_checked_when_params_load():
     raw["evaluate"]["champion_metric"] = "qwk"
     with pytest.raises(ConfigError, match=r"qwk .* ordered grades only; set data\.ordered: true"):
         parse_params(raw)
+    raw["evaluate"]["champion_metric"] = "macro_f1"
+    raw.setdefault("monitor", {})["degradation_metrics"] = ["accuracy", "qwk"]
+    with pytest.raises(ConfigError, match=r"monitor\.degradation_metrics: qwk .* set data\.ordered: true"):
+        parse_params(raw)
+    raw["evaluate"]["champion_metric"] = "qwk"
     raw["data"] |= {"ordered": True, "labels": ["Uninfected", "Parasitized"]}
-    assert parse_params(raw).evaluate.champion_metric == "qwk"
+    parsed = parse_params(raw)
+    assert parsed.evaluate.champion_metric == "qwk" and parsed.monitor.degradation_metrics == ["accuracy", "qwk"]
 
 
 def test_unquoted_grades_are_label_text_and_the_positive_class_must_be_one():

@@ -210,7 +210,7 @@ def test_report_is_offline_and_has_every_section(out_root: Path, clean: dict) ->
     parser.feed(html)
     assert parser.external == []
     for section in ("Monitoring summary", "Drift by group", "Per-feature drift tests", "Predicted classes",
-                    "Per-class performance, batch / champion test",
+                    "Per-class performance, batch / champion test", "Batch vs champion test (",
                     "Drift per column (Evidently)", "Embedding drift (domain-classifier ROC AUC)",
                     "Classification quality of the labelled batch (Evidently)"):
         assert section in html, section
@@ -258,6 +258,10 @@ def test_report_tables_name_their_flags_and_show_the_thresholds(out_root: Path, 
                  "threshold = family_alpha 0.01 / tests"):
         assert text in html, text
     assert '"drifted features"' not in html
+    perf = clean["performance"]  # the batch-vs-champion table: figures, the degradation line, verdict metrics
+    acc, champ = perf["batch"]["accuracy"], perf["champion_test"]["accuracy"]
+    assert f'["accuracy","{acc:.3f}","{champ:.3f}","{champ - 0.1:.3f}","True"]' in html.replace(" ", "")
+    assert f'["balanced_accuracy","{perf["batch"]["balanced_accuracy"]:.3f}"' in html.replace(" ", "")
     groups = clean["drift"]["groups"]  # Evidently's own per-column flag is the verdict's
     assert html.count("Data drift detected.") == sum(len(g["significant_features"]) for g in groups.values())
     n_flags = html.count("Data drift not detected.") + html.count("Data drift detected.")
@@ -401,6 +405,10 @@ def test_verdict_rules_bonferroni_share_and_degradation() -> None:
     assert len(out["reasons"]) == 2
     assert decide(calm, 0.0, {**perf, "n": 10}, champ, 0.0, cfg)["verdict"] == "ok"
     assert decide(calm, 0.0, {**perf, "accuracy": 0.85}, champ, 0.0, cfg)["verdict"] == "ok"
+    # ordered grades: a kappa drop alone degrades when qwk is a degradation metric
+    graded = MonitorConfig(degradation_metrics=["accuracy", "qwk"])
+    out = decide(calm, 0.0, {"n": 60, "accuracy": 0.85, "qwk": 0.55}, {"accuracy": 0.9, "qwk": 0.8}, 0.0, graded)
+    assert out == {"verdict": "degraded", "reasons": ["qwk 0.550 < champion test 0.800 - 0.1"]}
 
 
 def test_a_feature_counts_toward_the_verdict_below_its_group_threshold_or_through_the_share_rule() -> None:

@@ -115,6 +115,14 @@ def _summary_widgets(summary: dict[str, Any]) -> list[Any]:
                          for c, b in summary["predictions"]["batch_share"].items()]),
     ]
     if perf:
+        tol = cfg.degradation_tolerance
+        widgets.append(table_data(
+            title=f"Batch vs champion test ({perf['batch']['n']} labelled; degraded when a verdict metric falls "
+                  f"more than {tol:.3g} below the champion's, needs >= {cfg.min_labelled} labelled)",
+            column_names=["metric", "batch", "champion test", "degraded below", "counts toward verdict"],
+            data=[[k, _fmt(perf["batch"][k]), _fmt(c := perf["champion_test"].get(k)),
+                   _fmt(None if c is None else c - tol), k in cfg.degradation_metrics]
+                  for k in ("accuracy", "balanced_accuracy", "macro_f1", "qwk") if perf["batch"].get(k) is not None]))
         champ = perf["champion_test"].get("per_class", {})
         rows = []
         for c, v in perf["batch"]["per_class"].items():
@@ -233,7 +241,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
         "performance": None if perf_batch is None else {
             "batch": perf_batch, "positive_class": positive,
             "champion_test": {k: champ_metrics.get(k) for k in ("n", "accuracy", "balanced_accuracy", "macro_f1",
-                                                                 "per_class") if k in champ_metrics}},
+                                                                 "qwk", "per_class") if k in champ_metrics}},
         "reference": {"rows": len(ref), "cache": str(ref_cache)},
         "params": cfg.model_dump(),
         "report": "report.html",
