@@ -64,6 +64,12 @@ def test_padding_outside_scan_circle_becomes_air() -> None:
     assert (lung[air] == 60).all()
     mediastinum = decode("693_UNCI.dcm", window="mediastinum").rgb[..., 0]
     assert mediastinum[0, 0] == 0 and mediastinum[256, 256] == 114  # -125..225: 157 / 350 * 255 = 114.4
+    soft = decode("693_UNCI.dcm", window="soft_tissue")  # -160..240 HU
+    assert soft.meta["window"] == "soft_tissue:40/400" and soft.rgb[0, 0, 0] == 0
+    assert soft.rgb[256, 256, 0] == 122  # (32 + 160) / 400 * 255 = 122.4
+    brain = decode("693_UNCI.dcm", window="brain")  # 0..80 HU
+    assert brain.meta["window"] == "brain:40/80" and brain.rgb[0, 0, 0] == 0
+    assert brain.rgb[256, 256, 0] == 102  # 32 / 80 * 255 = 102.0
     custom = decode("693_UNCI.dcm", window="custom", level=0.0, width=2000.0)
     assert custom.rgb[256, 256, 0] == 132 and custom.meta["window"] == "custom:0/2000"  # 1032 / 2000 * 255
     # whole image: the same linear window applied to the expected HU
@@ -84,6 +90,34 @@ def test_monochrome1_is_inverted_with_file_window() -> None:
     assert stored[hi] == 26479 and grey[hi] == 30  # 255 - round(225.1)
     assert stored[1000, 900] == 3606 and grey[1000, 900] == 224  # 255 - round(30.65)
     assert grey.max() == 248 and grey.min() == 30
+
+
+def test_custom_window_applies_to_other_modalities_in_their_units() -> None:
+    ds = pydicom.dcmread(dcm_file("RG1_UNCR.dcm"))
+    stored = ds.pixel_array
+    dec = decode("RG1_UNCR.dcm", window="custom", level=4000.0, width=8000.0)
+    assert dec.meta["window"] == "custom:4000/8000"
+    assert stored[1000, 900] == 3606 and dec.rgb[1000, 900, 0] == 255 - 115  # round(3606 / 8000 * 255 = 114.9)
+
+
+def test_palette_colour_goes_through_the_lookup_table() -> None:
+    ds = pydicom.dcmread(dcm_file("OBXXXX1A.dcm"))
+    assert ds.PhotometricInterpretation == "PALETTE COLOR"
+    assert list(ds.RedPaletteColorLookupTableDescriptor) == [256, 0, 16]  # 256 entries of 16 bits, first index 0
+    stored = ds.pixel_array
+    tables = [np.frombuffer(ds[f"{c}PaletteColorLookupTableData"].value, "<u2") for c in ("Red", "Green", "Blue")]
+    expected = np.stack([t[stored] >> 8 for t in tables], axis=-1).astype(np.uint8)
+    dec = decode("OBXXXX1A.dcm")
+    assert (dec.width, dec.height, dec.channels, dec.meta["window"]) == (800, 600, 3, "palette")
+    np.testing.assert_array_equal(dec.rgb, expected)
+    assert tuple(dec.rgb[0, 0]) == (37, 62, 94)  # index stored[0, 0] -> (9472, 15872, 24064) >> 8
+    assert len({tuple(p) for p in dec.rgb[::20, ::20].reshape(-1, 3)}) > 50  # colour, not grey indices
+
+
+def test_multi_frame_is_quarantined_with_its_own_reason() -> None:
+    with pytest.raises(BadImage) as e:
+        decode("OBXXXX1A_2frame.dcm")
+    assert e.value.reason == "multi_frame" and "2 frames" in e.value.detail
 
 
 def test_apply_window_edges() -> None:

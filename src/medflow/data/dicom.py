@@ -4,7 +4,9 @@ CT: stored values go through the modality LUT (RescaleSlope/Intercept) to HU; pi
 PixelPaddingValue (or inside the PixelPaddingRangeLimit range) and HU below -1024 (not a physical
 attenuation, e.g. the -2000 ring outside the scan circle) become ``padding_hu`` (air). A window
 (level L, width W) maps ``L - W/2 .. L + W/2`` linearly to 0..255, rounded, clipped. Presets are HU
-windows and apply to CT only; other modalities use the file's own VOI window, else min-max.
+windows and apply to CT only; other modalities use the file's own VOI window, else min-max; a
+``custom`` level/width applies to every modality, in its own units (HU for CT). PALETTE COLOR
+images go through their colour lookup table (16-bit entries keep their high byte).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from medflow.data.images import BadImage, Decoded, check_dimensions, to_rgb8
 
@@ -109,8 +111,10 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if bits not in (8, 16, 32):
         raise BadImage("unsupported_bit_depth", f"DICOM BitsAllocated {bits}")
-    if samples not in (1, 3) or frames != 1:
-        raise BadImage("unsupported_channels", f"DICOM with {samples} samples per pixel, {frames} frames")
+    if frames != 1:
+        raise BadImage("multi_frame", f"DICOM with {frames} frames (one image per file is supported)")
+    if samples not in (1, 3):
+        raise BadImage("unsupported_channels", f"DICOM with {samples} samples per pixel")
     if not ds.file_meta.TransferSyntaxUID.is_compressed:
         expected = int(ds.Rows) * int(ds.Columns) * samples * bits // 8
         if len(ds.PixelData) < expected:
@@ -119,6 +123,16 @@ def _stored_pixels(ds: Dataset) -> np.ndarray:
         return ds.pixel_array
     except Exception as e:  # missing codec plugin, corrupt compressed stream, ...
         raise BadImage("unreadable", f"DICOM pixels could not be decoded: {type(e).__name__}: {e}") from None
+
+
+def _palette_rgb(ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    """PALETTE COLOR indices -> uint8 RGB through the file's lookup table."""
+    try:
+        rgb = apply_color_lut(stored, ds)
+    except Exception as e:  # missing or malformed lookup table
+        raise BadImage("corrupt", f"DICOM palette could not be applied: {type(e).__name__}: {e}") from None
+    bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    return (rgb >> (bits - 8)).astype(np.uint8) if bits > 8 else rgb.astype(np.uint8)
 
 
 def decode_dicom(data: bytes, cfg: DicomSource, *, max_pixels: int, min_side: int, max_side: int) -> Decoded:
@@ -131,6 +145,8 @@ def decode_dicom(data: bytes, cfg: DicomSource, *, max_pixels: int, min_side: in
     modality = str(ds.get("Modality", ""))
     if samples == 3:
         rgb, window = to_rgb8(stored), "none"
+    elif ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        rgb, window, samples = _palette_rgb(ds, stored), "palette", 3
     else:
         is_ct = modality == "CT"
         if is_ct:

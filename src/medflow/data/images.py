@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 REASONS = (
     "empty_file", "not_an_image", "corrupt", "truncated", "unsupported_bit_depth",
-    "unsupported_channels", "too_small", "too_large", "decompression_bomb", "no_pixel_data",
+    "unsupported_channels", "multi_frame", "too_small", "too_large", "decompression_bomb", "no_pixel_data",
     "missing_file", "conflicting_labels", "unreadable", "no_label",
 )
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})

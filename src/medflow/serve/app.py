@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 NOTICE = "Decision support only: this tool supports, and does not replace, a clinician's judgement."
 # BadImage reason -> HTTP status (everything else a client sends that cannot be used: 422).
-REASON_STATUS = {"not_an_image": 415, "unsupported_channels": 415, "unsupported_bit_depth": 415,
+REASON_STATUS = {"not_an_image": 415, "unsupported_channels": 415, "multi_frame": 415, "unsupported_bit_depth": 415,
                  "decompression_bomb": 413, "too_large": 413}
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
