@@ -78,3 +78,27 @@ def test_predict_uses_the_deployed_model_and_a_corrupt_record_is_a_clear_error(t
     result = runner.invoke(app, ["predict", str(small_tree), "--out", str(tmp_path / "p.csv")])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert result.output.startswith("error: models/production/champion.json: not a champion record")
+
+
+def test_serve_limits_uploads_to_max_upload_mb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`medflow serve` turns params.yaml's serve.max_upload_mb into the app's byte limit (413 above it)."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+    from serve_support import make_tiny_champion
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["serve"]["max_upload_mb"] = 0.25  # 262,144 bytes
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    champion = make_tiny_champion(tmp_path / "champion")
+    served: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    result = runner.invoke(app, ["serve", "--champion", str(champion), "--port", "8765",
+                                 "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert served["port"] == 8765 and served["host"] == raw["serve"]["host"]
+    with TestClient(served["app"]) as client:
+        over = client.post("/predict", files={"file": ("big.png", b"\0" * 262_145, "image/png")})
+        assert over.status_code == 413 and over.json()["reason"] == "upload_too_large"
+        assert "limit of 262144 bytes" in over.json()["detail"]
+        under = client.post("/predict", files={"file": ("small.png", b"\0" * 200_000, "image/png")})
+        assert under.status_code == 415 and under.json()["reason"] == "not_an_image"  # read, then rejected by content
