@@ -11,14 +11,16 @@ from medflow.config import DataConfig
 from medflow.data.shards import write_shards
 
 
-def make_processed(root: Path, counts: dict[str, int], *, size: int = 32, channels: int = 3, seed: int = 0) -> Path:
+def make_processed(root: Path, counts: dict[str, int], *, size: int = 32, channels: int = 3, seed: int = 0,
+                   every: int = 2) -> Path:
     """Write ``root/processed`` with two classes ('a' dark blobs, 'b' bright blobs) and ``counts`` per split.
 
-    Classes alternate within a split, so each split holds both classes (a class-dependent signal plus noise).
-    Images whose ids end in the same digit share a slide (``group``), across splits.
+    Every ``every``-th image of a split is 'b' (2: the classes alternate, balanced), so each split holds both
+    classes (a class-dependent signal plus noise). Images whose ids end in the same digit share a slide
+    (``group``), across splits.
     """
     rng = np.random.default_rng(seed)
-    rows = [(split, i % 2) for split, n in counts.items() for i in range(n)]
+    rows = [(split, int(i % every == every - 1)) for split, n in counts.items() for i in range(n)]
     pixels = rng.integers(0, 60, size=(len(rows), size, size, channels)).astype(np.uint8)
     c = size // 2
     for r, (_, label) in enumerate(rows):

@@ -229,6 +229,35 @@ def test_frozen_head_is_the_same_whether_train_built_the_cache_or_found_it(proce
         np.testing.assert_array_equal(a, b)
 
 
+def test_class_weights_and_early_stopping_reach_fit(tmp_path: Path) -> None:
+    """A frozen linear head with a vanishing learning rate: its loss is the initial model's, so epoch 1's
+    training loss must be the class-weighted mean of the per-image losses, and an unchanging val_loss must
+    stop training after ``patience`` epochs without improvement."""
+    processed = make_processed(tmp_path / "unbalanced", {"train": 12, "val": 8}, every=4)  # train: 9 a, 3 b
+    meta = shards.read_meta(processed)
+    assert meta["class_counts"]["train"] == {"a": 9, "b": 3}
+    head = {"architecture": "keras_file", "weights": str(LITE0), "trainable": "none", "input_size": 32,
+            "head_units": 0, "dropout": 0.0,
+            "learning_rate": 1e-30, "epochs": 10, "batch_size": 12, "keep": "last", "augment": {"flip": False}}
+    images, labels, _ = shards.load_arrays(processed, "train")
+    losses = {}
+    for mode in ("balanced", "none"):
+        params = parse_params({"train": {"seed": 3, "patience": 2, "lr_patience": 50},
+                               "models": {"head": head | {"class_weight": mode}}})
+        out = tmp_path / mode
+        summary = train("head", params, processed, tmp_path / "emb", out)
+        assert summary["stopped_early"] and summary["epochs_run"] == 3  # best at epoch 1, then 2 without gain
+        assert len({r["val_loss"] for r in _history(out)}) == 1
+        probs = load_model(out / "model.keras").predict(images.astype("float32"), verbose=0)
+        per_image = keras.losses.sparse_categorical_crossentropy(labels, probs).numpy()
+        weights = class_weights(meta, mode) or {0: 1.0, 1: 1.0}
+        expected = float(np.mean([weights[int(y)] * v for y, v in zip(labels, per_image)]))
+        losses[mode] = float(_history(out)[0]["loss"])
+        assert losses[mode] == pytest.approx(expected, rel=1e-4), mode
+    assert class_weights(meta, "balanced") == pytest.approx({0: 12 / 18, 1: 12 / 6})
+    assert abs(losses["balanced"] - losses["none"]) > 0.01  # the weighting changed what fit minimised
+
+
 def test_missing_imagenet_weights_stop_training_before_it_starts(
         processed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
