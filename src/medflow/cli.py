@@ -55,6 +55,14 @@ def _run(fn: Callable[[], dict | None]) -> None:
         typer.echo(json.dumps(summary, indent=2, default=str))
 
 
+def _warn_deployment(champion: Path | None) -> None:
+    """Warn when the deployed model (used without --champion) no longer matches the pipeline's classes."""
+    from medflow.promote import deployment_mismatch
+
+    if champion is None and (warning := deployment_mismatch(Layout().root)):
+        typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+
+
 def _params(path: Path) -> Params:
     try:
         return load_params(path)
@@ -165,6 +173,7 @@ def predict(
     p = _params(params)
     from medflow.serve.batch import predict_paths
 
+    _warn_deployment(champion)
     _run(lambda: predict_paths(paths, out, champion_json=champion or Layout().deployed_champion, data_cfg=p.data, ingest_cfg=p.ingest,
                                batch_size=batch_size or p.serve.batch_size))
 
@@ -182,6 +191,7 @@ def serve(
 
     from medflow.serve.app import create_app
 
+    _warn_deployment(champion)
     _run(lambda: uvicorn.run(create_app(champion or Layout().deployed_champion, p.data, p.ingest,
                                         max_upload_bytes=int(p.serve.max_upload_mb * 1024 * 1024),
                                         workers=p.serve.workers),

@@ -163,6 +163,22 @@ def production_record(root: str | Path) -> dict[str, Any] | None:
     return next((v for v in load_registry(root)["versions"] if v["version"] == version), None)
 
 
+def deployment_mismatch(root: str | Path) -> str | None:
+    """A warning when the deployed model's classes differ from the last pipeline run's champion, else None."""
+    deployed, latest = Path(root) / PRODUCTION / "champion.json", Path(root) / "models" / "champion.json"
+    if not (deployed.exists() and latest.exists()):
+        return None
+    try:
+        old, new = json.loads(deployed.read_text()), json.loads(latest.read_text())
+    except (OSError, ValueError):
+        return None  # an unreadable record gets its own clear error where it is loaded
+    if list(old.get("classes", [])) == list(new.get("classes", [])):
+        return None
+    return (f"the deployed model {old.get('version')} predicts the classes {old.get('classes')}, but the "
+            f"pipeline's latest champion {new.get('version')} has {new.get('classes')}: deploy it with "
+            "`medflow promote` (`--force` when the test set changed) or pass --champion")
+
+
 # --------------------------------------------------------------------------- decision
 @dataclass(frozen=True)
 class Decision:

@@ -80,6 +80,26 @@ def test_predict_uses_the_deployed_model_and_a_corrupt_record_is_a_clear_error(t
     assert result.output.startswith("error: models/production/champion.json: not a champion record")
 
 
+def test_predict_warns_when_the_deployed_model_has_other_classes_than_the_latest_champion(
+        tmp_path: Path, small_tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve_support import CLASSES, make_tiny_champion
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    make_tiny_champion(tmp_path / "models" / "versions" / "v1")
+    (tmp_path / "models" / "production").symlink_to(Path("versions") / "v1")
+    latest = {"version": "new-1", "classes": ["normal", "pneumonia", "tuberculosis"]}
+    (tmp_path / "models" / "champion.json").write_text(json.dumps(latest))
+    assert CLASSES != latest["classes"]
+    result = runner.invoke(app, ["predict", str(small_tree), "--out", "p.csv"])
+    assert result.exit_code == 0, result.output
+    assert (f"warning: the deployed model tiny_cnn-0123abcd predicts the classes {CLASSES}, but the pipeline's "
+            f"latest champion new-1 has {latest['classes']}: deploy it with `medflow promote`") in result.output
+    assert len(pd.read_csv("p.csv")) == 6  # still predicted, with the deployed model
+    (tmp_path / "models" / "champion.json").write_text(json.dumps({**latest, "classes": CLASSES}))
+    assert "warning" not in runner.invoke(app, ["predict", str(small_tree), "--out", "p.csv"]).output
+
+
 def test_serve_limits_uploads_to_max_upload_mb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`medflow serve` turns params.yaml's serve.max_upload_mb into the app's byte limit (413 above it)."""
     import uvicorn
