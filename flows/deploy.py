@@ -5,6 +5,9 @@ local Prefect server); ``python -m flows.deploy --work-pool NAME`` registers the
 instead, so that ``prefect worker start --pool NAME`` on a GPU machine runs them.
 Each deployment runs one at a time (``concurrency_limit=1``, extra runs queue); training and retraining
 also share the project's pipeline lock (``models/.retrain.lock``), so neither runs beside the other.
+Served runs execute inside the serving process, so runs it left RUNNING when it was stopped or killed
+cannot be alive: they are marked Crashed when serving starts again (``--reap`` does it on demand, as
+``make stop-flows`` does), which frees the deployment's concurrency slot for the next run.
 """
 
 from __future__ import annotations
@@ -14,10 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from prefect import Flow, serve
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
 from prefect.client.schemas.objects import (
     ConcurrencyLimitConfig,
     ConcurrencyLimitStrategy,
+    StateType,
 )
+from prefect.exceptions import ObjectNotFound
+from prefect.states import Crashed
 from prefect.schedules import Cron
 
 import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
@@ -48,8 +61,40 @@ def deployment_specs(root: Path) -> list[dict[str, Any]]:
     ]
 
 
+DEPLOYMENTS = ("training/training", "monitoring/monitoring", "retraining/retraining")
+LIVE_STATES = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+
+
+def reap_orphaned_runs(names: tuple[str, ...] = DEPLOYMENTS) -> list[str]:
+    """Mark the served deployments' runs still pending/running as Crashed (their serving process is gone).
+
+    Left as they are, they hold the deployment's concurrency slot (limit 1), so every later run would
+    wait in AwaitingConcurrencySlot forever. Returns the names of the runs marked.
+    """
+    from prefect.client.orchestration import get_client
+
+    reaped = []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                deployment = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue  # never served yet
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=LIVE_STATES))),
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+            for run in runs:
+                client.set_flow_run_state(run.id, Crashed(message="the process serving this run was stopped"),
+                                          force=True)
+                reaped.append(f"{name}: {run.name}")
+    for run in reaped:
+        print(f"marked crashed (its serving process had ended): {run}")
+    return reaped
+
+
 def serve_all(root: Path) -> None:
     """Serve every deployment from this process until interrupted (SIGINT/SIGTERM)."""
+    reap_orphaned_runs()
     specs = deployment_specs(root)
     serve(*[s.pop("flow").to_deployment(**{k: v for k, v in s.items() if k != "entrypoint"}) for s in specs])
 
@@ -66,9 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("."), help="project root the flows work on")
     ap.add_argument("--work-pool", help="register on this work pool instead of serving")
+    ap.add_argument("--reap", action="store_true", help="only mark runs left by a stopped `serve` as crashed")
     args = ap.parse_args(argv)
     root = args.root.resolve()
-    if args.work_pool:
+    if args.reap:
+        reap_orphaned_runs()
+    elif args.work_pool:
         deploy_to_pool(root, args.work_pool)
     else:
         serve_all(root)

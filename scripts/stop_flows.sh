@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Stop what serve_flows.sh started, by the PIDs in $PREFECT_HOME: first the deployments (`serve`,
-# which also ends its flow runs), then the server. SIGTERM to the process group, SIGKILL after 30 s.
+# which also ends its flow runs), then the runs it left RUNNING are marked Crashed (they would hold
+# their deployment's concurrency slot), then the server. SIGTERM to the process group, SIGKILL after 30 s.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=$(cd "${MEDFLOW_ROOT:-$REPO}" && pwd)
-PREFECT_HOME=${PREFECT_HOME:-$ROOT/.prefect}
+export PREFECT_HOME=${PREFECT_HOME:-$ROOT/.prefect}
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+export PREFECT_API_URL=http://127.0.0.1:${PREFECT_PORT:-4200}/api
 
 stop() {
   local file=$PREFECT_HOME/$1.pid pid
@@ -24,4 +27,7 @@ stop() {
 }
 
 stop serve
+if [[ -f $PREFECT_HOME/server.pid ]] && kill -0 "$(cat "$PREFECT_HOME/server.pid")" 2>/dev/null; then
+  (cd "$REPO" && "$REPO/.venv/bin/python" -m flows.deploy --root "$ROOT" --reap) || echo "could not mark runs crashed"
+fi
 stop server

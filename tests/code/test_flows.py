@@ -508,3 +508,24 @@ def test_training_flow_matches_dvc_repro_on_real_pipeline(tmp_path):
 
     second = training.training_flow(root=str(flow_dir))
     assert second["ran"] == [] and set(second["skipped"]) == set(first["ran"])
+
+
+def test_runs_left_running_by_a_stopped_serve_are_crashed_and_free_the_slot():
+    """A killed `serve` leaves its run RUNNING, holding the limit-1 slot: the next run would wait forever."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Pending, Running
+
+    dep_id = retraining.retraining_flow.to_deployment(name="retraining",
+                                                      concurrency_limit=deploy.ONE_AT_A_TIME).apply()
+    with get_client(sync_client=True) as client:
+        orphan = client.create_flow_run_from_deployment(dep_id)
+        for state in (Pending(), Running()):
+            assert client.set_flow_run_state(orphan.id, state).status.value == "ACCEPT"
+        waiting = client.create_flow_run_from_deployment(dep_id)
+        blocked = client.set_flow_run_state(waiting.id, Pending())
+        assert blocked.status.value == "REJECT" and "concurrency limit" in blocked.details.reason
+        assert deploy.reap_orphaned_runs() == [f"retraining/retraining: {orphan.name}"]
+        assert client.read_flow_run(orphan.id).state.type.value == "CRASHED"
+        assert client.read_deployment(dep_id).global_concurrency_limit.active_slots == 0
+        assert client.set_flow_run_state(waiting.id, Pending()).status.value == "ACCEPT"
+        assert deploy.reap_orphaned_runs() == [f"retraining/retraining: {waiting.name}"]  # pending: also orphaned

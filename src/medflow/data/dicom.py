@@ -129,7 +129,7 @@ def _palette_rgb(ds: Dataset, stored: np.ndarray) -> np.ndarray:
     """PALETTE COLOR indices -> uint8 RGB through the file's lookup table."""
     try:
         rgb = apply_color_lut(stored, ds)
-    except Exception as e:  # missing or malformed lookup table
+    except Exception as e:  # noqa: BLE001 - a missing or malformed lookup table raises many types
         raise BadImage("corrupt", f"DICOM palette could not be applied: {type(e).__name__}: {e}") from None
     bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
     return (rgb >> (bits - 8)).astype(np.uint8) if bits > 8 else rgb.astype(np.uint8)
