@@ -30,8 +30,8 @@ from prefect.client.schemas.objects import (
     StateType,
 )
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Crashed
 from prefect.schedules import Cron
+from prefect.states import Crashed
 
 import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
 from flows.monitoring import monitoring_flow

@@ -31,9 +31,12 @@ from medflow.config import Params, load_params
 from medflow.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, sniff_format
 from medflow.data.sources import list_files
 from medflow.layout import Layout
+from medflow.monitor.simulate import SIMULATED_MARKER
 from medflow.orchestrate import dvc_repo
 from medflow.promote import (
+    PromotionError,
     RetrainConfig,
+    adopt_current_champion,
     decide_and_promote,
     dvc_data_version,
     retrain_config,
@@ -143,6 +146,10 @@ def pending_batches(root: Path, cfg: RetrainConfig, params: Params | None = None
         _logger().warning("no class list known (%s): no batch counts as labelled", source)
     out = {}
     for b in batches:
+        if (b / SIMULATED_MARKER).exists():
+            _logger().warning("batch %s was written by `medflow simulate-batch` from the pipeline's own held-out "
+                              "images: monitored only, never added to the training data", b.name)
+            continue
         n = sum(len(v) for v in class_folders(b, classes, source).values())
         if n:
             out[b.name] = n
@@ -168,6 +175,9 @@ def add_batch(root: str, batch: str) -> dict[str, Any]:
     cfg = retrain_config(params)
     src, dest = path / cfg.processed_dir / batch, path / cfg.extra_dir / batch
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if (src / SIMULATED_MARKER).exists():
+        raise ValueError(f"batch {batch} was written by `medflow simulate-batch` ({src / SIMULATED_MARKER}): its "
+                         "images are the pipeline's own held-out (test) images and must not reach training")
     if not dest.exists():
         classes, source = labelled_classes(path, params)
         folders = class_folders(src, classes, source)
@@ -206,6 +216,11 @@ def retraining_flow(root: str = ".", batches: list[str] | None = None) -> dict[s
     with retrain_lock(path):
         params = load_params(path / "params.yaml")
         cfg = retrain_config(params)
+        try:
+            if adopted := adopt_current_champion(path, extra_dir=cfg.extra_dir):
+                logger.info("nothing was deployed: %s, the model in use, is now the production version", adopted)
+        except PromotionError as e:  # e.g. its model file is gone: then nothing was in use either
+            logger.warning("the last run's champion could not be adopted as the production version: %s", e)
         todo = list(batches) if batches is not None else list(pending_batches(path, cfg, params))
         if todo:
             _warn_if_unused(params, cfg, logger)

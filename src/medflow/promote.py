@@ -194,10 +194,26 @@ class Decision:
         return asdict(self)
 
 
+def no_skill(record: dict[str, Any]) -> tuple[str, float] | None:
+    """``(class, metric value)`` of always predicting the test set's most frequent class, from the record's
+    per-class support; None for a metric without such a baseline (ece) or without per-class support."""
+    supports = {c: int(v.get("support", 0)) for c, v in record.get("per_class", {}).items()}
+    n, k = sum(supports.values()), len(supports)
+    if not n or k < 2:
+        return None
+    majority = max(supports, key=supports.__getitem__)
+    p = supports[majority] / n  # its precision; its recall is 1, every other class scores 0
+    value = {"accuracy": p, "balanced_accuracy": 1 / k, "macro_f1": 2 * p / (1 + p) / k, "roc_auc": 0.5,
+             "qwk": 0.0}.get(record["metric"])
+    return None if value is None else (majority, value)
+
+
 def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, *, min_improvement: float,
            max_class_drop: float) -> Decision:
-    """Promote only if the challenger beats the champion on the champion metric by >= ``min_improvement``
-    (strictly better), on the same test set, and no class's recall or F1 drops by more than ``max_class_drop``.
+    """Promote only if the challenger has skill (beats always predicting the most frequent test class) and
+    beats the champion on the champion metric by >= ``min_improvement`` (strictly better), on the same test
+    set, with no class's recall or F1 dropping by more than ``max_class_drop`` (unless the champion itself
+    has no skill: a one-class model must not be protected by its one perfect class).
     """
     from medflow.evaluate import LOWER_IS_BETTER
 
@@ -205,6 +221,10 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, *, min_im
     new = candidate["metrics"].get(metric)
     if new is None:
         return Decision(False, f"challenger has no {metric}", metric, None, None, None)
+    baseline = no_skill(candidate)
+    if baseline is not None and new <= baseline[1] + TOLERANCE:
+        return Decision(False, f"no skill: {metric} {new:.4f} is no better than always predicting "
+                               f"{baseline[0]!r} ({baseline[1]:.4f})", metric, new, None, None)
     if champion is None:
         return Decision(True, "no model in production yet", metric, new, None, None)
     if candidate.get("version") == champion["version"]:
@@ -222,6 +242,8 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, *, min_im
     if missing:
         return Decision(False, f"no per-class metrics for {missing}", metric, new, old, delta)
     drops: dict[str, dict[str, float]] = {}
+    if baseline is not None and old <= baseline[1] + TOLERANCE:  # production has no skill: no class to protect
+        before = {}
     for cls, was in before.items():
         for k in ("recall", "f1"):
             if was[k] - after[cls][k] > max_class_drop:
@@ -322,6 +344,20 @@ def rollback(root: str | Path, version: str | None = None) -> str:
         reg["history"].append({"action": "rollback", "version": version, "at": _now(), "from": current})
         write_json_atomic(root / REGISTRY, reg)
     return version
+
+
+def adopt_current_champion(root: str | Path, *, extra_dir: str = "data/raw/extra") -> str | None:
+    """Register and deploy the last run's champion when nothing is deployed yet; returns its version, else None.
+
+    Until a first promotion, serve, predict and monitor use ``models/champion.json``, which the next
+    training run overwrites: retraining adopts it first, so the new champion is compared with the model
+    actually in use (and can be rolled back to).
+    """
+    root = Path(root)
+    if production_version(root) is not None or not (root / "models" / "champion.json").exists():
+        return None
+    candidate = load_candidate(root, extra_dir=extra_dir)
+    return promote(root, candidate, reason="adopted: the model in use before the first retraining")
 
 
 def decide_and_promote(root: str | Path, cfg: RetrainConfig, *, force: bool = False) -> dict[str, Any]:

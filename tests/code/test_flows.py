@@ -307,6 +307,20 @@ def test_worse_challenger_is_not_promoted_and_ok_batches_do_not_retrain(project,
     assert promote.production_version(project) == v1
 
 
+def test_retraining_compares_with_the_model_in_use_when_nothing_was_deployed(project, fake_monitor):
+    """Before a first promotion serve uses models/champion.json; retraining adopts it before overwriting it."""
+    training.training_flow(root=str(project))
+    in_use = json.loads((project / "models/champion.json").read_text())
+    assert promote.production_version(project) is None
+    _batch(project / "data/batches/processed/week1", 2, seed=1)
+    out = retraining.retraining_flow(root=str(project))
+    history = promote.load_registry(project)["history"]
+    assert history[0]["version"] == in_use["version"] and history[0]["reason"].startswith("adopted")
+    assert out["decision"]["champion"] == pytest.approx(in_use["metrics"]["macro_f1"])
+    assert out["decision"]["promote"] and out["production"] != in_use["version"]
+    assert promote.rollback(project) == in_use["version"]
+
+
 def test_failed_retraining_leaves_production_untouched(project, fake_monitor):
     v1 = _initial_release(project)
     registry = (project / "models/registry.json").read_text()
@@ -361,6 +375,23 @@ def test_only_the_champions_class_folders_count_and_are_added(project, caplog):
     assert copied == sorted(p.relative_to(batch).as_posix() for c in CLASSES for p in (batch / c).iterdir())
     assert len(copied) == 4 and out["md5"].endswith(".dir") and (project / "data/raw/extra/wk.dvc").exists()
     assert retraining.pending_batches(project, cfg) == {}  # added: no longer pending
+
+
+def test_a_simulated_batch_is_never_added_to_the_training_data(project, caplog):
+    """simulate-batch writes the pipeline's own test images: monitored, never trained on."""
+    from medflow.monitor.simulate import SIMULATED_MARKER
+
+    _write_champion(project, CLASSES)
+    for name in ("real", "simulated"):
+        _batch(project / "data/batches/processed" / name, 3, seed=7)
+    (project / "data/batches/processed/simulated" / SIMULATED_MARKER).write_text("{}")
+    cfg = promote.retrain_config(load_params(project / "params.yaml"))
+    with caplog.at_level("WARNING"):
+        assert retraining.pending_batches(project, cfg) == {"real": 6}
+    assert "batch simulated was written by `medflow simulate-batch`" in caplog.text
+    with pytest.raises(ValueError, match="must not reach training"):
+        retraining.add_batch.fn(str(project), "simulated")
+    assert not (project / "data/raw/extra/simulated").exists()
 
 
 def test_add_batch_keeps_sub_folders_and_takes_what_ingest_reads(project):

@@ -54,6 +54,39 @@ def test_class_regression_blocks_promotion(tmp_path):
     assert d.class_drops == {"Uninfected": {"recall": pytest.approx(0.10), "f1": pytest.approx(0.06)}}
 
 
+def test_a_model_without_skill_is_never_promoted_and_does_not_block_its_replacement(tmp_path):
+    """Always predicting the majority class (support 30 of 40) is the floor; a production model at that floor
+    does not get its one perfect class protected by the class-drop guard."""
+    one_class = {"Parasitized": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 10},
+                 "Uninfected": {"precision": 0.75, "recall": 1.0, "f1": 6 / 7, "support": 30}}
+    useless = _candidate(tmp_path, "a-1", 3 / 7, per_class=one_class)  # macro F1 of the majority predictor
+    assert pm.no_skill(useless) == ("Uninfected", pytest.approx(3 / 7))
+    for metric, floor in (("accuracy", 0.75), ("balanced_accuracy", 0.5), ("roc_auc", 0.5), ("qwk", 0.0)):
+        assert pm.no_skill(useless | {"metric": metric}) == ("Uninfected", pytest.approx(floor))
+    assert pm.no_skill(useless | {"metric": "ece"}) is None and pm.no_skill(useless | {"per_class": {}}) is None
+    d = _rule(useless, None)
+    assert not d.promote and d.reason == ("no skill: macro_f1 0.4286 is no better than always predicting "
+                                          "'Uninfected' (0.4286)")
+    balanced = {"Parasitized": {"precision": 0.6, "recall": 0.9, "f1": 0.72, "support": 10},
+                "Uninfected": {"precision": 0.96, "recall": 0.8, "f1": 0.87, "support": 30}}
+    better = _candidate(tmp_path, "b-2", 0.795, per_class=balanced)  # Uninfected recall drops 0.2
+    d = _rule(better, useless)
+    assert d.promote and d.class_drops == {}
+    skilled = _candidate(tmp_path, "a-3", 0.70, per_class={**one_class, "Parasitized": {
+        "precision": 1.0, "recall": 0.2, "f1": 0.33, "support": 10}})  # production with some skill: guarded
+    assert not _rule(better, skilled).promote and "Uninfected" in _rule(better, skilled).class_drops
+
+
+def test_retraining_first_adopts_the_model_in_use(tmp_path):
+    """Nothing deployed: the last run's champion (what serve used) becomes production before it is replaced."""
+    cand = _candidate(tmp_path, "a-1", 0.80)
+    (tmp_path / "models/champion.json").write_text(json.dumps(cand))
+    assert pm.adopt_current_champion(tmp_path) == "a-1" and pm.production_version(tmp_path) == "a-1"
+    assert pm.load_registry(tmp_path)["history"][-1]["reason"].startswith("adopted: the model in use")
+    assert pm.adopt_current_champion(tmp_path) is None  # something is deployed now
+    assert pm.adopt_current_champion(tmp_path / "elsewhere") is None  # no champion record
+
+
 def test_lower_is_better_metric_and_other_test_set(tmp_path):
     champ = _candidate(tmp_path, "a-1", 0.80, metric="ece")  # ece 0.20
     assert _rule(_candidate(tmp_path, "a-2", 0.85, metric="ece"), champ).promote  # ece 0.15: better
