@@ -4,6 +4,7 @@ shuffling, and batches that the real ingest reads."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from medflow.config import DataConfig, IngestConfig, SplitConfig
 from medflow.monitor.simulate import (
     SHIFTS,
+    SIMULATED_MARKER,
     apply_shift,
     held_out,
     make_batch,
@@ -43,7 +45,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 
 def _read(batch: Path) -> list[tuple[str, np.ndarray]]:
-    files = sorted(p for p in batch.rglob("*") if p.is_file())
+    files = sorted(p for p in batch.rglob("*") if p.is_file() and p.name != SIMULATED_MARKER)
     return [(p.parent.name, cv2.cvtColor(cv2.imread(str(p), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)) for p in files]
 
 
@@ -68,6 +70,7 @@ def test_no_shift_writes_the_original_pixels(source: SimpleNamespace, tmp_path: 
     assert info["n"] == len(written) == 40
     assert all(originals[_digest(rgb)] == lab for lab, rgb in written)  # lossless PNG, right class folder
     assert sum(info["per_class"].values()) == 40
+    assert json.loads((tmp_path / "b" / SIMULATED_MARKER).read_text()) == info  # marked: never training data
 
 
 def test_strength_zero_is_identity() -> None:
@@ -108,7 +111,7 @@ def test_each_pixel_shift_moves_its_statistic(source: SimpleNamespace, shift: st
 
 def test_jpeg_writes_jpeg_files(source: SimpleNamespace, tmp_path: Path) -> None:
     simulate_batch(source.images, source.labels, tmp_path / "j", shift="jpeg", strength=1.0, n=20, seed=0)
-    files = [p for p in (tmp_path / "j").rglob("*") if p.is_file()]
+    files = [p for p in (tmp_path / "j").rglob("*") if p.is_file() and p.name != SIMULATED_MARKER]
     assert len(files) == 20 and all(p.suffix == ".jpg" and p.read_bytes()[:2] == b"\xff\xd8" for p in files)
 
 

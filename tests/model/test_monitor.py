@@ -149,6 +149,20 @@ def test_clean_batch_is_ok_and_writes_its_outputs(project: SimpleNamespace, out_
     assert index[0]["accuracy"] == pytest.approx(clean["performance"]["batch"]["accuracy"])
 
 
+def test_monitoring_a_batch_name_again_keeps_the_earlier_report(project: SimpleNamespace, tmp_path: Path) -> None:
+    from medflow.monitor.run import monitor_batch, monitoring_index
+    from medflow.monitor.simulate import simulate_batch
+
+    batch, out = tmp_path / "batches" / "week1", tmp_path / "monitoring"
+    simulate_batch(project.images, project.labels, batch, n=40, seed=5)
+    runs = [monitor_batch(batch, champion_json=project.champion, reference=project.reference, out_root=out,
+                          params=project.params) for _ in range(2)]
+    assert [r["batch"] for r in runs] == ["week1", "week1-1"]
+    for r in runs:
+        assert json.loads((out / r["batch"] / "summary.json").read_text()) == r
+    assert [row["report"] for row in monitoring_index(out)] == ["week1/report.html", "week1-1/report.html"]
+
+
 def test_per_class_metrics_equal_scikit_learn(project: SimpleNamespace, out_root: Path, clean: dict) -> None:
     from sklearn.metrics import (
         accuracy_score,

@@ -179,6 +179,14 @@ def _batch_name(source: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "batch"
 
 
+def _free_name(out_root: Path, name: str) -> str:
+    """``name``, or ``name-1``, ``name-2`` ... when its report folder is taken (history rows keep their report)."""
+    free, n = name, 1
+    while (out_root / free).exists():
+        free, n = f"{name}-{n}", n + 1
+    return free
+
+
 def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, reference: ReferenceData,
                   out_root: str | Path, params: Params, name: str | None = None,
                   progress: bool = False) -> dict[str, Any]:
@@ -188,7 +196,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
 
     cfg: MonitorConfig = monitor_config(params.monitor)
     batch_source, out_root = Path(batch_source), Path(out_root)
-    name = name or _batch_name(batch_source)
+    name = _free_name(out_root, name or _batch_name(batch_source))
     champion = load_champion(champion_json)
     classes = champion.classes
     pos = positive_index(classes, params.evaluate.positive_class)

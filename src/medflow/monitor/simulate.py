@@ -9,10 +9,13 @@ Shifts (``strength`` 0..1; 0 or ``none`` = the images unchanged):
   resolution  downscaled to 25 % (min 8 px) noise       Gaussian, sigma up to 30 grey levels
   prior       class-prior shift: a seeded class takes over (strength 1 = every image)
 ``shuffle_labels`` writes images under wrong class folders (labels no longer match: performance drops).
+Every batch carries a hidden ``.medflow-simulated.json`` (its settings): the images are the pipeline's own
+held-out data, so retraining never adds a simulated batch to the training data.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -24,6 +27,8 @@ import numpy as np
 import pandas as pd
 
 from medflow.config import DataConfig, IngestConfig
+
+SIMULATED_MARKER = ".medflow-simulated.json"  # hidden: ingest skips it; retraining refuses the batch
 
 Shift = Literal["none", "stain", "brightness", "contrast", "blur", "jpeg", "resolution", "noise", "prior"]
 SHIFTS: tuple[str, ...] = Shift.__args__  # type: ignore[attr-defined]
@@ -124,8 +129,12 @@ def simulate_batch(images: list[np.ndarray], labels: list[str], out_dir: str | P
         written = rng.permutation(written)
     quality = round(90 - 85 * s)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    values, counts = np.unique(written, return_counts=True)
+    summary = {"out_dir": str(out_dir), "n": len(idx), "shift": shift, "strength": s, "seed": seed,
+               "shuffle_labels": shuffle_labels, "per_class": {str(v): int(c) for v, c in zip(values, counts)}}
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
+        (tmp / SIMULATED_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
         for i, (j, label) in enumerate(zip(idx, written)):
             bgr = cv2.cvtColor(apply_shift(images[j], shift, s, rng), cv2.COLOR_RGB2BGR)
             (tmp / label).mkdir(exist_ok=True)
@@ -141,9 +150,7 @@ def simulate_batch(images: list[np.ndarray], labels: list[str], out_dir: str | P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    values, counts = np.unique(written, return_counts=True)
-    return {"out_dir": str(out_dir), "n": len(idx), "shift": shift, "strength": s, "seed": seed,
-            "shuffle_labels": shuffle_labels, "per_class": {str(v): int(c) for v, c in zip(values, counts)}}
+    return summary
 
 
 def make_batch(source: str | Path, manifest_csv: str | Path, splits_csv: str | Path, out_dir: str | Path,
