@@ -149,7 +149,7 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int, max_side: int) 
         raise BadImage("empty_file", "0 bytes")
     fmt = sniff_format(data)
     if fmt is None or fmt == "dicom":
-        raise BadImage("not_an_image", f"no PNG/JPEG/BMP/TIFF signature (starts {data[:8]!r})")
+        raise BadImage("not_an_image", f"no PNG/JPEG/BMP/TIFF or DICOM signature (starts {data[:8]!r})")
     _check_complete(data, fmt)
     width, height, channels, mode = _header(data, fmt)
     check_dimensions(width, height, max_pixels=max_pixels, min_side=min_side, max_side=max_side)
