@@ -399,7 +399,7 @@ def test_verdict_rules_bonferroni_share_and_degradation() -> None:
     assert not g["image"]["drifted"] and g["image"]["threshold"] == pytest.approx(0.01 / 8)
     g = group_drift(_features({**image, "f0": ("image", 0.001)}), None, cfg)
     assert decide(g, 0.1, None, {}, 0.0, cfg) == {
-        "verdict": "drift", "reasons": ["image drift: p=0.001 < 0.00125 (Bonferroni over 8); below threshold: f0"]}
+        "verdict": "drift", "reasons": ["image drift: p=0.001 < 0.00125 (Bonferroni over 8); features with p < 0.00125: f0"]}
     # the embedding group also drifts on the domain classifier's AUC alone
     emb = {f"pc{i}": ("embedding", 0.3) for i in range(4)}
     assert group_drift(_features(emb), 0.75, cfg)["embedding"]["drifted"]

@@ -61,7 +61,8 @@ def decide(groups: dict[str, dict[str, Any]], drift_share: float, performance: d
             why = f"p={g['min_p']:.3g} < {g['threshold']:.3g} (Bonferroni over {g['tests']})"
             if g.get("auc") is not None and g["auc"] >= cfg.embedding_auc:
                 why = f"domain-classifier ROC AUC {g['auc']:.3f} >= {cfg.embedding_auc:.3g}"
-            drift.append(f"{name} drift: {why}; below threshold: {', '.join(g['significant_features']) or '-'}")
+            drift.append(f"{name} drift: {why}; features with p < {g['threshold']:.3g}: "
+                         f"{', '.join(g['significant_features']) or 'none'}")
     if drift_share >= cfg.drift_share:
         drift.append(f"drifted feature share {drift_share:.2f} >= {cfg.drift_share:.3g} "
                      f"(p < {cfg.feature_alpha:.3g}, uncorrected)")
