@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -282,7 +281,9 @@ def _stage_version(root: Path, candidate: dict[str, Any]) -> Path:
     if not src.exists():
         raise PromotionError(f"challenger model {src} not found")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{version}."))
+    tmp = final.parent / f".{version}.{os.getpid()}.tmp"  # mkdir honours the umask (mkdtemp: 0700)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         shutil.copy2(src, tmp / "model.keras")
         if (copied := sha256_file(tmp / "model.keras")) != candidate.get("model_sha256"):

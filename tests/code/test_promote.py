@@ -77,6 +77,15 @@ def test_a_model_without_skill_is_never_promoted_and_does_not_block_its_replacem
     assert not _rule(better, skilled).promote and "Uninfected" in _rule(better, skilled).class_drops
 
 
+def test_version_folders_are_readable_by_the_serving_account(tmp_path):
+    old = os.umask(0o022)
+    try:
+        pm.promote(tmp_path, _candidate(tmp_path, "a-1", 0.80))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "models/versions/a-1").stat().st_mode & 0o777 == 0o755
+
+
 def test_retraining_first_adopts_the_model_in_use(tmp_path):
     """Nothing deployed: the last run's champion (what serve used) becomes production before it is replaced."""
     cand = _candidate(tmp_path, "a-1", 0.80)
