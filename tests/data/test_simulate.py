@@ -70,7 +70,7 @@ def test_no_shift_writes_the_original_pixels(source: SimpleNamespace, tmp_path: 
     assert info["n"] == len(written) == 40
     assert all(originals[_digest(rgb)] == lab for lab, rgb in written)  # lossless PNG, right class folder
     assert sum(info["per_class"].values()) == 40
-    assert json.loads((tmp_path / "b" / SIMULATED_MARKER).read_text()) == info  # marked: never training data
+    assert not (tmp_path / "b" / SIMULATED_MARKER).exists()  # images from elsewhere: not marked
 
 
 def test_strength_zero_is_identity() -> None:
@@ -143,6 +143,7 @@ def test_real_ingest_reads_a_simulated_batch(source: SimpleNamespace, tmp_path: 
 
     info = make_batch(MALARIA, source.out / "manifest.csv", source.out / "splits.csv", tmp_path / "batch",
                       source.data, source.cfg, shift="resolution", strength=0.5, n=30, seed=2)
+    assert json.loads((tmp_path / "batch" / SIMULATED_MARKER).read_text()) == info  # the pipeline's own images
     summary = ingest(tmp_path / "batch", tmp_path / "ing", source.data, source.cfg, progress=False)
     assert summary["accepted"] == info["n"] == 30 and summary["quarantined"] == 0
     assert summary["per_class"] == info["per_class"]

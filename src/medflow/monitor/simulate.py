@@ -9,8 +9,8 @@ Shifts (``strength`` 0..1; 0 or ``none`` = the images unchanged):
   resolution  downscaled to 25 % (min 8 px) noise       Gaussian, sigma up to 30 grey levels
   prior       class-prior shift: a seeded class takes over (strength 1 = every image)
 ``shuffle_labels`` writes images under wrong class folders (labels no longer match: performance drops).
-Every batch carries a hidden ``.medflow-simulated.json`` (its settings): the images are the pipeline's own
-held-out data, so retraining never adds a simulated batch to the training data.
+A batch made from the pipeline's own held-out split (``make_batch``, what ``medflow simulate-batch`` runs)
+carries a hidden ``.medflow-simulated.json`` (its settings), so retraining never adds it to the training data.
 """
 
 from __future__ import annotations
@@ -113,8 +113,10 @@ def _choose(labels: np.ndarray, n: int, shift: str, s: float, rng: np.random.Gen
 
 
 def simulate_batch(images: list[np.ndarray], labels: list[str], out_dir: str | Path, *, shift: str = "none",
-                   strength: float = 0.5, n: int = 100, seed: int = 0, shuffle_labels: bool = False) -> dict[str, Any]:
-    """Write ``n`` of ``images`` (RGB uint8) with ``shift`` applied as ``out_dir/<label>/<i>.png|jpg``."""
+                   strength: float = 0.5, n: int = 100, seed: int = 0, shuffle_labels: bool = False,
+                   mark: bool = False) -> dict[str, Any]:
+    """Write ``n`` of ``images`` (RGB uint8) with ``shift`` applied as ``out_dir/<label>/<i>.png|jpg``;
+    ``mark``: also write :data:`SIMULATED_MARKER` (the images are the pipeline's own data)."""
     if shift not in SHIFTS:
         raise ValueError(f"unknown shift {shift!r}; one of {SHIFTS}")
     out_dir = Path(out_dir)
@@ -134,7 +136,8 @@ def simulate_batch(images: list[np.ndarray], labels: list[str], out_dir: str | P
                "shuffle_labels": shuffle_labels, "per_class": {str(v): int(c) for v, c in zip(values, counts)}}
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
-        (tmp / SIMULATED_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
+        if mark:
+            (tmp / SIMULATED_MARKER).write_text(json.dumps(summary, indent=2) + "\n")
         for i, (j, label) in enumerate(zip(idx, written)):
             bgr = cv2.cvtColor(apply_shift(images[j], shift, s, rng), cv2.COLOR_RGB2BGR)
             (tmp / label).mkdir(exist_ok=True)
@@ -157,4 +160,4 @@ def make_batch(source: str | Path, manifest_csv: str | Path, splits_csv: str | P
                data: DataConfig, ingest_cfg: IngestConfig, *, split: str = "test", **kwargs: Any) -> dict[str, Any]:
     """``simulate_batch`` from the held-out ``split`` of an ingested source (what `medflow simulate-batch` runs)."""
     images, labels = held_out(source, manifest_csv, splits_csv, data, ingest_cfg, split=split)
-    return simulate_batch(images, labels, out_dir, **kwargs)
+    return simulate_batch(images, labels, out_dir, mark=True, **kwargs)
