@@ -2,7 +2,8 @@
 # End-to-end check of scheduled retraining, on a throw-away copy of the project (tiny settings):
 #   1. build a demo project (this dvc.yaml + src, 40 malaria images per class, one 32-px CNN, 10 epochs)
 #   2. start a local Prefect server and serve the deployments (scripts/serve_flows.sh)
-#   3. first release: run the `retraining` deployment (trains, promotes version 1 to models/production)
+#   3. first release: run the `retraining` deployment (trains; promotes version 1 to models/production if it
+#      has skill, i.e. beats always predicting the most frequent class)
 #   4. drop a stain-shifted, labelled batch into data/batches/incoming/ and run the `monitoring` deployment
 #   5. wait for the retraining run that monitoring starts, print the promotion decision and the registry
 #   6. stop everything by PID (scripts/stop_flows.sh), also on error or Ctrl-C
