@@ -366,6 +366,59 @@ def evaluate(
     return {"model": model_name, **flat, "misclassified": int((pred != labels).sum())}
 
 
+# --------------------------------------------------------------------------- input profile
+# The champion record's ``input_profile``: what the training images looked like, so that serve and predict
+# can warn about an input that does not (medflow.serve.profile checks it). Statistics are the manifest's
+# (ingest's image_stats of the decoded 8-bit RGB image): grey-level mean, std and variance of the Laplacian.
+PROFILE_STATS = ("mean", "std", "sharpness")
+# Robust bounds: these percentiles of the train rows, so that a few odd training images do not stretch them ...
+PROFILE_PERCENTILES = (0.5, 99.5)
+# ... widened on each side by this share of the span between them: held-out images of the same data fall
+# a little outside the train split's range (malaria sample: 20 of 160 val/test cells outside the bare
+# 0.5-99.5 percentile range, 8 with a 10% margin, 1 with 25%), while inputs that are not that kind of
+# image (blank, noise, CT slices) fall far outside it.
+PROFILE_MARGIN = 0.25
+
+
+def input_profile(rows: pd.DataFrame) -> dict[str, Any]:
+    """The input profile of manifest ``rows`` (the train split's): formats, channels and bit depths as found,
+    DICOM modalities, and per statistic of :data:`PROFILE_STATS` the bounds ``[lo, hi]``: the
+    :data:`PROFILE_PERCENTILES` widened by :data:`PROFILE_MARGIN` of their span on each side (lo not below 0,
+    rounded to 4 decimals). Small and JSON-serialisable."""
+    if rows.empty:
+        raise ValueError("input profile: no training rows")
+    fmt = rows["format"].astype(str).str.lower()
+    dicom = rows.loc[fmt == "dicom", "modality"] if "modality" in rows else pd.Series(dtype=object)
+    stats: dict[str, list[float]] = {}
+    for name in PROFILE_STATS:
+        values = pd.to_numeric(rows[name], errors="coerce").dropna().to_numpy(dtype=np.float64)
+        if len(values):
+            lo, hi = np.percentile(values, PROFILE_PERCENTILES)
+            pad = PROFILE_MARGIN * (hi - lo)
+            stats[name] = [round(max(0.0, float(lo - pad)), 4), round(float(hi + pad), 4)]
+    return {
+        "rows": len(rows),
+        "formats": sorted(set(fmt)),
+        "channels": sorted({int(c) for c in rows["channels"].dropna()}),
+        "bit_depths": sorted({int(b) for b in rows["bit_depth"].dropna()}),
+        "modalities": sorted({str(m) for m in dicom.dropna() if str(m)}),
+        "stats": stats,
+        "percentiles": list(PROFILE_PERCENTILES),
+        "margin": PROFILE_MARGIN,
+    }
+
+
+def train_rows(manifest: str | Path, splits: str | Path) -> pd.DataFrame:
+    """The manifest rows the split stage put in ``train`` (what the models were fitted on)."""
+    rows = read_csv(manifest, ["id", "format", "channels", "bit_depth", "modality", *PROFILE_STATS],
+                    text=("id", "format", "modality"))
+    assigned = read_csv(splits, ["id", "split"], text=("id", "split"))
+    train = rows[rows["id"].isin(assigned.loc[assigned["split"] == "train", "id"])]
+    if train.empty:
+        raise ValueError(f"{splits}: no train rows of {manifest} (rerun the split stage: `dvc repro split`)")
+    return train
+
+
 # --------------------------------------------------------------------------- compare + champion
 def _rank_key(metric: str) -> Callable[[tuple[str, dict[str, Any]]], tuple]:
     sign = 1.0 if metric in LOWER_IS_BETTER else -1.0
@@ -393,6 +446,8 @@ def compare(
     bootstrap: int = 1000,
     bins: int = 10,
     seed: int = 0,
+    manifest: str | Path | None = None,
+    splits: str | Path | None = None,
 ) -> dict[str, Any]:
     """Rank models by ``metric``, write the comparison table and the champion record.
 
@@ -401,7 +456,10 @@ def compare(
     classes, image_size, channels, ordered (default: the shards' meta.json under ``root``).
     ``model_path`` in the record is relative to ``root``. The record's ``runner_up`` holds the champion's
     ``metric`` minus the runner-up's with a paired bootstrap interval (:func:`paired_difference`, from both
-    models' predictions.csv, resampling patient/slide groups; ``bootstrap`` draws). Returns the champion record.
+    models' predictions.csv, resampling patient/slide groups; ``bootstrap`` draws). With the ingest
+    ``manifest`` and the ``splits`` table, the record's ``input_profile`` describes the train images
+    (:func:`input_profile`; serve and predict warn about inputs outside it); without them it has none.
+    Returns the champion record.
     """
     from medflow.layout import Layout
 
@@ -416,6 +474,9 @@ def compare(
     metrics = {name: json.loads(Path(p).read_text()) for name, p in metrics_jsons.items()}
     if not any(metric in m for m in metrics.values()):
         raise ValueError(f"champion metric {metric!r} is in no metrics file; available: {list(SCALAR_METRICS)}")
+    if (manifest is None) != (splits is None):
+        raise ValueError("compare: the input profile needs both the manifest and the splits table")
+    profile = input_profile(train_rows(manifest, splits)) if manifest is not None and splits is not None else None
 
     ranked = sorted(metrics.items(), key=_rank_key(metric))
     rows = [{"model": name, "rank": r + 1, "champion": r == 0, **m} for r, (name, m) in enumerate(ranked)]
@@ -449,6 +510,8 @@ def compare(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_sha256": model_sha,
     }
+    if profile is not None:
+        record["input_profile"] = profile
     if len(ranked) > 1 and bootstrap:
         record["runner_up"] = _versus(Layout(Path(root)), name, ranked[1][0], metric, list(meta["classes"]),
                                       ordered=bool(meta.get("ordered", False)), bins=bins, n=bootstrap, seed=seed)

@@ -82,7 +82,7 @@ def evaluate(params: Params, model: str, layout: Layout = Layout()) -> dict:
 
 
 def compare(params: Params, layout: Layout = Layout(), models: list[str] | None = None) -> dict:
-    """Comparison table across evaluated models; records the champion."""
+    """Comparison table across evaluated models; records the champion (with the train images' input profile)."""
     from medflow.data.shards import read_meta
     from medflow.evaluate import compare as run
     from medflow.evaluate import dir_hash, params_hash
@@ -91,7 +91,8 @@ def compare(params: Params, layout: Layout = Layout(), models: list[str] | None 
     return run({m: layout.metrics(m) for m in names}, layout.comparison, layout.champion,
                metric=params.evaluate.champion_metric, data_hash=dir_hash(layout.processed),
                params_hash=params_hash(params), meta=read_meta(layout.processed), root=layout.root,
-               bootstrap=params.evaluate.bootstrap, bins=params.evaluate.calibration_bins, seed=params.train.seed)
+               bootstrap=params.evaluate.bootstrap, bins=params.evaluate.calibration_bins, seed=params.train.seed,
+               manifest=layout.manifest, splits=layout.splits)
 
 
 def report(params: Params, layout: Layout = Layout()) -> dict:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "raw" / "malaria-cells-400"
 CLASSES = ["Parasitized", "Uninfected"]
+HELD_OUT = 20  # sample_pngs(HELD_OUT): left out of the tiny champion's input profile, as unseen cells
 
 
 def sample_pngs(n: int) -> list[Path]:
@@ -20,8 +23,36 @@ def sample_pngs(n: int) -> list[Path]:
     return files
 
 
-def make_tiny_champion(out_dir: Path, image_size: int = 32) -> Path:
-    """Save a small functional Keras model (contract layer names) and a champion.json naming it."""
+def manifest_rows(files: list[Path]) -> list[dict[str, Any]]:
+    """The manifest fields ingest records for ``files`` (format, channels, bit depth, statistics, ...)."""
+    from medflow.config import DataConfig, IngestConfig
+    from medflow.data.ingest import process_record
+    from medflow.data.sources import Record
+
+    rows = []
+    for f in files:
+        fields, _, _, problem = process_record(Record(f.name, f.parent.name, file=str(f)), DataConfig(), IngestConfig())
+        assert problem is None and fields is not None, (f, problem)
+        rows.append({"id": f"{f.parent.name}/{f.name}", **fields})
+    return rows
+
+
+@lru_cache(maxsize=1)
+def sample_profile() -> dict[str, Any]:
+    """The input profile `medflow compare` records (:func:`medflow.evaluate.input_profile`) for the embedded
+    sample as training data, less the :data:`HELD_OUT` images the tests upload as unseen cells."""
+    import pandas as pd
+
+    from medflow.evaluate import input_profile
+
+    held_out = set(sample_pngs(HELD_OUT))
+    train = [f for c in CLASSES for f in sorted((SAMPLE / c).glob("*.png")) if f not in held_out]
+    return input_profile(pd.DataFrame(manifest_rows(train)))
+
+
+def make_tiny_champion(out_dir: Path, image_size: int = 32, *, profile: bool = True) -> Path:
+    """Save a small functional Keras model (contract layer names) and a champion.json naming it; with
+    ``profile``, the record has the sample's :func:`sample_profile` (as `medflow compare` writes it)."""
     import keras
 
     keras.utils.set_random_seed(0)
@@ -42,6 +73,8 @@ def make_tiny_champion(out_dir: Path, image_size: int = 32) -> Path:
         "data_hash": "d" * 8, "params_hash": "p" * 8, "version": "tiny_cnn-0123abcd",
         "created": "2025-01-01T00:00:00+00:00",
     }
+    if profile:
+        record["input_profile"] = sample_profile()
     champion = out_dir / "champion.json"
     champion.write_text(json.dumps(record))
     return champion

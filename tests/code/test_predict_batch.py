@@ -9,12 +9,15 @@ import numpy as np
 import pandas as pd
 import pydicom.data
 import pytest
-from serve_support import CLASSES, make_tiny_champion, sample_pngs
+from PIL import Image
+from serve_support import CLASSES, make_tiny_champion, sample_pngs, sample_profile
 
 from medflow.config import CsvSource, DataConfig, IngestConfig
+from medflow.data.images import load_image_file
 from medflow.data.sources import csv_records
 from medflow.serve.batch import expand_inputs, predict_paths
 from medflow.serve.predictor import Predictor
+from medflow.serve.profile import input_warnings
 
 PROB_COLS = [f"p_{c}" for c in CLASSES]
 
@@ -67,8 +70,8 @@ def test_predict_paths_writes_rows_for_good_and_bad_files(inputs, champion: Path
 
     # folder: 4 PNGs + notes.txt + half.png (hidden file skipped); 3 CSV rows; 1 DICOM; 1 missing path.
     assert len(df) == 11 and not df["file"].str.contains(".hidden").any()
-    assert list(df.columns) == ["file", "status", "reason", "detail", "predicted", "confidence", *PROB_COLS,
-                                "model_version"]
+    assert list(df.columns) == ["file", "status", "reason", "detail", "predicted", "confidence", "warnings",
+                                *PROB_COLS, "model_version"]
     ok, bad = df[df.status == "ok"], df[df.status == "error"]
     assert len(ok) == 7 and len(bad) == 4
     reasons = dict(zip(bad["file"].map(lambda f: Path(f).name), bad["reason"]))
@@ -76,6 +79,13 @@ def test_predict_paths_writes_rows_for_good_and_bad_files(inputs, champion: Path
     assert reasons["gone.png"] == "missing_file" and reasons["nope.png"] == "missing_file"
     assert bad["detail"].notna().all() and bad["predicted"].isna().all()
     assert ok["file"].str.endswith("ct.dcm").sum() == 1
+
+    # the CT slice is unlike the malaria cells of the training data: "; "-joined warnings; the cells have none
+    warnings = dict(zip(df["file"].map(lambda f: Path(f).name), df["warnings"].fillna("")))
+    ct = input_warnings(load_image_file(inputs["dicom"], DataConfig(), IngestConfig()), sample_profile())
+    assert warnings.pop("ct.dcm") == "; ".join(ct) and ct[0] == "DICOM CT but the model was trained on PNG images"
+    assert set(warnings.values()) == {""}
+    assert summary["unlike_training_data"] == 1 and summary["input_checked"] is True
 
     proba = ok[PROB_COLS].to_numpy()
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
@@ -95,6 +105,38 @@ def test_batching_does_not_change_results(inputs, champion: Path, tmp_path: Path
     _, single = _run(inputs, champion, tmp_path / "b1.csv", batch_size=1)
     pd.testing.assert_series_equal(batched["status"], single["status"])
     np.testing.assert_allclose(batched[PROB_COLS].to_numpy(float), single[PROB_COLS].to_numpy(float), atol=1e-5)
+
+
+def test_images_unlike_the_training_data_are_counted(champion: Path, tmp_path: Path) -> None:
+    """All black, all white, grayscale and 16-bit noise: predicted, each with its warnings; a real cell has none."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    cell = sample_pngs(1)[0]
+    shutil.copy(cell, folder / "cell.png")
+    Image.open(cell).convert("L").save(folder / "grey.png")
+    Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(folder / "black.png")
+    Image.fromarray(np.full((80, 80, 3), 255, np.uint8)).save(folder / "white.png")
+    noise = np.random.default_rng(0).integers(0, 65536, (80, 80), dtype=np.uint16)
+    Image.fromarray(noise).save(folder / "noise16.png")
+    summary = predict_paths([folder], tmp_path / "p.csv", champion_json=champion, data_cfg=DataConfig(),
+                            ingest_cfg=IngestConfig(image_size=32), progress=False)
+    df = pd.read_csv(tmp_path / "p.csv")
+    assert (df["status"] == "ok").all()
+    warned = {Path(f).name: str(w).split("; ") for f, w in zip(df["file"], df["warnings"].fillna(""))}
+    grey = "grayscale (1 channel) but the model was trained on 3-channel (colour) images"
+    assert warned["cell.png"] == [""] and warned["grey.png"] == [grey]
+    assert warned["black.png"][0].startswith("mean brightness 0.0 outside the training range ")
+    assert warned["white.png"][0].startswith("mean brightness 255 outside the training range ")
+    assert warned["noise16.png"][:2] == [grey, "16-bit but the model was trained on 8-bit images"]
+    assert warned["noise16.png"][2].startswith("sharpness (variance of the Laplacian) ")
+    assert summary["predicted"] == 5 and summary["unlike_training_data"] == 4
+
+
+def test_a_record_without_input_profile_checks_nothing(inputs, tmp_path: Path) -> None:
+    champion = make_tiny_champion(tmp_path / "old", profile=False)
+    summary, df = _run(inputs, champion, tmp_path / "p.csv", batch_size=4)
+    assert summary["predicted"] == 7 and df["warnings"].isna().all()
+    assert summary["unlike_training_data"] == 0 and summary["input_checked"] is False
 
 
 def test_csv_lists_name_the_files_ingest_reads(champion: Path, tmp_path: Path) -> None:

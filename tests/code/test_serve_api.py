@@ -14,9 +14,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from serve_support import (
     CLASSES,
+    HELD_OUT,
     make_tiny_champion,
     png_bytes_with_header,
     sample_pngs,
+    sample_profile,
     sparse_png,
 )
 
@@ -75,6 +77,7 @@ def test_predict_real_png_matches_the_model(client: TestClient, champion: Path, 
     assert proba.shape == (2,) and np.all(proba >= 0) and proba.sum() == pytest.approx(1.0, abs=1e-5)
     assert r["predicted"] == CLASSES[int(proba.argmax())] and r["confidence"] == pytest.approx(proba.max())
     assert r["input"]["format"] == "png" and r["notice"] == NOTICE
+    assert r["warnings"] == []  # a real cell, like the training images
     assert _png_size(r["image_png_base64"]) == (32, 32) and _png_size(r["gradcam_png_base64"]) == (32, 32)
 
     model = keras.models.load_model(champion.parent / "model.keras")
@@ -89,14 +92,63 @@ def test_interactive_docs_are_off_and_the_schema_is_served(client: TestClient) -
     assert "/predict" in client.get("/openapi.json").json()["paths"]
 
 
-def test_predict_dicom(client: TestClient) -> None:
+def _ct_small() -> bytes:
     import pydicom.data as pydicom_data
-    dcm = Path(pydicom_data.get_testdata_file("CT_small.dcm")).read_bytes()
-    resp = _post(client, dcm, name="scan.dcm", ctype="application/dicom")
+    return Path(pydicom_data.get_testdata_file("CT_small.dcm")).read_bytes()
+
+
+GREY_WARNING = "grayscale (1 channel) but the model was trained on 3-channel (colour) images"
+
+
+def test_predict_dicom(client: TestClient) -> None:
+    resp = _post(client, _ct_small(), name="scan.dcm", ctype="application/dicom")
     assert resp.status_code == 200, resp.text[:500]
     r = resp.json()
     assert r["input"]["format"] == "dicom" and (r["input"]["width"], r["input"]["height"]) == (128, 128)
     assert sum(r["probabilities"]) == pytest.approx(1.0, abs=1e-5)
+    # a CT slice is nothing like the malaria cells the model was trained on: predicted, but with warnings
+    assert r["warnings"][:3] == ["DICOM CT but the model was trained on PNG images", GREY_WARNING,
+                                 "16-bit but the model was trained on 8-bit images"]
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_unseen_cells_get_no_warnings(client: TestClient) -> None:
+    """The cells the tiny champion's profile left out (HELD_OUT) match it, both classes."""
+    for f in sample_pngs(HELD_OUT)[::4]:
+        r = _post(client, f.read_bytes()).json()
+        assert r["warnings"] == [], (f.name, r["warnings"])
+
+
+def test_images_unlike_the_training_data_are_predicted_with_warnings(client: TestClient, png_bytes: bytes) -> None:
+    def span(stat: str) -> str:  # the profile's bounds as the warnings print them
+        return " to ".join(f"{v:.0f}" if v >= 100 else f"{v:.1f}" for v in sample_profile()["stats"][stat])
+
+    black = _post(client, _png(np.zeros((100, 100, 3), np.uint8)))
+    assert black.status_code == 200 and black.json()["predicted"] in CLASSES
+    assert black.json()["warnings"] == [
+        f"mean brightness 0.0 outside the training range {span('mean')}",
+        f"contrast (grey-level std) 0.0 outside the training range {span('std')}",
+        f"sharpness (variance of the Laplacian) 0.0 outside the training range {span('sharpness')}"]
+    # the same cell in grayscale: its statistics are the colour cell's, its colour is not
+    grey = np.asarray(Image.open(io.BytesIO(png_bytes)).convert("L"))
+    resp = _post(client, _png(grey))
+    assert resp.status_code == 200 and resp.json()["warnings"] == [GREY_WARNING]
+
+
+def test_a_record_without_input_profile_checks_nothing(tmp_path: Path) -> None:
+    """Records written before compare recorded a profile still serve: no check, no warnings."""
+    champion = make_tiny_champion(tmp_path, profile=False)
+    assert "input_profile" not in json.loads(champion.read_text())
+    app = create_app(champion, DataConfig(), IngestConfig(image_size=32))
+    with TestClient(app) as c:
+        for data in (_ct_small(), _png(np.zeros((64, 64), np.uint8))):
+            resp = _post(c, data)
+            assert resp.status_code == 200 and resp.json()["warnings"] == [], resp.text[:500]
 
 
 def test_type_is_sniffed_not_taken_from_the_name(client: TestClient, png_bytes: bytes) -> None:
@@ -192,6 +244,7 @@ def test_health_model_openapi(client: TestClient, champion: Path) -> None:
     spec = client.get("/openapi.json").json()
     assert {"/predict", "/health", "/model"} <= set(spec["paths"])
     assert {"413", "415", "422"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+    assert spec["components"]["schemas"]["Prediction"]["properties"]["warnings"]["type"] == "array"
 
 
 def test_page_is_self_contained_with_notice(client: TestClient) -> None:
@@ -203,3 +256,8 @@ def test_page_is_self_contained_with_notice(client: TestClient) -> None:
         text = (STATIC / name).read_text()
         assert "http://" not in text and "https://" not in text, f"{name} references another origin"
         assert client.get(f"/static/{name}").status_code == 200
+    # the warnings box: in the page, filled by app.js (no inline script or style: the CSP forbids them)
+    page = (STATIC / "index.html").read_text()
+    assert 'id="warnings"' in page and "does not look like the training data" in page
+    assert "<script>" not in page and "style=" not in page
+    assert "r.warnings" in (STATIC / "app.js").read_text() and ".warnings" in (STATIC / "style.css").read_text()

@@ -24,6 +24,8 @@ from sklearn.metrics import (
 
 from medflow.config import ConfigError, parse_params
 from medflow.evaluate import (
+    PROFILE_MARGIN,
+    PROFILE_PERCENTILES,
     compare,
     compute_metrics,
     dir_hash,
@@ -215,6 +217,7 @@ def test_champion_is_best_by_configured_metric(tmp_path):
     assert saved["data_hash"] == "d" * 64 and saved["params_hash"] == "p" * 64
     assert saved["version"].startswith("b-") and len(saved["version"]) == len("b-") + 8
     assert saved["model_sha256"] == file_hash(tmp_path / "models" / "b" / "model.keras")
+    assert "input_profile" not in saved  # no manifest given: no profile (serve and predict then check nothing)
     pd.Timestamp(saved["created"])  # ISO-8601
 
     table = pd.read_csv(tmp_path / "comparison.csv")
@@ -273,6 +276,55 @@ def test_ties_go_to_fewer_params_then_name(tmp_path):
              "small": write_metrics(tmp_path, "small", balanced_accuracy=min(small, big), num_params=100)}
     assert compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", metric="balanced_accuracy",
                    data_hash="d", params_hash="p", meta=META)["model"] == "small"
+
+
+def test_compare_records_the_input_profile_of_the_train_rows(tmp_path):
+    """The profile comes from the manifest's train rows only: formats, channels, bit depths, DICOM modalities
+    and, per statistic, the 0.5th-99.5th percentiles widened by a quarter of their span (lo not below 0)."""
+    from medflow.serve.profile import check_input
+
+    rng = np.random.default_rng(7)
+    n = 90
+    png = {"format": "png", "channels": 3, "bit_depth": 8, "modality": None}
+    ct = {"format": "dicom", "channels": 1, "bit_depth": 16, "modality": "CT"}
+    rows = [{"id": f"t{i}", **(ct if i % 10 == 0 else png), "mean": rng.normal(120, 15),
+             "std": rng.uniform(0, 10), "sharpness": rng.lognormal(7.5, 0.3)} for i in range(n)]
+    # val/test/excluded rows, far out and of other kinds: not in the profile
+    odd = {"format": "jpeg", "channels": 4, "bit_depth": 16, "modality": "MR", "mean": 250.0, "std": 120.0,
+           "sharpness": 1e6}
+    rows += [{"id": f"o{i}", **odd} for i in range(3)]
+    manifest, splits = tmp_path / "manifest.csv", tmp_path / "splits.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    pd.DataFrame({"id": [r["id"] for r in rows], "split": ["train"] * n + ["val", "test", "excluded"],
+                  "fold": -1}).to_csv(splits, index=False)
+    paths = {"a": write_metrics(tmp_path, "a", macro_f1=0.9, num_params=1)}
+    args = {"metric": "macro_f1", "data_hash": "d", "params_hash": "p", "meta": META, "root": tmp_path}
+    rec = compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", manifest=manifest, splits=splits, **args)
+
+    profile = rec["input_profile"]
+    assert json.loads((tmp_path / "ch.json").read_text())["input_profile"] == profile
+    assert PROFILE_PERCENTILES == (0.5, 99.5) and PROFILE_MARGIN == 0.25
+    train = pd.DataFrame(rows[:n])
+    assert profile["rows"] == n and profile["formats"] == ["dicom", "png"] and profile["channels"] == [1, 3]
+    assert profile["bit_depths"] == [8, 16] and profile["modalities"] == ["CT"]
+    for stat in ("mean", "std", "sharpness"):
+        lo, hi = train[stat].quantile([0.005, 0.995])  # linear interpolation between order statistics
+        expected = [max(0.0, lo - 0.25 * (hi - lo)), hi + 0.25 * (hi - lo)]
+        assert profile["stats"][stat] == pytest.approx(expected, abs=1e-4), stat
+    assert profile["stats"]["std"][0] == 0.0  # clipped: a statistic is never negative
+    assert all(lo <= train[s].min() and train[s].max() <= hi for s, (lo, hi) in profile["stats"].items())
+
+    # every train row passes the check; the odd rows' statistics do not (their kinds: the training had
+    # PNG and DICOM, grey and colour, 8 and 16 bits), nor a DICOM modality the training had none of
+    assert not any(check_input(r, profile) for r in rows[:n])
+    assert [w.split(" outside the training range ")[0] for w in check_input(odd, profile)] == [
+        "mean brightness 250", "contrast (grey-level std) 120", "sharpness (variance of the Laplacian) 1000000"]
+    assert check_input({**ct, "modality": "MR"}, profile) == ["DICOM MR but the model was trained on DICOM CT images"]
+    assert check_input({**png, **train.iloc[1][["mean", "std", "sharpness"]]}, {**profile, "formats": ["dicom"]}) == [
+        "PNG image but the model was trained on DICOM CT images"]
+    assert check_input(odd, None) == [] and check_input(odd, {}) == []  # records without a profile
+    with pytest.raises(ValueError, match="both"):
+        compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", manifest=manifest, **args)
 
 
 def test_compare_refuses_a_model_file_changed_after_evaluate(tmp_path):

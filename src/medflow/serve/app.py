@@ -12,7 +12,7 @@ from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -68,6 +68,10 @@ class Prediction(BaseModel):
     gradcam_png_base64: str
     model_version: str
     input: InputInfo
+    warnings: list[str] = Field(default_factory=list, description=(
+        "How the image differs from the model's training images (format, colour, bit depth, brightness, "
+        "contrast, sharpness); empty when it matches, or when the model's record has no input profile. "
+        "When not empty the prediction may be meaningless."))
     notice: str = NOTICE
 
 
@@ -137,6 +141,9 @@ def create_app(
     event loop); the model itself runs one call at a time.
     """
     predictor = Predictor(champion_json, data_cfg, ingest_cfg)
+    if predictor.profile is None:
+        log.warning("%s has no input_profile (written before `medflow compare` recorded one): uploads are not "
+                    "checked against the training images", champion_json)
     limiter = anyio.CapacityLimiter(workers)
     app = FastAPI(
         title="medflow",
@@ -192,7 +199,8 @@ def create_app(
     async def predict(
         file: UploadFile = File(description="PNG, JPEG, BMP, TIFF or DICOM; the type is sniffed from the bytes"),
     ) -> Prediction:
-        """Classify one image (content is sniffed; the file name is ignored); probabilities + Grad-CAM."""
+        """Classify one image (content is sniffed; the file name is ignored); probabilities + Grad-CAM, and
+        ``warnings`` when the image does not look like the training data."""
         return Prediction(**await anyio.to_thread.run_sync(run, file.file, limiter=limiter))
 
     return app

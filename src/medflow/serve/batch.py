@@ -49,10 +49,12 @@ def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
         yield items[i:i + size]
 
 
-def _load(path: Path, predictor: Predictor) -> np.ndarray | BadImage:
-    """The model input for one file, or the reason it cannot be read (never raises)."""
+def _load(path: Path, predictor: Predictor) -> tuple[np.ndarray, list[str]] | BadImage:
+    """The model input for one file and its warnings (:meth:`Predictor.warnings`), or the reason it cannot
+    be read (never raises)."""
     try:
-        return predictor.model_input(load_image_file(path, predictor.data_cfg, predictor.ingest_cfg).rgb)
+        decoded = load_image_file(path, predictor.data_cfg, predictor.ingest_cfg)
+        return predictor.model_input(decoded.rgb), predictor.warnings(decoded)
     except BadImage as e:
         return e
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported, never fatal
@@ -71,12 +73,17 @@ def predict_paths(
 ) -> dict[str, Any]:
     """Predict every image under ``paths``; write ``out_csv`` (atomically) and return a summary.
 
-    CSV columns: file, status (ok|error), reason, detail, predicted, confidence, one ``p_<class>``
-    per class, model_version. Files that cannot be read get status ``error`` with a reason code
-    (as in the ingest quarantine) instead of stopping the run. Decoding runs on
+    CSV columns: file, status (ok|error), reason, detail, predicted, confidence, warnings, one ``p_<class>``
+    per class, model_version. ``warnings`` says, "; "-joined, how an image differs from the model's training
+    images (:mod:`medflow.serve.profile`; empty when it matches or the record has no input profile); the
+    summary counts those rows (``unlike_training_data``). Files that cannot be read get status ``error`` with
+    a reason code (as in the ingest quarantine) instead of stopping the run. Decoding runs on
     ``ingest_cfg.workers`` threads; the model sees ``batch_size`` images per call.
     """
     predictor = Predictor(champion_json, data_cfg, ingest_cfg)
+    if predictor.profile is None:
+        print(f"note: {champion_json} has no input_profile (written before `medflow compare` recorded one): "
+              "inputs are not checked against the training images", file=sys.stderr)
     files = expand_inputs(paths, data_cfg)
     prob_cols = [f"p_{c}" for c in predictor.classes]
     rows: list[dict[str, Any]] = []
@@ -85,7 +92,7 @@ def predict_paths(
     ) as bar:
         for chunk in _chunks(files, max(1, batch_size)):
             loaded = list(pool.map(lambda f: _load(f, predictor), chunk))
-            good = [x for x in loaded if not isinstance(x, BadImage)]
+            good = [x[0] for x in loaded if not isinstance(x, BadImage)]
             proba = iter(predictor.probabilities(np.stack(good)) if good else [])
             for path, x in zip(chunk, loaded):
                 row: dict[str, Any] = {"file": str(path), "model_version": predictor.version}
@@ -95,11 +102,12 @@ def predict_paths(
                     p = next(proba)
                     k = int(p.argmax())
                     row.update(status="ok", predicted=predictor.classes[k], confidence=float(p[k]),
-                               **dict(zip(prob_cols, map(float, p))))
+                               warnings="; ".join(x[1]), **dict(zip(prob_cols, map(float, p))))
                 rows.append(row)
             bar.update(len(chunk))
 
-    columns = ["file", "status", "reason", "detail", "predicted", "confidence", *prob_cols, "model_version"]
+    columns = ["file", "status", "reason", "detail", "predicted", "confidence", "warnings", *prob_cols,
+               "model_version"]
     df = pd.DataFrame(rows, columns=columns)
     out_csv = atomic_write_csv(out_csv, df)
     ok = df["status"] == "ok"
@@ -109,6 +117,9 @@ def predict_paths(
         "failed": int((~ok).sum()),
         "by_reason": dict(Counter(df.loc[~ok, "reason"])),
         "per_class": {c: int(n) for c, n in df.loc[ok, "predicted"].value_counts().items()},
+        # predicted images unlike the training images: their prediction may be meaningless
+        "unlike_training_data": int((ok & (df["warnings"].fillna("") != "")).sum()),
+        "input_checked": predictor.profile is not None,
         "model_version": predictor.version,
         "out_csv": str(out_csv),
     }

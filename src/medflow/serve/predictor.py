@@ -13,6 +13,7 @@ import numpy as np
 
 from medflow.config import ConfigError, DataConfig, IngestConfig
 from medflow.data.images import Decoded, decode_any, to_model_input
+from medflow.serve.profile import input_warnings
 
 RECORD_KEYS = ("model_path", "classes", "image_size", "channels", "version")
 
@@ -63,6 +64,9 @@ class Predictor:
         self.image_size: int = int(self.record["image_size"])
         self.channels: int = int(self.record["channels"])
         self.version: str = str(self.record["version"])
+        # what the training images looked like (medflow.serve.profile); None in records written before it
+        profile = self.record.get("input_profile")
+        self.profile: dict[str, Any] | None = profile if isinstance(profile, dict) and profile else None
         self.model = load_model(self.model_path)
         expected = (self.image_size, self.image_size, self.channels)
         if tuple(self.model.input_shape[1:]) != expected:
@@ -83,13 +87,18 @@ class Predictor:
         """The model's uint8 (S, S, C) input for a decoded RGB image."""
         return to_model_input(rgb, self.image_size, self.channels)
 
+    def warnings(self, decoded: Decoded) -> list[str]:
+        """How ``decoded`` differs from the training images (empty: it matches, or the record has no profile)."""
+        return input_warnings(decoded, self.profile)
+
     def probabilities(self, inputs: np.ndarray) -> np.ndarray:
         """Class probabilities (N, K) for a batch of model inputs (N, S, S, C)."""
         with self._lock:
             return np.asarray(self.model.predict_on_batch(inputs.astype(np.float32)), dtype=np.float64)
 
     def predict(self, decoded: Decoded) -> dict[str, Any]:
-        """Probabilities, predicted class, the model input (what the model sees) and its Grad-CAM overlay."""
+        """Probabilities, predicted class, the model input (what the model sees), its Grad-CAM overlay and the
+        warnings of an input unlike the training images (:meth:`warnings`)."""
         from medflow.models.gradcam import gradcam, overlay
 
         x = self.model_input(decoded.rgb)
@@ -107,4 +116,5 @@ class Predictor:
             "model_version": self.version,
             "input": {"format": decoded.format, "width": decoded.width, "height": decoded.height,
                       "channels": decoded.channels, "bit_depth": decoded.bit_depth},
+            "warnings": self.warnings(decoded),
         }

@@ -23,7 +23,20 @@ async function loadModel() {
   }
 }
 
+function showWarnings(warnings) {
+  // the image is unlike the training images (format, colour, bit depth, brightness, contrast, sharpness)
+  const list = $("warning-list");
+  list.replaceChildren();
+  for (const text of warnings || []) {
+    const li = document.createElement("li");
+    li.textContent = text;
+    list.append(li);
+  }
+  $("warnings").hidden = list.children.length === 0;
+}
+
 function showResult(r) {
+  showWarnings(r.warnings);
   $("predicted").textContent = r.predicted;
   $("confidence").textContent = `(${(100 * r.confidence).toFixed(1)}%)`;
   const list = $("probabilities");
