@@ -61,12 +61,16 @@ def deployment_specs(root: Path) -> list[dict[str, Any]]:
     ]
 
 
-DEPLOYMENTS = ("training/training", "monitoring/monitoring", "retraining/retraining")
 LIVE_STATES = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
 
 
-def reap_orphaned_runs(names: tuple[str, ...] = DEPLOYMENTS) -> list[str]:
-    """Mark the served deployments' runs still pending/running as Crashed (their serving process is gone).
+def deployment_names(specs: list[dict[str, Any]]) -> list[str]:
+    """``flow/deployment`` names of :func:`deployment_specs`, as Prefect reads them."""
+    return [f"{s['flow'].name}/{s['name']}" for s in specs]
+
+
+def reap_orphaned_runs(names: list[str]) -> list[str]:
+    """Mark runs of the deployments ``names`` still pending/running as Crashed (their serving process is gone).
 
     Left as they are, they hold the deployment's concurrency slot (limit 1), so every later run would
     wait in AwaitingConcurrencySlot forever. Returns the names of the runs marked.
@@ -94,8 +98,8 @@ def reap_orphaned_runs(names: tuple[str, ...] = DEPLOYMENTS) -> list[str]:
 
 def serve_all(root: Path) -> None:
     """Serve every deployment from this process until interrupted (SIGINT/SIGTERM)."""
-    reap_orphaned_runs()
     specs = deployment_specs(root)
+    reap_orphaned_runs(deployment_names(specs))
     serve(*[s.pop("flow").to_deployment(**{k: v for k, v in s.items() if k != "entrypoint"}) for s in specs])
 
 
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     root = args.root.resolve()
     if args.reap:
-        reap_orphaned_runs()
+        reap_orphaned_runs(deployment_names(deployment_specs(root)))
     elif args.work_pool:
         deploy_to_pool(root, args.work_pool)
     else:

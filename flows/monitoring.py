@@ -26,7 +26,7 @@ import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is impo
 from flows.retraining import pending_batches, retraining_flow
 from medflow import orchestrate
 from medflow.config import load_params
-from medflow.layout import Layout
+from medflow.layout import Layout, free_name
 from medflow.promote import RetrainBusy, retrain_config
 
 RETRAIN_DEPLOYMENT = "retraining/retraining"  # <flow name>/<deployment name> (see flows/deploy.py)
@@ -64,10 +64,7 @@ def archive_batch(batch: Path, processed: Path, incoming: Path) -> Path:
     """Move a batch from the incoming folder to ``processed`` (copy when it lives elsewhere); a taken
     name gets ``-1``, ``-2`` ... appended."""
     processed.mkdir(parents=True, exist_ok=True)
-    dest = processed / batch.name
-    n = 1
-    while dest.exists():
-        dest, n = processed / f"{batch.name}-{n}", n + 1
+    dest = processed / free_name(processed, batch.name)
     if batch.resolve().parent == incoming.resolve():
         os.replace(batch, dest)
     else:

@@ -6,6 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def free_name(parent: Path, name: str) -> str:
+    """``name``, or ``name-1``, ``name-2`` ... : the first not taken in ``parent`` (nothing is overwritten)."""
+    free, n = name, 1
+    while (parent / free).exists():
+        free, n = f"{name}-{n}", n + 1
+    return free
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path = Path(".")

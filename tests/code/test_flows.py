@@ -481,6 +481,8 @@ def test_deployments_use_the_configured_schedules_and_limits(project):
     assert specs["monitoring"]["schedules"][0].cron == "0 2 * * *"
     assert specs["retraining"]["concurrency_limit"].limit == 1
     assert all(s["parameters"] == {"root": str(project)} for s in specs.values())
+    assert deploy.deployment_names(list(specs.values())) == [
+        "training/training", "monitoring/monitoring", "retraining/retraining"]  # what reaping looks up
     dep = specs["retraining"]["flow"].to_deployment(name="retraining", schedules=specs["retraining"]["schedules"],
                                                     concurrency_limit=specs["retraining"]["concurrency_limit"])
     assert dep.entrypoint.endswith("flows/retraining.py:retraining_flow")
@@ -555,8 +557,8 @@ def test_runs_left_running_by_a_stopped_serve_are_crashed_and_free_the_slot():
         waiting = client.create_flow_run_from_deployment(dep_id)
         blocked = client.set_flow_run_state(waiting.id, Pending())
         assert blocked.status.value == "REJECT" and "concurrency limit" in blocked.details.reason
-        assert deploy.reap_orphaned_runs() == [f"retraining/retraining: {orphan.name}"]
+        assert deploy.reap_orphaned_runs(["retraining/retraining"]) == [f"retraining/retraining: {orphan.name}"]
         assert client.read_flow_run(orphan.id).state.type.value == "CRASHED"
         assert client.read_deployment(dep_id).global_concurrency_limit.active_slots == 0
         assert client.set_flow_run_state(waiting.id, Pending()).status.value == "ACCEPT"
-        assert deploy.reap_orphaned_runs() == [f"retraining/retraining: {waiting.name}"]  # pending: also orphaned
+        assert deploy.reap_orphaned_runs(["retraining/retraining"]) == [f"retraining/retraining: {waiting.name}"]  # pending: also orphaned

@@ -21,6 +21,7 @@ import pandas as pd
 
 from medflow.config import Params
 from medflow.io import atomic_write, atomic_write_json
+from medflow.layout import free_name
 from medflow.monitor import MonitorConfig, monitor_config
 from medflow.monitor.drift import (
     classification_snapshot,
@@ -179,14 +180,6 @@ def _batch_name(source: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "batch"
 
 
-def _free_name(out_root: Path, name: str) -> str:
-    """``name``, or ``name-1``, ``name-2`` ... when its report folder is taken (history rows keep their report)."""
-    free, n = name, 1
-    while (out_root / free).exists():
-        free, n = f"{name}-{n}", n + 1
-    return free
-
-
 def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, reference: ReferenceData,
                   out_root: str | Path, params: Params, name: str | None = None,
                   progress: bool = False) -> dict[str, Any]:
@@ -196,7 +189,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
 
     cfg: MonitorConfig = monitor_config(params.monitor)
     batch_source, out_root = Path(batch_source), Path(out_root)
-    name = _free_name(out_root, name or _batch_name(batch_source))
+    name = free_name(out_root, name or _batch_name(batch_source))  # history rows keep their earlier report
     champion = load_champion(champion_json)
     classes = champion.classes
     pos = positive_index(classes, params.evaluate.positive_class)
