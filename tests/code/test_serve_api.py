@@ -227,6 +227,12 @@ def test_missing_file_is_422(client: TestClient, png_bytes: bytes) -> None:
     assert len(resp.content) < 500
 
 
+def test_two_file_parts_are_refused_not_half_answered(client: TestClient, png_bytes: bytes) -> None:
+    files = [("file", ("a.png", png_bytes, "image/png")), ("file", ("b.png", png_bytes, "image/png"))]
+    body = _assert_rejected(client.post("/predict", files=files), 422, {"invalid_request"})
+    assert "2 'file' parts" in body["detail"]
+
+
 def test_malformed_multipart_and_unknown_paths(client: TestClient) -> None:
     resp = client.post("/predict", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=zz"})
     _assert_rejected(resp, (400, 422), {"bad_request", "invalid_request"})

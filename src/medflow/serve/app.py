@@ -197,10 +197,14 @@ def create_app(
 
     @app.post("/predict", responses=responses)  # type: ignore[arg-type]
     async def predict(
+        request: Request,
         file: UploadFile = File(description="PNG, JPEG, BMP, TIFF or DICOM; the type is sniffed from the bytes"),
     ) -> Prediction:
         """Classify one image (content is sniffed; the file name is ignored); probabilities + Grad-CAM, and
-        ``warnings`` when the image does not look like the training data."""
+        ``warnings`` when the image does not look like the training data. One ``file`` part per request."""
+        if (parts := len((await request.form()).getlist("file"))) > 1:  # the form FastAPI already parsed
+            raise Rejected(422, "invalid_request", f"the request has {parts} 'file' parts: send one image per "
+                           "request (`medflow predict` classifies many files)")
         return Prediction(**await anyio.to_thread.run_sync(run, file.file, limiter=limiter))
 
     return app
