@@ -26,7 +26,7 @@ import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is impo
 from flows.retraining import pending_batches, retraining_flow
 from medflow import orchestrate
 from medflow.config import load_params
-from medflow.layout import Layout, free_name
+from medflow.layout import Layout, batch_name, free_name
 from medflow.promote import RetrainBusy, retrain_config
 
 RETRAIN_DEPLOYMENT = "retraining/retraining"  # <flow name>/<deployment name> (see flows/deploy.py)
@@ -49,22 +49,22 @@ def _retry_transient(task: Any, run: Any, state: Any) -> bool:
 # retries / delay are overridden in the flow from retrain.task_retries / retrain.retry_delay_s
 @task(cache_policy=NO_CACHE, persist_result=False, retries=1, retry_delay_seconds=10,
       retry_condition_fn=_retry_transient)
-def check_batch(root: str, batch: str) -> dict[str, Any]:
-    """Run the monitor on one batch; returns its summary (``verdict`` among them)."""
+def check_batch(root: str, batch: str, name: str | None = None) -> dict[str, Any]:
+    """Run the monitor on one batch (its report under ``name``); returns its summary (``verdict`` among them)."""
     from medflow import stages
 
     path = Path(root)
-    result = stages.monitor(load_params(path / "params.yaml"), Path(batch), Layout(path),
+    result = stages.monitor(load_params(path / "params.yaml"), Path(batch), Layout(path), name=name,
                             champion=Layout(path).deployed_champion)
     get_run_logger().info("batch %s: verdict %s", Path(batch).name, result.get("verdict"))
     return result
 
 
-def archive_batch(batch: Path, processed: Path, incoming: Path) -> Path:
-    """Move a batch from the incoming folder to ``processed`` (copy when it lives elsewhere); a taken
-    name gets ``-1``, ``-2`` ... appended."""
+def archive_batch(batch: Path, processed: Path, incoming: Path, name: str | None = None) -> Path:
+    """Move a batch from the incoming folder to ``processed/<name>`` (default: the batch's; copy when it lives
+    elsewhere); a taken name gets ``-1``, ``-2`` ... appended."""
     processed.mkdir(parents=True, exist_ok=True)
-    dest = processed / free_name(processed, batch.name)
+    dest = processed / free_name(name or batch.name, processed)
     if batch.resolve().parent == incoming.resolve():
         os.replace(batch, dest)
     else:
@@ -127,8 +127,9 @@ def monitoring_flow(root: str = ".", batch: str | None = None,
     verdicts: dict[str, Any] = {}
     failures: dict[str, str] = {}  # batch name -> where it went and why
     for b in todo:
+        name = free_name(batch_name(b), Layout(path).monitoring, processed)  # its report and its archive share it
         try:
-            result = check.with_options(task_run_name=f"monitor {b.name}")(str(path), str(b))
+            result = check.with_options(task_run_name=f"monitor {b.name}")(str(path), str(b), name)
         except Exception as e:  # noqa: BLE001  (one bad batch must not block the others; re-raised below)
             logger.error("batch %s could not be monitored: %s: %s", b.name, type(e).__name__, e)
             try:
@@ -138,7 +139,7 @@ def monitoring_flow(root: str = ".", batch: str | None = None,
                 logger.error("batch %s could not be moved to %s: %s", b.name, failed, move_error)
                 failures[b.name] = f"left in place (move failed: {move_error}): {type(e).__name__}: {e}"
             continue
-        verdicts[archive_batch(b, processed, incoming).name] = result.get("verdict")
+        verdicts[archive_batch(b, processed, incoming, result.get("batch", name)).name] = result.get("verdict")
     waiting = sum(pending_batches(path, cfg).values())
     reasons = [f"{name}: {v}" for name, v in verdicts.items() if v in ("drift", "degraded")]
     if waiting >= cfg.min_new_labelled:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 
-def free_name(parent: Path, name: str) -> str:
-    """``name``, or ``name-1``, ``name-2`` ... : the first not taken in ``parent`` (nothing is overwritten)."""
+def batch_name(source: Path) -> str:
+    """A batch's folder (or file stem) name with anything but letters, digits, ``_ . -`` replaced by ``_``."""
+    name = source.stem if source.is_file() else source.name
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "batch"
+
+
+def free_name(name: str, *parents: Path) -> str:
+    """``name``, or ``name-1``, ``name-2`` ... : the first taken in none of ``parents`` (nothing is overwritten)."""
     free, n = name, 1
-    while (parent / free).exists():
+    while any((parent / free).exists() for parent in parents):
         free, n = f"{name}-{n}", n + 1
     return free
 

@@ -245,7 +245,8 @@ def fake_monitor(monkeypatch):
     seen: list[dict] = []
 
     def monitor_batch(batch_source, *, champion_json, reference, out_root, params, name=None):
-        seen.append({"batch": Path(batch_source).name, "champion": json.loads(Path(champion_json).read_text())})
+        seen.append({"batch": Path(batch_source).name, "champion": json.loads(Path(champion_json).read_text()),
+                     "name": name})
         if not any(f.is_file() for d in Path(batch_source).iterdir() if d.is_dir() for f in d.rglob("*")):
             # what the real monitor raises when ingest finds nothing usable (loose images are quarantined)
             loose = sum(f.is_file() for f in Path(batch_source).iterdir())
@@ -288,6 +289,18 @@ def test_drifted_labelled_batch_triggers_retraining_and_a_better_model_is_promot
     manifest = (project / "data/interim/manifest.csv").read_text()
     assert "data/raw/extra/week1/Parasitized/week1_Parasitized_0.png" in manifest
     assert promote.rollback(project) == v1  # one call back to the previous version
+
+
+def test_a_batch_report_and_its_archive_get_one_free_name(project, fake_monitor):
+    """A name taken by an earlier report (a manual `medflow monitor`) or an earlier archive is taken for both."""
+    _, seen = fake_monitor
+    _initial_release(project)
+    (project / "reports/monitoring/week1").mkdir(parents=True)  # monitored by hand before
+    (project / "data/batches/processed/week1-1").mkdir(parents=True)  # an older batch of that name
+    _batch(project / "data/batches/incoming/week1", 1, seed=1)
+    out = monitoring.monitoring_flow(root=str(project), trigger="none")
+    assert seen[-1]["name"] == "week1-2" and out["verdicts"] == {"week1-2": "ok"}
+    assert (project / "data/batches/processed/week1-2/Uninfected").is_dir()
 
 
 def test_worse_challenger_is_not_promoted_and_ok_batches_do_not_retrain(project, fake_monitor):

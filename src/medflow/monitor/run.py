@@ -21,7 +21,7 @@ import pandas as pd
 
 from medflow.config import Params
 from medflow.io import atomic_write, atomic_write_json
-from medflow.layout import free_name
+from medflow.layout import batch_name, free_name
 from medflow.monitor import MonitorConfig, monitor_config
 from medflow.monitor.drift import (
     classification_snapshot,
@@ -175,11 +175,6 @@ def _append_history(path: Path, row: dict[str, Any]) -> None:
     atomic_write(path, old + pd.DataFrame([row], columns=HISTORY_COLUMNS).to_csv(index=False, header=not old))
 
 
-def _batch_name(source: Path) -> str:
-    name = source.stem if source.is_file() else source.name
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "batch"
-
-
 def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, reference: ReferenceData,
                   out_root: str | Path, params: Params, name: str | None = None,
                   progress: bool = False) -> dict[str, Any]:
@@ -189,7 +184,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
 
     cfg: MonitorConfig = monitor_config(params.monitor)
     batch_source, out_root = Path(batch_source), Path(out_root)
-    name = free_name(out_root, name or _batch_name(batch_source))  # history rows keep their earlier report
+    name = free_name(name or batch_name(batch_source), out_root)  # history rows keep their earlier report
     champion = load_champion(champion_json)
     classes = champion.classes
     pos = positive_index(classes, params.evaluate.positive_class)
