@@ -120,6 +120,10 @@ def fabricate_project(root: Path) -> Layout:
     return lay
 
 
+def _fmt3(x: float) -> str:
+    return f"{x:.3f}"
+
+
 def test_report_has_every_section_embedded_and_offline(tmp_path):
     lay = fabricate_project(tmp_path)
     out = build_report(lay, params())
@@ -173,6 +177,22 @@ def test_report_has_every_section_embedded_and_offline(tmp_path):
     assert "<th>95% interval</th>" in comparison and f"{ci[0]:.3f} – {ci[1]:.3f}" in comparison
     assert ">Macro F1</th>" in comparison and "macro_f1" not in comparison.split("<tbody>")[0]
     assert "not a clinical validation" in text
+    # the summary gives the champion's interval, names every model whose interval overlaps it, and says when the
+    # champion's validation loss was still falling at its last epoch
+    summary = " ".join(html.split('id="summary"', 1)[1].split("</section>", 1)[0].split())
+    assert f"({_fmt3(json.loads(lay.champion.read_text())['metrics']['macro_f1'])}, 95% interval {ci[0]:.3f} – " \
+           f"{ci[1]:.3f})" in summary
+    other = json.loads((lay.eval_dir(runner) / "details.json").read_text())["ci95"]["macro_f1"]
+    overlaps = other[0] <= ci[1] and other[1] >= ci[0]
+    assert (f"The 95% interval of {runner} overlaps the champion's" in summary) == overlaps
+    train = json.loads((lay.model_dir(champion) / "train_summary.json").read_text())
+    improving = not train["stopped_early"] and train["best_epoch"] == train["epochs_run"]
+    assert ("Its validation loss was still falling at its last epoch (3)" in summary) == improving
+    details = json.loads((lay.eval_dir(runner) / "details.json").read_text())
+    details["ci95"]["macro_f1"] = [ci[0] - 0.1, ci[0] + 0.01] if not overlaps else [ci[1] + 0.01, ci[1] + 0.1]
+    (lay.eval_dir(runner) / "details.json").write_text(json.dumps(details))
+    summary = " ".join(build_report(lay, params()).read_text().split('id="summary"', 1)[1].split("</section>")[0].split())
+    assert (f"The 95% interval of {runner} overlaps the champion's" in summary) == (not overlaps)
 
 
 def test_report_degrades_gracefully_without_inputs(tmp_path):

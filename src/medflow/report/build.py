@@ -168,6 +168,7 @@ def _model_section(layout: Layout, name: str) -> dict[str, Any]:
         out["per_class"] = _table(per_class)
         out["reliability"] = figures.data_uri(figures.reliability(calib)) if calib is not None else None
         out["roc_classes"] = [] if roc_pts is None or not len(roc_pts) else list(roc_pts["class"].unique())
+        out["auc"] = _fmt(details["roc_auc"]) if isinstance(details.get("roc_auc"), float) else None
         out["roc"] = (figures.data_uri(figures.roc(roc_pts, details.get("roc_auc")))
                       if out["roc_classes"] else None)
     out["misclassified"] = None if mis is None else {
@@ -183,6 +184,7 @@ def _comparison_section(layout: Layout) -> dict[str, Any] | None:
         return None
     champ = _json(layout.champion)
     metric = champ["metric"] if champ else None
+    ci: dict[str, list[float] | None] = {}
     if metric and metric in df:  # each model's interval of the ranking metric, beside its value
         ci = {m: ((_json(layout.eval_dir(m) / "details.json") or {}).get("ci95") or {}).get(metric)
               for m in df["model"]}
@@ -190,8 +192,17 @@ def _comparison_section(layout: Layout) -> dict[str, Any] | None:
                   [" – ".join(_fmt(x) for x in ci[m]) if ci[m] else "" for m in df["model"]])
     if champ is not None:
         runner = champ.get("runner_up") or {}
+        mine = ci.get(champ["model"])
+        train = _json(layout.model_dir(champ["model"]) / "train_summary.json") or {}
         champ = {**champ, "metric_label": METRIC_LABELS.get(metric, metric),
                  "value": _fmt(champ["metrics"].get(metric)),
+                 "ci": " – ".join(_fmt(x) for x in mine) if mine else "",
+                 # models whose interval of the ranking metric overlaps the champion's: not shown to be worse
+                 "overlap": [m for m, other in ci.items() if m != champ["model"] and mine and other
+                             and other[0] <= mine[1] and other[1] >= mine[0]],
+                 "still_improving": bool(train) and not train.get("stopped_early")
+                 and train.get("best_epoch") == train.get("epochs_run"),
+                 "epochs": train.get("epochs_run"),
                  "direction": "lowest" if metric == "ece" else "highest",
                  "runner_up": runner if runner.get("ci95") else None}
     labels = COLUMN_LABELS | ({f"{metric} 95% interval": "95% interval"} if metric else {})
