@@ -13,6 +13,7 @@ cannot be alive: they are marked Crashed when serving starts again (``--reap`` d
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,9 @@ def serve_all(root: Path) -> None:
     """Serve every deployment from this process until interrupted (SIGINT/SIGTERM)."""
     specs = deployment_specs(root)
     reap_orphaned_runs(deployment_names(specs))
+    # Prefect 3.8's SIGTERM handler calls the coroutine Runner.stop() without awaiting it (runner.py); the shutdown
+    # still completes ("All deployments have been paused!"), so its RuntimeWarning is noise in serve.log
+    warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited", category=RuntimeWarning)
     serve(*[s.pop("flow").to_deployment(**{k: v for k, v in s.items() if k != "entrypoint"}) for s in specs])
 
 
