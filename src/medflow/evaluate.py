@@ -173,6 +173,28 @@ def _bootstrap_ci(
     return {name: [float(v) for v in np.percentile(vals, [2.5, 97.5])] for name, vals in draws.items()}
 
 
+def _per_class_ci(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *, n: int, seed: int,
+                  groups: Sequence[str] | None = None) -> dict[str, dict[str, list[float] | None]]:
+    """Percentile 95% intervals of each class's precision and recall over the resamples of :func:`_bootstrap_ci`
+    (the same draws: same ``seed``); a resample without images of (or predictions for) a class is left out
+    of that class's recall (precision); None when no resample has any."""
+    k = len(classes)
+    draws = {"precision": [], "recall": []}
+    for idx in _resamples(len(y_true), groups, n, seed):
+        yt, yp = y_true[idx], y_pred[idx]
+        hits = np.bincount(yt[yt == yp], minlength=k).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            draws["recall"].append(hits / np.bincount(yt, minlength=k))
+            draws["precision"].append(hits / np.bincount(yp, minlength=k))
+    out: dict[str, dict[str, list[float] | None]] = {c: {} for c in classes}
+    for name, rows in draws.items():
+        values = np.asarray(rows).reshape(-1, k)
+        for i, c in enumerate(classes):
+            col = values[:, i][np.isfinite(values[:, i])]
+            out[c][name] = [float(v) for v in np.percentile(col, [2.5, 97.5])] if len(col) else None
+    return out
+
+
 def paired_difference(
     y_true: np.ndarray, proba_a: np.ndarray, proba_b: np.ndarray, metric: str, *, ordered: bool, bins: int,
     n: int, seed: int, groups: Sequence[str] | None = None,
@@ -215,7 +237,8 @@ def compute_metrics(
     Returns accuracy, balanced_accuracy, macro_f1, roc_auc, qwk (only when ``ordered``), ece,
     n, per_class {class: {precision, recall, f1, support}}, confusion (rows = actual),
     ci95 {metric: [lo, hi]} (empty when ``bootstrap`` is 0; resampling the patient/slide ``groups`` when
-    given), ci_unit ("groups" or "images") and ci_units (how many). JSON-able.
+    given), per_class_ci95 {class: {precision: [lo, hi], recall: [lo, hi]}} (same resamples; empty when
+    ``bootstrap`` is 0), ci_unit ("groups" or "images") and ci_units (how many). JSON-able.
     """
     y = np.asarray(list(y_true), dtype=int)
     p = np.asarray(proba, dtype=float)
@@ -235,6 +258,7 @@ def compute_metrics(
         raise ValueError(f"groups has {len(groups)} entries for {len(y)} test images")
     out["ci95"] = _bootstrap_ci(y, p, ordered=ordered, bins=bins, n=bootstrap, seed=seed,
                                 groups=groups) if bootstrap else {}
+    out["per_class_ci95"] = _per_class_ci(y, y_pred, classes, n=bootstrap, seed=seed, groups=groups) if bootstrap else {}
     out["ci_unit"] = "images" if groups is None else "groups"
     out["ci_units"] = len(y) if groups is None else len(set(groups))
     return out

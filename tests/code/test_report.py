@@ -54,7 +54,7 @@ def params():
     return parse_params({
         "models": {m: {"architecture": "basic_cnn"} for m in MODELS},
         "active_models": MODELS,
-        "evaluate": {"gradcam_per_class": 2, "misclassified_max": 4},
+        "evaluate": {"gradcam_per_class": 2, "misclassified_max": 4, "positive_class": "Parasitized"},
     })
 
 
@@ -188,6 +188,15 @@ def test_report_has_every_section_embedded_and_offline(tmp_path):
     train = json.loads((lay.model_dir(champion) / "train_summary.json").read_text())
     improving = not train["stopped_early"] and train["best_epoch"] == train["epochs_run"]
     assert ("Its validation loss was still falling at its last epoch (3)" in summary) == improving
+    # sensitivity / specificity for evaluate.positive_class, counted from the confusion matrix, with intervals
+    mine = json.loads((lay.eval_dir(champion) / "details.json").read_text())
+    (tp, fn), (fp, tn) = mine["confusion"]
+    se, sp = mine["per_class_ci95"]["Parasitized"]["recall"], mine["per_class_ci95"]["Uninfected"]["recall"]
+    assert (f"it finds {tp} of the {tp + fn} <em>Parasitized</em> test images (sensitivity {tp / (tp + fn):.3f}, 95% "
+            f"interval {se[0]:.3f} – {se[1]:.3f}) and correctly calls {tn} of the {fp + tn} <em>Uninfected</em> images "
+            f"Uninfected (specificity {tn / (fp + tn):.3f}, 95% interval {sp[0]:.3f} – {sp[1]:.3f})") in summary
+    per_class = sections[champion].split("Per-class results", 1)[1]
+    assert "<th>recall 95% interval</th>" in per_class and f"{se[0]:.3f} – {se[1]:.3f}" in per_class
     details = json.loads((lay.eval_dir(runner) / "details.json").read_text())
     details["ci95"]["macro_f1"] = [ci[0] - 0.1, ci[0] + 0.01] if not overlaps else [ci[1] + 0.01, ci[1] + 0.1]
     (lay.eval_dir(runner) / "details.json").write_text(json.dumps(details))

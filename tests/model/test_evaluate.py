@@ -116,6 +116,34 @@ def test_bootstrap_interval_contains_point_estimate_and_is_reproducible():
     assert again["ci95"] == m["ci95"]
 
 
+def test_per_class_intervals_match_scikit_learn_on_the_same_resamples():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from medflow.evaluate import _resamples
+
+    y = np.random.default_rng(5).integers(0, 3, 90)
+    p = noisy_proba(y, 3, seed=6)
+    groups = [f"s{i // 3}" for i in range(90)]
+    m = compute_metrics(y, p, ["a", "b", "c"], bootstrap=150, seed=11, groups=groups)
+    pred = p.argmax(1)
+    draws = {"precision": [], "recall": []}
+    for idx in _resamples(len(y), groups, 150, 11):
+        pr, rc, _, _ = precision_recall_fscore_support(y[idx], pred[idx], labels=[0, 1, 2], zero_division=np.nan)
+        draws["precision"].append(pr)
+        draws["recall"].append(rc)
+    for i, c in enumerate("abc"):
+        for name in ("precision", "recall"):
+            col = np.asarray(draws[name])[:, i]
+            lo, hi = m["per_class_ci95"][c][name]
+            assert [lo, hi] == pytest.approx(list(np.percentile(col[~np.isnan(col)], [2.5, 97.5])))
+            assert lo <= m["per_class"][c][name] <= hi
+    assert compute_metrics(y, p, ["a", "b", "c"], bootstrap=0)["per_class_ci95"] == {}
+    # a class the test set lacks has no recall interval (never a 0/0 turned into a number)
+    rare = compute_metrics(np.array([0, 0, 1, 1]), np.array([[.9, .1, 0], [.2, .8, 0], [.1, .9, 0], [.6, .4, 0]]),
+                           ["a", "b", "c"], bootstrap=50, seed=1)
+    assert rare["per_class_ci95"]["c"] == {"precision": None, "recall": None}
+
+
 def test_bootstrap_resamples_whole_groups():
     y = np.random.default_rng(3).integers(0, 2, 120)
     p = noisy_proba(y, 2, seed=4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,29 @@ def _table(df: pd.DataFrame, max_rows: int = 200, labels: dict[str, str] | None 
 
 def _fmt(value: Any) -> str:
     return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _span(ci: Sequence[float] | None) -> str:
+    """``lo – hi`` of a 95% interval; empty when there is none."""
+    return " – ".join(_fmt(float(x)) for x in ci) if ci else ""
+
+
+def _operating_point(details: dict[str, Any], positive: str | None) -> dict[str, Any] | None:
+    """Sensitivity and specificity of a two-class model at its decision rule (the more probable class) for
+    ``evaluate.positive_class``: hits, totals, values and 95% intervals (the per-class recall resamples)."""
+    classes, confusion = details.get("classes") or [], details.get("confusion")
+    if positive not in classes or len(classes) != 2 or not confusion:
+        return None
+    i = classes.index(positive)
+    ci = details.get("per_class_ci95") or {}
+
+    def found(k: int) -> dict[str, Any]:
+        total = int(sum(confusion[k]))
+        return {"cls": classes[k], "hits": int(confusion[k][k]), "total": total,
+                "value": _fmt(confusion[k][k] / total) if total else "n/a",
+                "ci": _span((ci.get(classes[k]) or {}).get("recall"))}
+
+    return {"sensitivity": found(i), "specificity": found(1 - i)}
 
 
 def _data_section(layout: Layout) -> dict[str, Any] | None:
@@ -157,14 +181,19 @@ def _model_section(layout: Layout, name: str) -> dict[str, Any]:
         out["ci_unit"], out["ci_units"] = details.get("ci_unit", "images"), details.get("ci_units", details.get("n"))
         out["metrics"] = [
             {"label": METRIC_LABELS[k], "value": _fmt(details[k]),
-             "ci": "–".join(_fmt(x) for x in ci[k]) if k in ci else ""}
+             "ci": _span(ci.get(k))}
             for k in METRIC_LABELS if k in details
         ]
         out["n"] = details.get("n")
         out["confusion"] = figures.data_uri(figures.confusion(details["confusion"], details["classes"]))
         out["confusion_text"] = "; ".join(f"true {a}: " + ", ".join(f"{n} called {b}" for b, n in zip(
             details["classes"], row)) for a, row in zip(details["classes"], details["confusion"]))
-        per_class = pd.DataFrame.from_dict(details["per_class"], orient="index").rename_axis("class").reset_index()
+        per_class = pd.DataFrame.from_dict(details["per_class"], orient="index")
+        if pci := details.get("per_class_ci95"):
+            for stat in ("precision", "recall"):
+                per_class.insert(int(per_class.columns.get_loc(stat)) + 1, f"{stat} 95% interval",
+                                 [_span((pci.get(c) or {}).get(stat)) for c in per_class.index])
+        per_class = per_class.rename_axis("class").reset_index()
         out["per_class"] = _table(per_class)
         out["reliability"] = figures.data_uri(figures.reliability(calib)) if calib is not None else None
         out["roc_classes"] = [] if roc_pts is None or not len(roc_pts) else list(roc_pts["class"].unique())
@@ -178,7 +207,7 @@ def _model_section(layout: Layout, name: str) -> dict[str, Any]:
     return out
 
 
-def _comparison_section(layout: Layout) -> dict[str, Any] | None:
+def _comparison_section(layout: Layout, positive: str | None = None) -> dict[str, Any] | None:
     df = _csv(layout.comparison)
     if df is None:
         return None
@@ -189,20 +218,22 @@ def _comparison_section(layout: Layout) -> dict[str, Any] | None:
         ci = {m: ((_json(layout.eval_dir(m) / "details.json") or {}).get("ci95") or {}).get(metric)
               for m in df["model"]}
         df.insert(int(df.columns.get_loc(metric)) + 1, f"{metric} 95% interval",
-                  [" – ".join(_fmt(x) for x in ci[m]) if ci[m] else "" for m in df["model"]])
+                  [_span(ci[m]) for m in df["model"]])
     if champ is not None:
         runner = champ.get("runner_up") or {}
         mine = ci.get(champ["model"])
         train = _json(layout.model_dir(champ["model"]) / "train_summary.json") or {}
         champ = {**champ, "metric_label": METRIC_LABELS.get(metric, metric),
                  "value": _fmt(champ["metrics"].get(metric)),
-                 "ci": " – ".join(_fmt(x) for x in mine) if mine else "",
+                 "ci": _span(mine),
                  # models whose interval of the ranking metric overlaps the champion's: not shown to be worse
                  "overlap": [m for m, other in ci.items() if m != champ["model"] and mine and other
                              and other[0] <= mine[1] and other[1] >= mine[0]],
                  "still_improving": bool(train) and not train.get("stopped_early")
                  and train.get("best_epoch") == train.get("epochs_run"),
                  "epochs": train.get("epochs_run"),
+                 "operating_point": _operating_point(_json(layout.eval_dir(champ["model"]) / "details.json") or {},
+                                                     positive),
                  "direction": "lowest" if metric == "ece" else "highest",
                  "runner_up": runner if runner.get("ci95") else None}
     labels = COLUMN_LABELS | ({f"{metric} 95% interval": "95% interval"} if metric else {})
@@ -231,7 +262,7 @@ def build_report(layout: Layout, params: Any) -> Path:
         data=_data_section(layout),
         validation=_validation_section(layout),
         splits=_splits_section(layout),
-        comparison=_comparison_section(layout),
+        comparison=_comparison_section(layout, params.evaluate.positive_class),
         models=[_model_section(layout, n) for n in _model_names(layout, params)],
         monitoring=_monitoring_section(layout),
         metric_labels=METRIC_LABELS,
