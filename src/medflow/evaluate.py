@@ -270,7 +270,8 @@ def positive_index(classes: list[str], positive: str | None) -> int | None:
     if positive is None:
         return None
     if positive not in classes:
-        raise ConfigError(f"evaluate.positive_class {positive!r} is not one of the data's classes {classes}")
+        raise ConfigError(f"evaluate.positive_class {positive!r} is not one of the data's classes {classes}: set it "
+                          "to one of them (the class a two-class ROC curve and sensitivity are about) or to null")
     return classes.index(positive) if len(classes) == 2 else None
 
 

@@ -26,8 +26,14 @@ def ingest(params: Params, layout: Layout = Layout(), source: str | Path | None 
 
 
 def validate(params: Params, layout: Layout = Layout()) -> dict:
-    """Great Expectations gate on the manifest; raises ValidationFailed."""
+    """Great Expectations gate on the manifest; raises ValidationFailed. First, ``evaluate.positive_class`` must
+    be one of the ingested classes (ConfigError): found here, not after training."""
+    import json
+
     from medflow.data.validate import validate as run
+    from medflow.evaluate import positive_index
+
+    positive_index(json.loads(layout.ingest_summary.read_text())["classes"], params.evaluate.positive_class)
 
     return run(layout.manifest, layout.quarantine, layout.ingest_summary, layout.validation_dir,
                params.validate_, params.data)
