@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -111,6 +112,27 @@ def monitor(project: SimpleNamespace, out_root: Path, name: str, **sim) -> dict:
                          out_root=out_root, params=project.params)
 
 
+def _assert_one_drift_rule(summary: dict) -> None:
+    """Every "drifted" flag, list, count and share of a summary (and its reasons) is p below the feature's group
+    Bonferroni threshold, the threshold Evidently tested the column at."""
+    drift, features = summary["drift"], summary["drift"]["features"]
+    for name, f in features.items():
+        g = drift["groups"][f["group"]]
+        assert f["threshold"] == pytest.approx(g["threshold"]) == pytest.approx(0.01 / g["tests"]), name
+        assert f["drifted"] == (f["p_value"] < f["threshold"]), name
+        assert f["below_feature_alpha"] == (f["p_value"] < 0.05), name
+    for name, g in drift["groups"].items():
+        assert g["drifted_features"] == [c for c, f in features.items() if f["group"] == name and f["drifted"]]
+    drifted = [c for c, f in features.items() if f["drifted"]]
+    assert drift["drifted_count"] == len(drifted) and drift["share"] == pytest.approx(len(drifted) / len(features))
+    assert drift["share_below_feature_alpha"] == pytest.approx(
+        sum(f["below_feature_alpha"] for f in features.values()) / len(features))
+    for reason in summary["reasons"]:  # "<group> drift: ...; drifted features (p < t): a, b"
+        if m := re.search(r"drifted features \(p < [^)]*\): (.*)$", reason):
+            listed = [] if m.group(1) == "none" else m.group(1).split(", ")
+            assert listed and set(listed) <= set(drifted), reason
+
+
 @pytest.fixture(scope="session")
 def out_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("monitor-run") / "monitoring"
@@ -139,12 +161,14 @@ def test_clean_batch_is_ok_and_writes_its_outputs(project: SimpleNamespace, out_
     n_drifted = sum(f["drifted"] for f in features.values())
     assert clean["drift"]["share"] == pytest.approx(n_drifted / len(features))
     assert set(clean["drift"]["groups"]) == {"image", "embedding", "prediction"}
+    _assert_one_drift_rule(clean)
+    assert clean["simulated"] is False and clean["simulation"] is None
     assert 0.0 <= clean["drift"]["embedding_auc"] <= 1.0
     history = pd.read_csv(out_root / "history.csv")
     clean_rows = history[history["batch"] == "clean"]  # other tests of the module append their batches too
     assert len(clean_rows) == 1 and list(clean_rows["verdict"]) == ["ok"]
     index = monitoring_index(out_root)
-    assert [(r["batch"], r["verdict"]) for r in index] == [("clean", "ok")]
+    assert [(r["batch"], r["verdict"], r["simulated"]) for r in index] == [("clean", "ok", False)]
     assert (out_root / index[0]["report"]).is_file()
     assert index[0]["accuracy"] == pytest.approx(clean["performance"]["batch"]["accuracy"])
 
@@ -192,12 +216,15 @@ class _Tags(HTMLParser):
         self.external: list[str] = []
         self.text = {"title": "", "h1": ""}
         self.h1_classes: list[str] = []
+        self.links: list[str] = []
         self._open: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         for key, value in attrs:
             if key in ("src", "href") and value and value.startswith(("http:", "https:", "//")):
                 self.external.append(f"<{tag} {key}={value}>")
+            if tag == "a" and key == "href" and value:
+                self.links.append(value)
             if key == "class" and value and "h1" in self._open:
                 self.h1_classes += value.split()
         if tag in self.text:
@@ -225,7 +252,8 @@ def test_report_is_offline_and_has_every_section(out_root: Path, clean: dict) ->
     assert parser.external == []
     for section in ("Monitoring summary", "Drift by group", "Per-feature drift tests", "Predicted classes",
                     "Per-class performance, batch / champion test", "Batch vs champion test (",
-                    "Drift per column (Evidently)", "Embedding drift (domain-classifier ROC AUC)",
+                    "Drift per column (Evidently; its 'drift score' is the p-value)",
+                    "Embedding drift (domain-classifier ROC AUC", "How to read this page",
                     "Classification quality of the labelled batch (Evidently)"):
         assert section in html, section
     for feature in ("sharpness", "mean_r", "width", "emb_pc0", "confidence", "prediction"):
@@ -236,15 +264,28 @@ def test_report_is_offline_and_has_every_section(out_root: Path, clean: dict) ->
 
 def test_report_has_a_title_and_a_heading_with_batch_and_verdict(out_root: Path, clean: dict) -> None:
     page = _page(out_root / "clean" / "report.html")
-    assert page.text["title"] == "medflow monitoring: clean"
+    assert page.text["title"] == "medflow monitoring: clean (ok)"
     assert " ".join(page.text["h1"].split()) == "medflow monitoring: clean - verdict OK"
-    assert page.h1_classes == ["verdict", "verdict-ok"]
+    assert page.h1_classes == ["verdict", "verdict-ok"]  # no SIMULATED badge: simulate_batch without its mark
+    assert page.links == ["../../index.html"]  # back to reports/index.html from reports/monitoring/<batch>/
+    html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
+    assert "SIMULATED" not in html
+    head = html[html.index("<body>"):html.index('<div id="root_')]  # above Evidently's panels
+    assert head.index("Back to the main report") < head.index("<h1>") < head.index("How to read this page")
+    text = " ".join(re.sub(r"<[^>]+>", "", head).split())
+    for phrase in ("p-value is lower the more the batch differs from the reference",
+                   ("threshold is 0.01 divided by the number of tests in the group (Bonferroni: image: 0.01 / 8 = "
+                    "0.00125; embedding: 0.01 / 8 = 0.00125; prediction: 0.01 / 2 = 0.005)"),
+                   "a group is rarely flagged by chance alone",
+                   "0.5 when they cannot be told apart, nearer 1 the more they differ (drift at 0.7 or more)",
+                   ("Verdict: degraded when a labelled batch (at least 30 images with labels) scores more than 0.1 "
+                    "below the champion's test accuracy or macro F1; otherwise drift when any group drifted, when at "
+                    "least 50% of the features have a p-value below 0.05")):
+        assert phrase in text, phrase
 
 
 def test_report_names_the_positive_class_of_its_precision_and_recall(project: SimpleNamespace, out_root: Path,
                                                                    clean: dict) -> None:
-    import re
-
     from medflow.config import ConfigError
     from medflow.monitor.run import monitor_batch
 
@@ -252,10 +293,10 @@ def test_report_names_the_positive_class_of_its_precision_and_recall(project: Si
     assert project.classes == ["Parasitized", "Uninfected"] and perf["positive_class"] == "Parasitized"
     html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
     assert "Precision / recall / F1 are those of the positive class: Parasitized" in html
-    headline = {k: v for v, k in re.findall(r'\{"value": "([0-9.]+)", "label": "(Precision|Recall)"\}', html)}
+    headline = {k: v for v, k in re.findall(r'\{"value": "([0-9.]+)", "label": "(Precision|Recall|F1)"\}', html)}
     parasitized = perf["batch"]["per_class"]["Parasitized"]
     assert headline == {"Precision": str(round(parasitized["precision"], 3)),
-                        "Recall": str(round(parasitized["recall"], 3))}
+                        "Recall": str(round(parasitized["recall"], 3)), "F1": str(round(parasitized["f1"], 3))}
     params = project.params.model_copy(update={"evaluate": project.params.evaluate.model_copy(
         update={"positive_class": "Malaria"})})
     with pytest.raises(ConfigError, match="Malaria"):
@@ -265,21 +306,103 @@ def test_report_names_the_positive_class_of_its_precision_and_recall(project: Si
 
 def test_report_tables_name_their_flags_and_show_the_thresholds(out_root: Path, clean: dict) -> None:
     html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
-    for text in ('"p < 0.05 (uncorrected)"', '"group threshold"', '"counts toward verdict"',
-                 '"features below threshold"', '"features p < 0.05 (uncorrected)"',
-                 "Drifted feature share, p < 0.05 (uncorrected); drift at >= 0.5",
-                 "Embedding drift (domain-classifier ROC AUC); drift at >= 0.7",
+    for text in ('"p < 0.05 (uncorrected)"', '"group threshold"', '"counts toward verdict"', '"p-value"',
+                 '"smallest p-value"', '"drifted features (p-value below threshold)"',
+                 "Drifted features (p-value below the group threshold)",
+                 "Features with p < 0.05 (uncorrected); broad weak shift at a share >= 0.5",
+                 "Embedding drift (domain-classifier ROC AUC, 0.5 = no difference); drift at >= 0.7",
                  "threshold = family_alpha 0.01 / tests"):
         assert text in html, text
-    assert '"drifted features"' not in html
     perf = clean["performance"]  # the batch-vs-champion table: figures, the degradation line, verdict metrics
     acc, champ = perf["batch"]["accuracy"], perf["champion_test"]["accuracy"]
-    assert f'["accuracy","{acc:.3f}","{champ:.3f}","{champ - 0.1:.3f}","True"]' in html.replace(" ", "")
+    assert f'["accuracy","{acc:.3f}","{champ:.3f}","{champ - 0.1:.3f}","yes"]' in html.replace(" ", "")
     assert f'["balanced_accuracy","{perf["batch"]["balanced_accuracy"]:.3f}"' in html.replace(" ", "")
     groups = clean["drift"]["groups"]  # Evidently's own per-column flag is the verdict's
-    assert html.count("Data drift detected.") == sum(len(g["significant_features"]) for g in groups.values())
+    assert html.count("Data drift detected.") == sum(len(g["drifted_features"]) for g in groups.values())
     n_flags = html.count("Data drift not detected.") + html.count("Data drift detected.")
     assert n_flags == len(clean["drift"]["features"])
+
+
+def test_medflow_tables_say_yes_no_whole_counts_and_p_value(project: SimpleNamespace, out_root: Path,
+                                                            clean: dict) -> None:
+    from medflow.monitor.run import _summary_widgets
+
+    html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
+    assert '"True"' not in html and '"False"' not in html
+    tables = [w.params for w in _summary_widgets(clean) if w.type == "table"]
+    cells = [str(c) for t in tables for row in t["data"] for c in row]
+    assert cells and not {"True", "False"} & set(cells) and not [c for c in cells if re.fullmatch(r"\d+\.0", c)]
+    assert {"yes", "no"} <= set(cells)
+    headers = [h for t in tables for h in t["header"]]
+    assert not [h for h in headers if "score" in h.lower()]
+    assert "p-value" in headers and "smallest p-value" in headers
+    per_class = next(t for t in tables if "support" in " ".join(t["header"]))
+    assert per_class["header"] == ["class", "precision", "recall", "F1", "batch support", "champion test support"]
+    assert [row[-2:] for row in per_class["data"]] == [
+        [str(clean["performance"]["batch"]["per_class"][c]["support"]), str(project.metrics["per_class"][c]["support"])]
+        for c in project.classes]
+
+
+@pytest.mark.parametrize("shape", ["compare", "promoted", "float counts"])
+def test_per_class_table_shows_the_champion_test_figures(project: SimpleNamespace, clean: dict, shape: str) -> None:
+    """The champion's per-class test figures are in ``metrics.per_class`` as ``medflow compare`` writes them (with
+    ``n_test``), beside ``metrics`` in a promoted registry record, or with counts read back as floats."""
+    from medflow.monitor.run import _champion_test, _summary_widgets
+
+    per_class = project.metrics["per_class"]
+    scalars = {k: project.metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+    record = {
+        "compare": {"metrics": {**scalars, "n_test": 120, "roc_auc": 0.9, "per_class": per_class}},
+        "promoted": {"metrics": {**scalars, "n_test": 120}, "per_class": per_class},
+        "float counts": {"metrics": {**scalars, "n_test": 120.0, "per_class": {
+            c: {**v, "support": float(v["support"])} for c, v in per_class.items()}}},
+    }[shape]
+    champ = _champion_test(record)
+    assert champ["n"] == 120 and champ["per_class"].keys() == per_class.keys() and "roc_auc" not in champ
+    summary = {**clean, "performance": {**clean["performance"], "champion_test": champ}}
+    table = next(w.params for w in _summary_widgets(summary) if w.title.startswith("Per-class performance"))
+    for row, c in zip(table["data"], project.classes):
+        want = [f"{clean['performance']['batch']['per_class'][c][k]:.3f} / {per_class[c][k]:.3f}"
+                for k in ("precision", "recall", "f1")]
+        assert row == [c, *want, str(clean["performance"]["batch"]["per_class"][c]["support"]),
+                       str(per_class[c]["support"])]
+    assert "champion test 120 images" in next(w.title for w in _summary_widgets(summary)
+                                              if w.title.startswith("Batch vs champion test"))
+
+
+def test_simulated_batch_is_said_so_and_an_old_history_gains_the_column(project: SimpleNamespace,
+                                                                         tmp_path: Path) -> None:
+    from medflow.monitor.run import HISTORY_COLUMNS, monitor_batch, monitoring_index
+    from medflow.monitor.simulate import simulate_batch
+
+    out = tmp_path / "monitoring"
+    out.mkdir()
+    old_columns = HISTORY_COLUMNS[:HISTORY_COLUMNS.index("simulated")]  # a file written before the column
+    old_row = ["2025-01-01T00:00:00+00:00", "week0", "drift", "50", "0", "0.1", "image", "0.6", "0.9", "0.9",
+               "tiny-test0001", "image drift: a, b", "week0/report.html", "week0/summary.json"]
+    (out / "history.csv").write_text(pd.DataFrame([old_row], columns=old_columns).to_csv(index=False))
+    batch = tmp_path / "batches" / "sim"
+    info = simulate_batch(project.images, project.labels, batch, shift="brightness", strength=0.3, n=40, seed=7,
+                          mark=True)
+    s = monitor_batch(batch, champion_json=project.champion, reference=project.reference, out_root=out,
+                      params=project.params)
+    assert s["simulated"] is True and s["simulation"] == info
+    assert json.loads((out / "sim" / "summary.json").read_text())["simulated"] is True
+
+    history = pd.read_csv(out / "history.csv", dtype=str, keep_default_na=False)
+    assert list(history.columns) == HISTORY_COLUMNS and HISTORY_COLUMNS[-1] == "simulated"
+    assert history.iloc[0].tolist() == [*old_row, ""]  # the earlier line kept, the new column blank
+    assert history.iloc[1]["batch"] == "sim" and history.iloc[1]["simulated"] == "True"
+    assert [(r["batch"], r["simulated"]) for r in monitoring_index(out)] == [("week0", None), ("sim", True)]
+
+    page = _page(out / "sim" / "report.html")
+    assert page.text["title"] == f"medflow monitoring: sim ({s['verdict']})"
+    assert page.h1_classes == ["verdict", f"verdict-{s['verdict']}", "simulated-badge"]
+    assert "SIMULATED" in page.text["h1"]
+    html = (out / "sim" / "report.html").read_text(encoding="utf-8")
+    assert "SIMULATED batch: written by <code>medflow simulate-batch</code> from the pipeline's own held-out test " \
+           "images (shift brightness, strength 0.3, seed 7)" in html
+    assert "- SIMULATED batch" in html  # the summary's headline counter too
 
 
 SHIFT_GROUP = {"stain": "image", "brightness": "image", "contrast": "image", "blur": "image", "jpeg": "image",
@@ -290,10 +413,13 @@ SHIFT_GROUP = {"stain": "image", "brightness": "image", "contrast": "image", "bl
 def test_each_strong_shift_drifts(project: SimpleNamespace, out_root: Path, shift: str) -> None:
     s = monitor(project, out_root, f"shift-{shift}", shift=shift, strength=1.0, seed=1)
     page = _page(out_root / f"shift-{shift}" / "report.html")
-    assert page.text["title"] == f"medflow monitoring: shift-{shift}"
+    assert page.text["title"] == f"medflow monitoring: shift-{shift} ({s['verdict']})"
     assert page.h1_classes == ["verdict", f"verdict-{s['verdict']}"] and s["verdict"].upper() in page.text["h1"]
     groups = s["drift"]["groups"]
     assert groups[SHIFT_GROUP[shift]]["drifted"], groups
+    _assert_one_drift_rule(s)
+    html = (out_root / f"shift-{shift}" / "report.html").read_text(encoding="utf-8")
+    assert html.count("Data drift detected.") == s["drift"]["drifted_count"]  # Evidently's flags: the same rule
     assert any(r.startswith(f"{SHIFT_GROUP[shift]} drift") for r in s["reasons"])
     # a shift may also cost accuracy; then the verdict is the stronger "degraded", with the drift reasons too
     assert s["verdict"] in ("drift", "degraded")
@@ -399,7 +525,8 @@ def test_verdict_rules_bonferroni_share_and_degradation() -> None:
     assert not g["image"]["drifted"] and g["image"]["threshold"] == pytest.approx(0.01 / 8)
     g = group_drift(_features({**image, "f0": ("image", 0.001)}), None, cfg)
     assert decide(g, 0.1, None, {}, 0.0, cfg) == {
-        "verdict": "drift", "reasons": ["image drift: p=0.001 < 0.00125 (Bonferroni over 8); features with p < 0.00125: f0"]}
+        "verdict": "drift",
+        "reasons": ["image drift: p=0.001 < 0.00125 (Bonferroni over 8); drifted features (p < 0.00125): f0"]}
     # the embedding group also drifts on the domain classifier's AUC alone
     emb = {f"pc{i}": ("embedding", 0.3) for i in range(4)}
     assert group_drift(_features(emb), 0.75, cfg)["embedding"]["drifted"]
@@ -407,8 +534,9 @@ def test_verdict_rules_bonferroni_share_and_degradation() -> None:
     # many weakly drifted features: the drift-share rule
     calm = group_drift(_features({f"f{i}": ("image", 0.03) for i in range(8)}), None, cfg)
     assert not calm["image"]["drifted"]
+    assert calm["image"]["drifted_features"] == []  # p < 0.05 uncorrected is not "drifted"
     assert decide(calm, 1.0, None, {}, 0.0, cfg)["reasons"] == [
-        "drifted feature share 1.00 >= 0.5 (p < 0.05, uncorrected)"]
+        "broad weak shift: share of features with p < 0.05 (uncorrected) 1.00 >= 0.5"]
     assert decide(calm, 0.4, None, {}, 0.0, cfg)["verdict"] == "ok"
     assert decide(calm, 0.0, None, {}, 0.2, cfg)["reasons"] == ["quarantined share 0.20 > 0.1"]
     # degraded beats drift; too few labels give no performance verdict
@@ -431,14 +559,14 @@ def test_a_feature_counts_toward_the_verdict_below_its_group_threshold_or_throug
     cfg = MonitorConfig()
     features = _features({"f0": ("image", 0.001), "f1": ("image", 0.03), "f2": ("image", 0.5), "f3": ("image", 0.5)})
     groups = group_drift(features, None, cfg)
-    assert groups["image"]["significant_features"] == ["f0"] and groups["image"]["drifted_features"] == ["f0", "f1"]
+    assert groups["image"]["drifted_features"] == ["f0"] and "significant_features" not in groups["image"]
     assert [counts_toward_verdict(f, groups, 0.25, cfg) for f in features.values()] == [True, False, False, False]
     assert [counts_toward_verdict(f, groups, 0.5, cfg) for f in features.values()] == [True, True, False, False]
 
 
 def test_evidently_column_drift_uses_the_group_bonferroni_threshold() -> None:
-    """A feature at p between the group threshold and feature_alpha: drifted (uncorrected) for the share, but
-    neither its group nor Evidently's own per-column test calls it drift."""
+    """A feature at p between the group threshold and feature_alpha: below feature_alpha for the broad-weak-shift
+    share, but not drifted: neither medflow's flag, its group, nor Evidently's own per-column test calls it drift."""
     from medflow.monitor.drift import drift_snapshot, drift_values, feature_groups
     from medflow.monitor.features import IMAGE_FEATURES
     from medflow.monitor.verdict import group_drift
@@ -458,9 +586,14 @@ def test_evidently_column_drift_uses_the_group_bonferroni_threshold() -> None:
     assert {m["config"]["column"]: m["config"]["threshold"] for m in snapshot.dict()["metrics"]} == pytest.approx(
         {c: cfg.family_alpha / sizes[g] for g, cols in feature_groups(pcs).items() for c in cols})
     std = values["features"]["std"]
-    assert cfg.family_alpha / len(IMAGE_FEATURES) < std["p_value"] < cfg.feature_alpha and std["drifted"]
+    assert cfg.family_alpha / len(IMAGE_FEATURES) < std["p_value"] < cfg.feature_alpha
+    assert std["below_feature_alpha"] and not std["drifted"] and std["threshold"] == cfg.family_alpha / 8
+    assert all(f["drifted"] == (f["p_value"] < f["threshold"]) for f in values["features"].values())
     assert values["drift_share"] == pytest.approx(values["drifted_count"] / len(columns + ["prediction"]))
-    assert not group_drift(values["features"], None, cfg)["image"]["drifted"]
+    below = sum(f["p_value"] < cfg.feature_alpha for f in values["features"].values())
+    assert values["share_below_feature_alpha"] == pytest.approx(below / len(columns + ["prediction"]))
+    groups = group_drift(values["features"], None, cfg)
+    assert not groups["image"]["drifted"] and "std" not in groups["image"]["drifted_features"]
     flags = {w.params["counters"][0]["value"]: w.params["counters"][0]["label"]
              for w in snapshot._widgets if w.type == "counter"}
     assert flags["Drift in column 'std'"].startswith("Data drift not detected.")
@@ -499,19 +632,26 @@ def test_evidently_classification_matches_scikit_learn_even_for_degenerate_batch
     assert ("Recall" in values) == (len(set(labels) | set(predictions)) > 2)
 
 
-def test_binary_headline_precision_and_recall_are_the_positive_class() -> None:
-    from sklearn.metrics import precision_score, recall_score
+@pytest.mark.parametrize("positive", ["Parasitized", "Uninfected"])
+def test_binary_headline_precision_recall_and_f1_are_the_positive_class(positive: str) -> None:
+    from sklearn.metrics import f1_score, precision_score, recall_score
 
     from medflow.monitor.drift import classification_snapshot
 
     classes = ["Parasitized", "Uninfected"]
     df = pd.DataFrame({"label": ["Parasitized"] * 20 + ["Uninfected"] * 20,
                        "prediction": ["Parasitized"] * 15 + ["Uninfected"] * 25})  # 5 infections missed
-    values = {m["metric_name"].split("(")[0]: m["value"]
-              for m in classification_snapshot(df, classes, "Parasitized").dict()["metrics"]}
-    assert (values["Precision"], values["Recall"]) == pytest.approx((1.0, 0.75))
-    assert values["Recall"] == pytest.approx(recall_score(df["label"], df["prediction"], pos_label="Parasitized"))
-    assert values["Precision"] == pytest.approx(precision_score(df["label"], df["prediction"], pos_label="Parasitized"))
+    snapshot = classification_snapshot(df, classes, positive)
+    values = {m["metric_name"].split("(")[0]: m["value"] for m in snapshot.dict()["metrics"]}
+    expected = {"Parasitized": (1.0, 0.75, 6 / 7), "Uninfected": (0.8, 1.0, 8 / 9)}[positive]
+    assert (values["Precision"], values["Recall"], values["F1Score"]) == pytest.approx(expected)
+    for name, score in (("Precision", precision_score), ("Recall", recall_score), ("F1Score", f1_score)):
+        assert values[name] == pytest.approx(score(df["label"], df["prediction"], pos_label=positive)), name
+    assert values["TPR"] == pytest.approx(values["Recall"])  # the rates are the positive class's too
+    counters = {c["label"]: c["value"] for w in snapshot._widgets if w.type == "counter"
+                for c in w.params["counters"]}  # what the page shows as the headline
+    assert {k: counters[k] for k in ("Precision", "Recall", "F1")} == {
+        k: str(round(v, 3)) for k, v in zip(("Precision", "Recall", "F1"), expected)}
     per_class = {m["metric_name"].split("(")[0]: m["value"]
                  for m in classification_snapshot(df, classes).dict()["metrics"]}
     assert "Recall" not in per_class and per_class["RecallByLabel"] == pytest.approx({"Parasitized": 0.75,

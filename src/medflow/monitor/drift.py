@@ -1,10 +1,13 @@
 """Evidently (0.7) drift and classification reports of a batch against the reference, and their values.
 
 Every feature gets one Evidently ``ValueDrift`` p-value test (``num_stattest`` / ``cat_stattest``) at its
-group's Bonferroni threshold, so Evidently's per-column "drift detected" is what the verdict uses; the drifted
-share counts p-values below ``feature_alpha`` (uncorrected). The embedding PCs are also scored jointly by Evidently's
-embedding drift method ``model`` (a domain classifier's ROC AUC, reference vs batch), called directly:
-its ``EmbeddingsDrift`` metric would add a t-SNE plot that costs more than the rest of the report.
+group's Bonferroni threshold (``family_alpha / tests in the group``), so Evidently's per-column "drift
+detected" and medflow's ``drifted`` flag, lists, count and share all apply the verdict's rule (p below the
+threshold; Evidently's ks and cramer_von_mises also call a p-value equal to it drift, a tie of probability 0).
+The share of features with p < ``feature_alpha`` (uncorrected) is kept apart, for the verdict's
+broad-weak-shift rule. The embedding PCs are also scored jointly by Evidently's embedding drift method
+``model`` (a domain classifier's ROC AUC, reference vs batch), called directly: its ``EmbeddingsDrift``
+metric would add a t-SNE plot that costs more than the rest of the report.
 Classification quality is an Evidently report on the labelled batch alone
 (the reference is the training split, whose scores would flatter the model).
 """
@@ -51,15 +54,19 @@ def drift_snapshot(reference: pd.DataFrame, current: pd.DataFrame, pcs: list[str
 
 
 def drift_values(snapshot: Any, pcs: list[str], cfg: MonitorConfig) -> dict[str, Any]:
-    """Per-feature p-values (``drifted``: below ``feature_alpha``, uncorrected) and the drifted count and share."""
+    """Per feature: group, test, p-value, ``threshold`` (the one Evidently tested at: the group's Bonferroni
+    threshold), ``drifted`` (p below it) and ``below_feature_alpha`` (p < ``feature_alpha``, uncorrected);
+    the drifted count and share, and the count and share below ``feature_alpha``."""
     group_of = {c: g for g, cols in feature_groups(pcs).items() for c in cols}
     features: dict[str, dict[str, Any]] = {}
     for m in snapshot.dict()["metrics"]:
-        col, p = m["config"]["column"], float(m["value"])
+        col, p, threshold = m["config"]["column"], float(m["value"]), float(m["config"]["threshold"])
         features[col] = {"group": group_of[col], "test": m["config"]["method"], "p_value": p,
-                         "drifted": p < cfg.feature_alpha}
+                         "threshold": threshold, "drifted": p < threshold, "below_feature_alpha": p < cfg.feature_alpha}
     count = sum(f["drifted"] for f in features.values())
+    below = sum(f["below_feature_alpha"] for f in features.values())
     return {"drifted_count": count, "drift_share": count / len(features),
+            "below_feature_alpha_count": below, "share_below_feature_alpha": below / len(features),
             "features": {c: features[c] for c in group_of}}
 
 

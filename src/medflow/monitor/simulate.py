@@ -53,7 +53,7 @@ def held_out(source: str | Path, manifest_csv: str | Path, splits_csv: str | Pat
         raise ValueError(f"{splits_csv}: no {split!r} rows of {manifest_csv}")
     fmt = detect_format(source) if data.format == "auto" else data.format
     records = {r.path: r for r in list_records(source, fmt, data)}
-    limits = dict(max_pixels=ingest_cfg.max_pixels, min_side=ingest_cfg.min_side, max_side=ingest_cfg.max_side)
+    limits = {"max_pixels": ingest_cfg.max_pixels, "min_side": ingest_cfg.min_side, "max_side": ingest_cfg.max_side}
     images, labels = [], []
     for path, label in zip(wanted["path"], wanted["label"]):
         rec = records.get(path)
@@ -154,6 +154,19 @@ def simulate_batch(images: list[np.ndarray], labels: list[str], out_dir: str | P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def simulation_settings(batch: str | Path) -> dict[str, Any] | None:
+    """The settings :data:`SIMULATED_MARKER` records when ``batch`` was made by ``medflow simulate-batch``
+    ({} when the marker cannot be read); None for any other batch (a file source is never simulated)."""
+    marker = Path(batch) / SIMULATED_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        settings = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
 
 
 def make_batch(source: str | Path, manifest_csv: str | Path, splits_csv: str | Path, out_dir: str | Path,
