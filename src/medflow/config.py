@@ -32,7 +32,16 @@ class CsvSource(_Section):
     label_column: str = "level"
     group_column: str | None = None  # when None, group comes from data.group_pattern on the file stem
     image_dir: str | None = None  # relative to the CSV's folder; None = the CSV's folder
-    extension: str = ""  # appended when the CSV names files without one, e.g. ".jpeg"
+    extension: str = ""  # appended when the CSV names files without one, e.g. ".jpeg" ("jpeg" gets its dot)
+
+    @field_validator("extension")
+    @classmethod
+    def _extension_has_dot(cls, v: str) -> str:
+        """``jpeg`` -> ``.jpeg`` (else ``10_leftjpeg`` would be looked for); a path or pattern is refused."""
+        v = v.strip()
+        if v and (not v.lstrip(".") or any(c in v for c in "/\\*?[] ")):
+            raise ValueError(f"data.csv.extension must be a file suffix such as '.jpeg', got {v!r}")
+        return "." + v.lstrip(".") if v else v
 
 
 class DicomSource(_Section):
@@ -213,8 +222,8 @@ class MonitorConfig(_Section):
 
     num_stattest: Literal["ks", "mannw", "anderson", "cramer_von_mises", "t_test", "es"] = "ks"  # p-value tests
     cat_stattest: Literal["chisquare", "z", "fisher_exact", "g_test"] = "chisquare"  # predicted class
-    feature_alpha: float = Field(0.05, gt=0, lt=1)  # a feature "drifts" when its p-value is below this
-    drift_share: float = Field(0.5, gt=0, le=1)  # verdict drift when this share of all features drifts
+    feature_alpha: float = Field(0.05, gt=0, lt=1)  # uncorrected p-value of the broad-weak-shift rule
+    drift_share: float = Field(0.5, gt=0, le=1)  # broad weak shift: this share of all features with p < feature_alpha
     family_alpha: float = Field(0.01, gt=0, lt=1)  # per group (image, embedding, prediction), Bonferroni
     embedding_components: int = Field(8, ge=1, le=64)  # PCA (fitted on the reference) of the embeddings
     embedding_auc: float = Field(0.7, gt=0.5, le=1)  # Evidently domain-classifier ROC AUC that means drift

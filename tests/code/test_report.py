@@ -114,8 +114,9 @@ def fabricate_project(root: Path) -> Layout:
         "params_hash": "b" * 64, "version": f"{best['model']}-12345678", "created": "2025-01-01T00:00:00+00:00",
         "runner_up": {"model": table.iloc[1]["model"], "metric": "macro_f1", "difference": 0.0123,
                       "ci95": [-0.02, 0.05], "share_a_better": 0.71}}))
-    write(lay.monitoring / "history.csv", "time,batch,verdict,drift_share,report\n"
-                                          "2025-01-02T00:00:00,batch-1,ok,0.0,batch-1/report.html\n")
+    write(lay.monitoring / "history.csv", "time,batch,verdict,drift_share,champion_version,report,simulated\n"
+                                          "2025-01-02T00:00:00,batch-1,ok,0.0,old-00000000,batch-1/report.html,"
+                                          "True\n")
     write(lay.monitoring / "batch-1" / "report.html", "<html></html>")
     return lay
 
@@ -145,6 +146,9 @@ def test_report_has_every_section_embedded_and_offline(tmp_path):
     # Links are in-page anchors or local files next to the report.
     assert all(h.startswith("#") or not h.startswith(("/", "file:")) for h in page.hrefs)
     assert "monitoring/batch-1/report.html" in page.hrefs
+    monitoring = html.split('id="monitoring"', 1)[1].split("</section>", 1)[0]
+    assert "<th>Model checked</th>" in monitoring and "old-00000000 (not the current champion)" in monitoring
+    assert "<th>Simulated batch</th>" in monitoring and "<td>yes</td>" in monitoring
     assert "validation/validation.html" in page.hrefs
 
     # Per model: learning curves, confusion, ROC, calibration, misclassified grid, Grad-CAM = 6 figures.

@@ -363,7 +363,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
 
 def monitoring_index(monitoring_dir: str | Path) -> list[dict[str, Any]]:
     """One dict per monitored batch run (oldest first): batch, time, verdict, drift_share (share of drifted
-    features), accuracy, macro_f1, reasons, ``simulated`` (True / False; None for a line written before
+    features), accuracy, macro_f1, champion_version (the model checked), reasons, ``simulated`` (True / False; None for a line written before
     medflow recorded it) and ``report`` (path relative to ``monitoring_dir``); [] when nothing was monitored."""
     path = Path(monitoring_dir) / "history.csv"
     if not path.is_file():
@@ -371,7 +371,8 @@ def monitoring_index(monitoring_dir: str | Path) -> list[dict[str, Any]]:
     df = pd.read_csv(path, dtype={"batch": str, "reasons": str, "simulated": str}, keep_default_na=False,
                      na_values=[""])
     df = df.astype(object).where(df.notna(), None)
-    keys = ["batch", "time", "verdict", "drift_share", "accuracy", "macro_f1", "reasons", "simulated", "report"]
+    keys = ["batch", "time", "verdict", "drift_share", "accuracy", "macro_f1", "champion_version", "reasons",
+            "simulated", "report"]
     flags = {"true": True, "false": False}
     rows = [{k: row.get(k) for k in keys} for row in df.to_dict("records")]  # older files may lack columns
     for r in rows:

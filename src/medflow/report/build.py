@@ -249,7 +249,13 @@ def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
     rel = os.path.relpath(layout.monitoring, layout.report.parent)
     links = [(str(r["batch"]), f"{rel}/{r['report']}") for r in rows if r.get("report")]
     labels = {"batch": "Batch", "time": "Time (UTC)", "verdict": "Verdict", "drift_share": "Drifted share of features",
-              "accuracy": "Accuracy", "macro_f1": "Macro F1", "reasons": "Reasons"}
+              "accuracy": "Accuracy", "macro_f1": "Macro F1", "champion_version": "Model checked",
+              "reasons": "Reasons", "simulated": "Simulated batch"}
+    current = (_json(layout.champion) or {}).get("version")
+    for r in rows:  # a batch checked against an earlier model says so: its figures are not the current model's
+        if r.get("champion_version") and current and r["champion_version"] != current:
+            r["champion_version"] = f"{r['champion_version']} (not the current champion)"
+        r["simulated"] = {True: "yes", False: "no"}.get(r.get("simulated"), "")
     return {"table": _table(pd.DataFrame(rows).drop(columns=["report"]), labels=labels), "links": links}
 
 
