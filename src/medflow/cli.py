@@ -37,6 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     for mod, name in [("medflow.data.validate", "ValidationFailed"), ("medflow.models.weights", "WeightsUnavailable"),
                       ("medflow.data.images", "BadImage"), ("medflow.data.sources", "SourceError"),
+                      ("medflow.data.split", "SplitError"),
                       ("medflow.promote", "PromotionError"), ("medflow.promote", "RetrainBusy")]:
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))

@@ -122,3 +122,44 @@ def test_serve_limits_uploads_to_max_upload_mb(tmp_path: Path, monkeypatch: pyte
         assert "limit of 262144 bytes" in over.json()["detail"]
         under = client.post("/predict", files={"file": ("small.png", b"\0" * 200_000, "image/png")})
         assert under.status_code == 415 and under.json()["reason"] == "not_an_image"  # read, then rejected by content
+
+
+def test_bad_data_ends_in_one_message_not_a_traceback(tmp_path: Path, small_tree: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split that leaves val/test empty, a class with no training images, a split tree with a stray folder
+    and unusable .npz arrays: each is `error: ...` and exit code 1."""
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    interim = tmp_path / "data" / "interim"
+    interim.mkdir(parents=True)
+
+    def fails(args: list[str], *expected: str) -> None:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert result.output.startswith("error: "), result.output
+        for text in expected:
+            assert text in result.output, (text, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+
+    pd.DataFrame({"id": ["a.png", "b.png"], "label": ["x", "y"], "group": ["p1", "p1"], "pixel_hash": ["h1", "h2"],
+                  "source_split": ""}).to_csv(interim / "manifest.csv", index=False)
+    fails(["split"], "error: split: no rows in val/test", "1 independent groups")
+    rows = [(f"{s}/{c}/{i}.png", c, s) for s in ("train", "val", "test") for c in ("x", "y") for i in range(3)
+            if not (c == "y" and s == "train")]
+    pd.DataFrame({"id": [r[0] for r in rows], "label": [r[1] for r in rows], "group": [r[0] for r in rows],
+                  "pixel_hash": [r[0] for r in rows], "source_split": [r[2] for r in rows]}
+                 ).to_csv(interim / "manifest.csv", index=False)
+    fails(["split"], "class 'y' has no training images (train 0, val 3, test 3)")
+
+    tree = tmp_path / "tree"
+    for split in ("train", "test", "holdout"):
+        shutil.copytree(small_tree, tree / split)
+    fails(["ingest", str(tree), "--out", "out"], "['test', 'train'] are split names but ['holdout'] are not")
+    ragged = np.empty(2, dtype=object)
+    ragged[0], ragged[1] = np.zeros((28, 28), np.uint8), np.zeros((20, 24), np.uint8)
+    np.savez(tmp_path / "ragged.npz", train_images=ragged, train_labels=np.array([0, 1]))
+    fails(["ingest", "ragged.npz", "--out", "out"], "object array: images of different sizes cannot be stored")
+    np.savez(tmp_path / "nolabels.npz", train_images=np.zeros((2, 28, 28), np.uint8))
+    fails(["ingest", "nolabels.npz", "--out", "out"], "key 'train_labels' is missing (keys present: ['train_images'])")

@@ -339,3 +339,84 @@ def test_grey_alpha_is_converted_and_passes_the_default_channel_check(tmp_path: 
     results = json.loads((out / "validation.json").read_text())["results"]
     channels = [r for r in results if r.get("column") == "channels"]
     assert channels and all(r["success"] for r in channels)
+
+
+def test_images_without_a_patient_id_are_warned_about_and_the_report_says_so(
+        malaria_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """data.group_pattern matching only some names: the rest become their own groups, with a warning at
+    ingest, and the report does not claim that patients never cross sets."""
+    from medflow.config import parse_params
+    from medflow.layout import Layout
+    from medflow.report import build_report
+
+    src = tmp_path / "src"
+    for cls in ("Parasitized", "Uninfected"):
+        (src / cls).mkdir(parents=True)
+        for i, cell in enumerate(sorted((malaria_dir / cls).iterdir())[:5]):
+            shutil.copy(cell, src / cls / (cell.name if i < 3 else f"renamed_{i}.png"))  # 2 per class lose the id
+    summary = ingest(src, tmp_path / "grouped", DataConfig(), SMALL, progress=False)
+    err = capsys.readouterr().err
+    assert summary["ungrouped"] == 4 and summary["accepted"] == 10
+    assert (f"ingest: WARNING 4 of 10 images have no patient/slide id (data.group_pattern {DataConfig().group_pattern!r} "
+            "matches none of their file names): each is its own group, so images of one patient or slide may land "
+            "in different splits") in err
+    assert "data.group_pattern to a regex" in err and "data.csv.group_column" in err and "PatientID" in err
+    ingest(src, tmp_path / "none", DataConfig(group_pattern="^(?P<group>PATIENT[0-9]+)_"), SMALL, progress=False)
+    assert "WARNING 10 of 10 images have no patient/slide id (data.group_pattern '^(?P<group>PATIENT[0-9]+)_' " \
+           "matches no file name at all)" in capsys.readouterr().err
+    ingest(malaria_dir / "Uninfected", tmp_path / "all", DataConfig(), SMALL, progress=False)  # every name matches
+    assert "WARNING" not in capsys.readouterr().err
+    ingest(src, tmp_path / "batch", DataConfig(), SMALL, progress=False, warn_groups=False)  # e.g. a monitored batch
+    assert "WARNING" not in capsys.readouterr().err
+
+    lay = Layout(tmp_path / "project")
+    lay.interim.mkdir(parents=True)
+    shutil.copy(tmp_path / "grouped" / "ingest_summary.json", lay.ingest_summary)
+    lay.split_counts.parent.mkdir(parents=True)
+    lay.split_counts.write_text("label,train,val,test,total\nParasitized,3,1,1,5\nUninfected,3,1,1,5\n")
+    params = parse_params({"models": {"m": {"architecture": "basic_cnn"}}, "active_models": ["m"]})
+
+    def text(section: str) -> str:
+        html = build_report(lay, params).read_text()
+        return " ".join(html.split(f'id="{section}"', 1)[1].split("</section>", 1)[0].split())
+
+    assert "4 of 10 images have no patient/slide id (<em>ungrouped</em>): those were split as independent images" \
+        in text("data")
+    assert "so the test set measures performance on new patients" not in text("data")
+    splits = text("splits")
+    assert "Patients/slides never appear in more than one set" not in splits
+    assert "4 images without one were split as independent images: the same patient may appear in more than one " \
+           "set" in splits
+    shutil.copy(tmp_path / "all" / "ingest_summary.json", lay.ingest_summary)  # every image grouped: the claim stands
+    assert "Patients/slides never appear in more than one set." in text("splits")
+    assert "ungrouped</em>" not in text("data") and "measures performance on new patients" in text("data")
+
+
+def test_npz_and_one_shared_dicom_patient_id_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_medmnist(tmp_path / "tiny.npz")
+    ingest(tmp_path / "tiny.npz", tmp_path / "npz", DataConfig(), SMALL, progress=False)
+    err = capsys.readouterr().err
+    assert "ingest: note: an .npz holds no patient/slide ids, so its 19 images are split as independent" in err
+    assert "WARNING" not in err
+    (tmp_path / "dcm" / "ct").mkdir(parents=True)
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for i in range(3):  # three scans, one anonymised PatientID
+        ds.PatientID = "ANONYMOUS"
+        ds.PixelData = (ds.pixel_array + i).astype(ds.pixel_array.dtype).tobytes()
+        ds.save_as(tmp_path / "dcm" / "ct" / f"scan{i}.dcm")
+    summary = ingest(tmp_path / "dcm", tmp_path / "out", DataConfig(), SMALL, progress=False)
+    assert summary["groups"] == 1 and summary["ungrouped"] == 0
+    assert "ingest: WARNING all 3 images share one patient/slide id 'ANONYMOUS'" in capsys.readouterr().err
+
+
+def test_grouping_warnings_name_where_the_id_should_have_come_from() -> None:
+    from medflow.data.ingest import grouping_warnings
+
+    rows = [{"group": "P1", "grouped": True, "source_split": ""}, {"group": "b.png", "grouped": False, "source_split": ""}]
+    csv = DataConfig(csv=CsvSource(group_column="patient"))
+    (only,) = grouping_warnings(rows, "csv", csv)
+    assert only.startswith("ingest: WARNING 1 of 2 images have no patient/slide id (their data.csv.group_column "
+                           "'patient' is empty):")
+    (dicom,) = grouping_warnings(rows, "dicom", DataConfig(group_pattern=None))
+    assert "(data.group_pattern is not set; they have no PatientID)" in dicom
+    assert grouping_warnings(rows[:1], "folder", DataConfig()) == []  # one image: nothing to separate

@@ -12,6 +12,7 @@ from pydicom.data import get_testdata_file
 
 from medflow.config import CsvSource, DataConfig
 from medflow.data.sources import (
+    SourceError,
     csv_records,
     detect_format,
     folder_records,
@@ -171,3 +172,90 @@ def test_a_format_that_does_not_match_the_source_is_a_clear_error(tmp_path):
         with pytest.raises(SourceError, match=rf"data.format is '{fmt}' but .*labels.csv is a .csv file"):
             list_records(listing, fmt, DataConfig())
 
+
+
+def split_tree(root: Path, malaria_dir: Path, splits: tuple[str, ...] = ("train", "test")) -> Path:
+    """root/<split>/{Parasitized,Uninfected}/ with two real cells each."""
+    for i, split in enumerate(splits):
+        for cls in ("Parasitized", "Uninfected"):
+            (root / split / cls).mkdir(parents=True)
+            for cell in sorted((malaria_dir / cls).iterdir())[2 * i:2 * i + 2]:
+                shutil.copy(cell, root / split / cls / cell.name)
+    return root
+
+
+def test_macosx_and_hidden_folders_are_ignored_everywhere(tmp_path: Path, malaria_dir: Path) -> None:
+    """A tree unzipped on macOS (``__MACOSX/`` beside the splits, ``._`` resource forks) or carrying a
+    ``.git``/``.ipynb_checkpoints`` folder is still a split tree; no folder of those becomes a class."""
+    root = split_tree(tmp_path / "tree", malaria_dir)
+    fork = root / "__MACOSX" / "train" / "Parasitized"
+    fork.mkdir(parents=True)
+    (fork / "._cell.png").write_bytes(b"\0\x05\x16\x07")
+    (fork / "cell.png").write_bytes(b"not really")  # even a non-hidden file under __MACOSX is skipped
+    (root / ".git" / "objects").mkdir(parents=True)
+    (root / "train" / "Uninfected" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(next((malaria_dir / "Uninfected").iterdir()), root / "train" / "Uninfected" / ".ipynb_checkpoints")
+    (root / "train" / "__MACOSX").mkdir()
+    records = folder_records(root, MALARIA_PATTERN)
+    assert len(records) == 8 and not [r for r in records if r.problem]
+    assert Counter((r.source_split, r.label) for r in records) == {
+        (s, c): 2 for s in ("train", "test") for c in ("Parasitized", "Uninfected")}
+    assert detect_format(root) == "folder"
+    flat = tmp_path / "flat"  # a class-folder tree: __MACOSX is no class either
+    shutil.copytree(root / "train", flat)
+    shutil.copytree(root / "__MACOSX", flat / "__MACOSX", dirs_exist_ok=True)
+    assert {r.label for r in folder_records(flat, MALARIA_PATTERN)} == {"Parasitized", "Uninfected"}
+
+
+@pytest.mark.parametrize("odd", ["holdout", "extra_images"])
+def test_split_folders_beside_other_folders_are_a_clear_error(tmp_path: Path, malaria_dir: Path, odd: str) -> None:
+    """train/ and test/ beside holdout/ must not silently become classes named train and test."""
+    root = split_tree(tmp_path / "tree", malaria_dir)
+    (root / odd / "Parasitized").mkdir(parents=True)
+    with pytest.raises(SourceError) as err:
+        list_records(root, "folder", DataConfig())
+    message = str(err.value)
+    assert f"['test', 'train'] are split names but ['{odd}'] are not" in message
+    assert "train, training, val, valid, validation, test, testing" in message  # every accepted name
+    assert "Move" in message and "rename" in message
+
+
+def test_split_folder_names_are_case_insensitive_aliases(tmp_path: Path, malaria_dir: Path) -> None:
+    root = split_tree(tmp_path / "tree", malaria_dir, ("Training", "Validation", "TEST"))
+    assert Counter(r.source_split for r in folder_records(root, None)) == {"train": 4, "val": 4, "test": 4}
+
+
+def test_npz_with_images_but_no_labels_names_the_missing_key(tmp_path: Path) -> None:
+    path = tmp_path / "half.npz"
+    np.savez(path, train_images=np.zeros((2, 28, 28), np.uint8), train_labels=np.zeros((2, 1), np.uint8),
+             test_images=np.zeros((1, 28, 28), np.uint8))
+    with pytest.raises(SourceError, match=r"key 'test_labels' is missing \(keys present: \['train_images', "
+                                          r"'train_labels', 'test_images'\]\)"):
+        npz_records(path, None)
+
+
+def test_npz_object_arrays_are_a_clear_error(tmp_path: Path) -> None:
+    """Images of different sizes only fit an object (pickled) array, which is never loaded."""
+    images = np.empty(2, dtype=object)
+    images[0], images[1] = np.zeros((28, 28), np.uint8), np.zeros((32, 30), np.uint8)
+    np.savez(tmp_path / "ragged.npz", train_images=images, train_labels=np.array([0, 1]))
+    with pytest.raises(SourceError, match="train_images is an object array.*images of different sizes cannot be "
+                                          "stored in one MedMNIST array"):
+        npz_records(tmp_path / "ragged.npz", None)
+    labels = np.array(["a", 1], dtype=object)
+    np.savez(tmp_path / "odd_labels.npz", train_images=np.zeros((2, 28, 28), np.uint8), train_labels=labels)
+    with pytest.raises(SourceError, match="train_labels is an object array: labels must be one integer class id per image"):
+        npz_records(tmp_path / "odd_labels.npz", None)
+
+
+def test_csv_extension_without_its_dot(tmp_path: Path, malaria_dir: Path) -> None:
+    """``data.csv.extension: jpeg`` means ``.jpeg`` (not ``10_leftjpeg``); a path or pattern is refused."""
+    from medflow.config import ConfigError, parse_params
+
+    csv = make_dr_csv(tmp_path, malaria_dir)
+    assert CsvSource(extension="jpeg").extension == CsvSource(extension=" .jpeg").extension == ".jpeg"
+    records = {r.path: r for r in csv_records(csv, CsvSource(image_dir="train", extension="jpeg"), None)}
+    assert records["train/10_left.jpeg"].problem is None
+    for bad in ("*.jpeg", "train/x.jpeg", "."):
+        with pytest.raises(ConfigError, match=r"data.csv.extension: .*must be a file suffix such as '.jpeg'"):
+            parse_params({"data": {"csv": {"extension": bad}}})

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from medflow.config import DataConfig, SplitConfig
 from medflow.data.manifest import EXCLUDED, EXTRA, SPLITS
-from medflow.data.split import assign_splits, components, count_table, read_manifest, run_split
+from medflow.data.split import SplitError, assign_splits, components, count_table, read_manifest, run_split
 
 MALARIA = Path(__file__).resolve().parents[2] / "data" / "raw" / "malaria-cells-400"
 
@@ -232,7 +232,7 @@ def test_test_split_is_carved_when_the_source_has_none():
 def test_run_split_stops_on_an_empty_split_and_reports_excluded_rows(tmp_path, capsys):
     df = frame(["a", "b"], ["p1", "p2"], ["h1", "h2"])
     df.to_csv(tmp_path / "tiny.csv", index=False)
-    with pytest.raises(ValueError, match=r"no rows in (val|test).*2 independent groups"):
+    with pytest.raises(SplitError, match=r"no rows in (val|test).*2 independent groups"):
         run_split(tmp_path / "tiny.csv", tmp_path / "s.csv", tmp_path / "c.csv", SplitConfig())
     assert not (tmp_path / "s.csv").exists()
 
@@ -250,3 +250,47 @@ def test_run_split_stops_on_an_empty_split_and_reports_excluded_rows(tmp_path, c
     assert counts.loc["Uninfected", EXCLUDED] == 1 and counts.loc["total", "total"] == 402
     assert "1 of 2 extra rows share a patient/slide or pixels with val/test rows" in capsys.readouterr().err
     assert list(count_table(pd.Series(["a"]), pd.Series(["train"])).columns) == ["train", "val", "test", "total"]
+
+
+def test_a_class_with_no_training_rows_stops_the_split(tmp_path, capsys):
+    """A class only in the official test split (e.g. test/rare/ with no train/rare/) can never be learnt."""
+    n = 40
+    df = frame(["a", "b"] * (n // 2) + ["rare"] * 3, [f"p{i}" for i in range(n + 3)],
+               [f"h{i}" for i in range(n + 3)], ["train"] * 30 + ["test"] * 10 + ["test"] * 3)
+    df.to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(SplitError, match=r"class 'rare' has no training images \(train 0, val 0, test 3\): the "
+                                         r"model could never learn it.*split.respect_source_split: false"):
+        run_split(tmp_path / "manifest.csv", tmp_path / "s.csv", tmp_path / "c.csv", SplitConfig())
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "c.csv").exists()
+    # re-split: the rare class gets training rows
+    summary = run_split(tmp_path / "manifest.csv", tmp_path / "s.csv", tmp_path / "c.csv",
+                        SplitConfig(respect_source_split=False))
+    assert summary["rows"] == n + 3
+    counts = pd.read_csv(tmp_path / "c.csv").set_index("label")
+    assert counts.loc["rare", "train"] > 0
+    err = capsys.readouterr().err
+    assert "split: WARNING class 'rare' has no val images" in err  # 3 rows cannot fill all three splits
+    assert "class 'a'" not in err and "class 'b'" not in err
+
+
+def test_a_class_with_no_validation_rows_is_warned_about(tmp_path, capsys):
+    n = 60
+    df = frame(["a", "b"] * (n // 2) + ["c"] * 8, [f"p{i}" for i in range(n + 8)], [f"h{i}" for i in range(n + 8)],
+               ["train"] * 40 + ["val"] * 6 + ["test"] * 14 + ["train"] * 6 + ["test"] * 2)
+    df.to_csv(tmp_path / "manifest.csv", index=False)
+    run_split(tmp_path / "manifest.csv", tmp_path / "s.csv", tmp_path / "c.csv", SplitConfig())
+    err = capsys.readouterr().err
+    assert ("split: WARNING class 'c' has no val images (train 6, val 0, test 2): validation loss, early stopping "
+            "and the kept epoch ignore it. To fix: move some of its images (whole patients/slides) into val/") in err
+    assert "class 'a'" not in err and "class 'b'" not in err
+    assert (tmp_path / "s.csv").exists()
+
+
+def test_split_errors_are_user_errors():
+    """What `medflow split` prints as one `error: ...` line (and a flow never retries)."""
+    from medflow.cli import _user_errors
+    from medflow.data.sources import SourceError
+
+    assert issubclass(SplitError, SourceError) and issubclass(SplitError, _user_errors())
+    with pytest.raises(SplitError, match="split.folds=5 needs at least that many independent groups"):
+        assign_splits(frame(["a", "b"], ["p1", "p2"], ["h1", "h2"]), SplitConfig(folds=5))

@@ -9,7 +9,8 @@ as one batch. ``pixels.npy`` has one row per record that reached decoding: the m
 column points into it, and rows of records quarantined after decoding are left unreferenced. Every
 unusable input lands in the quarantine table with a reason, and ``found = accepted + quarantined``
 is printed and stored. Identical pixels (same ``pixel_hash``) under two different labels are all
-quarantined (``conflicting_labels``); identical pixels under one label are kept.
+quarantined (``conflicting_labels``); identical pixels under one label are kept. Images without a
+patient/slide id (each then its own group) and a single group holding every image are warned about.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from medflow.data.images import (
     pixel_hash,
     to_model_input,
 )
-from medflow.data.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS
+from medflow.data.manifest import EXTRA, MANIFEST_COLUMNS, QUARANTINE_COLUMNS
 from medflow.data.sources import (
     Record,
     SourceError,
@@ -141,10 +142,45 @@ def reconciliation_line(found: int, accepted: int, quarantined: int, by_reason: 
     return line + (" (" + ", ".join(f"{k}: {v}" for k, v in by_reason.items()) + ")" if by_reason else "")
 
 
+def grouping_warnings(rows: Sequence[dict[str, Any]], fmt: str, data: DataConfig) -> list[str]:
+    """Warnings about the patient/slide groups of the accepted ``rows``: images with no id (each its own
+    group, so one patient's images may be split apart) and one id shared by every image."""
+    n, out = len(rows), []
+    arrays = [r for r in rows if fmt == "npz" and r["source_split"] != EXTRA]  # an .npz has no ids at all
+    if arrays:
+        out.append(f"ingest: note: an .npz holds no patient/slide ids, so its {len(arrays)} images are split as "
+                   "independent images (its official train/val/test split is kept; a missing one is carved from "
+                   "train)")
+    ungrouped = sum(not r["grouped"] for r in rows) - len(arrays)
+    if ungrouped:
+        why = [f"data.group_pattern {data.group_pattern!r} matches "
+               + ("no file name at all" if ungrouped == n else "none of their file names")
+               if data.group_pattern else "data.group_pattern is not set"]
+        if fmt == "csv" and data.csv.group_column:  # the column replaces the pattern for the CSV's rows
+            why = [f"their data.csv.group_column {data.csv.group_column!r} is empty"]
+        if fmt == "dicom":
+            why.append("they have no PatientID")
+        out.append(
+            f"ingest: WARNING {ungrouped} of {n} images have no patient/slide id ({'; '.join(why)}): each is "
+            "its own group, so images of one patient or slide may land in different splits (e.g. train and "
+            "test) and test scores come out too optimistic. To fix: set data.group_pattern to a regex on the "
+            "file name stem whose named group 'group' is the patient/slide id, or for a CSV "
+            "data.csv.group_column; DICOM files take their PatientID when the pattern does not match")
+    groups = {r["group"] for r in rows}
+    if n > 1 and len(groups) == 1 and not any(not r["grouped"] for r in rows):
+        out.append(f"ingest: WARNING all {n} images share one patient/slide id {next(iter(groups))!r}: they form "
+                   "one group, which is never divided between train, val and test, so the split stage will stop "
+                   "(an anonymised DICOM PatientID does this); set data.group_pattern to take the id from the file "
+                   "names")
+    return out
+
+
 def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: IngestConfig, *,
-           extra_sources: Sequence[str] = (), extra_root: str | Path = ".", progress: bool = True) -> dict[str, Any]:
+           extra_sources: Sequence[str] = (), extra_root: str | Path = ".", progress: bool = True,
+           warn_groups: bool = True) -> dict[str, Any]:
     """Ingest ``source`` (plus the class folders matching the ``extra_sources`` globs under ``extra_root``,
-    train split only) into ``out_dir``; return the summary written to ``ingest_summary.json``."""
+    train split only) into ``out_dir``; return the summary written to ``ingest_summary.json``.
+    ``warn_groups``: print :func:`grouping_warnings` (off for data that is never split, e.g. a monitored batch)."""
     source, out_dir = Path(source), Path(out_dir)
     fmt = detect_format(source) if data.format == "auto" else data.format
     records = list_records(source, fmt, data) + extra_records(list(extra_sources), data.group_pattern, extra_root)
@@ -217,4 +253,6 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: Inges
     os.replace(pixels_tmp, out_dir / "pixels.npy")
     atomic_write_json(out_dir / "ingest_summary.json", summary)
     print(line, file=sys.stderr)
+    for warning in grouping_warnings(rows, fmt, data) if warn_groups else ():
+        print(warning, file=sys.stderr)
     return summary

@@ -3,7 +3,8 @@
 A :class:`Record` is one candidate image: where its bytes are, its label, group and official split.
 Problems known before decoding (CSV row naming a missing file, a file listed under two labels, an
 image outside any class folder) travel as ``problem`` so the image is quarantined, never dropped.
-Records come back sorted by a natural sort of ``path`` (``img2`` before ``img10``).
+Records come back sorted by a natural sort of ``path`` (``img2`` before ``img10``). Hidden files and
+folders (``.DS_Store``, ``.git/``) and ``__MACOSX/`` (what macOS zips add) are skipped everywhere.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ if TYPE_CHECKING:
     from medflow.config import CsvSource, DataConfig
 
 Format = Literal["folder", "csv", "npz", "dicom"]
+# folder names (any case) read as an official split of a split tree root/<split>/<class>/
 SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val",
               "validation": "val", "test": "test", "testing": "test"}
 # Fallback group rule: Kaggle diabetic-retinopathy names ``<patient>_left`` / ``<patient>_right``.
 EYE_PAIR = re.compile(r"^(?P<group>.+?)_(?:left|right)$", re.IGNORECASE)
+IGNORED_DIRS = frozenset({"__MACOSX"})  # resource forks macOS adds to zips; hidden names are skipped too
 
 
 class SourceError(ValueError):
@@ -68,13 +71,44 @@ def resolve_group(stem: str, pattern: str | None) -> str | None:
     return m.group("group") if m else None
 
 
+def ignored(name: str) -> bool:
+    """A hidden file or folder (``.DS_Store``, ``.git``) or ``__MACOSX``: never part of a source."""
+    return name.startswith(".") or name in IGNORED_DIRS
+
+
 def list_files(folder: str) -> list[str]:
-    """Every non-hidden file below ``folder`` (hidden folders skipped), as joined path strings."""
+    """Every file below ``folder`` except :func:`ignored` ones (and those in ignored folders), as joined
+    path strings."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out.extend(os.path.join(dirpath, f) for f in filenames if not f.startswith("."))
+        dirnames[:] = [d for d in dirnames if not ignored(d)]
+        out.extend(os.path.join(dirpath, f) for f in filenames if not ignored(f))
     return out
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    """The entries of ``folder`` that are not :func:`ignored`, by name."""
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not ignored(e.name)), key=lambda e: e.name)
+
+
+def _is_split_tree(root: str, tops: list[os.DirEntry]) -> bool:
+    """Whether the top-level folders are official splits (all named as in :data:`SPLIT_DIRS`) rather than
+    classes (none is); a mix is a :class:`SourceError` naming the odd folders, as guessing either way would
+    turn ``train``/``test`` into classes or drop a class."""
+    names = [e.name for e in tops]
+    splits = [n for n in names if n.lower() in SPLIT_DIRS]
+    if not splits:
+        return False
+    odd = [n for n in names if n.lower() not in SPLIT_DIRS]
+    if odd:
+        raise SourceError(
+            f"{root}: top-level folders {splits} are split names but {odd} are not, so this is neither a split "
+            f"tree (root/<split>/<class>/..., only split folders on top; split names, any case: "
+            f"{', '.join(SPLIT_DIRS)}) nor a class-folder tree (root/<class>/..., no split-named folder). "
+            f"Move {odd} out of the source or rename them to split names (e.g. holdout -> test); if {splits} "
+            "are classes, rename those. Hidden folders and __MACOSX are ignored")
+    return True
 
 
 def _suffix(name: str) -> str:
@@ -106,20 +140,21 @@ def folder_records(root: str | Path, group_pattern: str | None) -> list[Record]:
 
     Every non-hidden file inside a class folder is a candidate (content decides whether it is an
     image); image/DICOM files outside any class folder are quarantined as ``no_label``; other
-    files there (README, CSV) are metadata and ignored.
+    files there (README, CSV) are metadata and ignored. Top-level folders that are partly split names
+    (``train/``, ``test/`` beside ``holdout/``) raise :class:`SourceError`.
     """
     root = str(root)
     prefix = os.path.join(root, "")
-    entries = sorted((e for e in os.scandir(root) if not e.name.startswith(".")), key=lambda e: e.name)
+    entries = _entries(root)
     tops = [e for e in entries if e.is_dir()]
-    is_split_tree = bool(tops) and all(e.name.lower() in SPLIT_DIRS for e in tops)
+    is_split_tree = _is_split_tree(root, tops)
     class_dirs: list[tuple[os.DirEntry, str]] = []
     loose = [e.path for e in entries if e.is_file()]
     for top in tops:
         if not is_split_tree:
             class_dirs.append((top, ""))
             continue
-        inner = sorted((e for e in os.scandir(top.path) if not e.name.startswith(".")), key=lambda e: e.name)
+        inner = _entries(top.path)
         class_dirs += [(e, SPLIT_DIRS[top.name.lower()]) for e in inner if e.is_dir()]
         loose += [e.path for e in inner if e.is_file()]
     records = [
@@ -185,6 +220,37 @@ def csv_records(csv_path: str | Path, cfg: CsvSource, group_pattern: str | None)
     return sorted(records, key=lambda r: natural_key(r.path))
 
 
+def _npz_array(z: np.lib.npyio.NpzFile, key: str, npz_path: Path) -> np.ndarray:
+    """``z[key]``, or a :class:`SourceError` saying why it cannot be used (missing, object array)."""
+    if key not in z.files:
+        raise SourceError(f"{npz_path}: key {key!r} is missing (keys present: {z.files}); in the MedMNIST layout "
+                          "every {split}_images array needs a {split}_labels array, one label per image")
+    try:
+        return z[key]
+    except ValueError as e:  # numpy refuses object (pickled) arrays without allow_pickle, never enabled here
+        if not _npz_holds_objects(z, key):
+            raise SourceError(f"{npz_path}: {key} cannot be read: {e}") from None
+        if key.endswith("_images"):
+            what = ("images of different sizes cannot be stored in one MedMNIST array; resize them to one "
+                    "size (MedMNIST uses 28, 64, 128 or 224 px) or keep them as image files in class folders "
+                    "(root/<class>/...) instead")
+        else:
+            what = "labels must be one integer class id per image (data.label_names names the classes)"
+        raise SourceError(f"{npz_path}: {key} is an object array: {what}") from None
+
+
+def _npz_holds_objects(z: np.lib.npyio.NpzFile, key: str) -> bool:
+    """Whether member ``key`` of the .npz is an object (pickled) array, from its .npy header alone."""
+    fmt = np.lib.format
+    try:
+        with z.zip.open(f"{key}.npy") as f:
+            version = fmt.read_magic(f)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            return bool(read(f)[2].hasobject)
+    except Exception:  # noqa: BLE001 - an unreadable header is not an object array
+        return False
+
+
 def npz_records(npz_path: str | Path, label_names: dict[str, str] | None) -> list[Record]:
     """MedMNIST ``{train,val,test}_{images,labels}``; the official split is kept."""
     npz_path = Path(npz_path)
@@ -194,7 +260,8 @@ def npz_records(npz_path: str | Path, label_names: dict[str, str] | None) -> lis
         if not splits:
             raise SourceError(f"{npz_path}: no {{train,val,test}}_images arrays (keys: {z.files})")
         for split in splits:
-            images, labels = z[f"{split}_images"], np.asarray(z[f"{split}_labels"])
+            images = _npz_array(z, f"{split}_images", npz_path)
+            labels = np.asarray(_npz_array(z, f"{split}_labels", npz_path))
             if labels.ndim == 2 and labels.shape[1] == 1:
                 labels = labels[:, 0]
             if labels.ndim != 1 or len(labels) != len(images):
@@ -228,7 +295,8 @@ def extra_records(patterns: list[str] | tuple[str, ...], group_pattern: str | No
     ids prefixed with the folder's relative path, ``source_split`` :data:`~medflow.data.manifest.EXTRA`
     (the split stage puts them in train, never moving the source's own rows)."""
     root = Path(root)
-    folders = sorted({p for pat in patterns for p in root.glob(pat) if p.is_dir()}, key=lambda p: natural_key(str(p)))
+    folders = sorted({p for pat in patterns for p in root.glob(pat) if p.is_dir() and not ignored(p.name)},
+                     key=lambda p: natural_key(str(p)))
     out = []
     for folder in folders:
         prefix = folder.relative_to(root).as_posix()

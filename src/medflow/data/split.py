@@ -22,6 +22,9 @@ How rows are placed:
   * ``folds > 1``: every row (all splits) also gets a ``fold`` from scikit-learn's
     StratifiedGroupKFold over the same components, for grouped K-fold cross-validation on the whole
     dataset; ``fold`` is -1 when folds are off.
+
+:func:`run_split` stops (:class:`SplitError`) when a split would be empty or a class has no train row
+(the model could never learn it), and warns when a class has no val or test row.
 """
 
 from __future__ import annotations
@@ -38,10 +41,16 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from medflow.config import SplitConfig
 from medflow.data.manifest import EXCLUDED, EXTRA, SPLITS
+from medflow.data.sources import SourceError
 from medflow.io import atomic_write, atomic_write_csv, read_csv
 
 _TEXT_COLUMNS = ("id", "path", "label", "group", "source_split", "sha256", "pixel_hash", "format",
                  "modality", "window")
+
+
+class SplitError(SourceError):
+    """The data cannot be split as configured (an empty split, a class with no train rows, too many
+    folds): bad input, shown as one message, never retried."""
 
 
 def read_manifest(path: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
@@ -177,10 +186,10 @@ def _folds(comp: np.ndarray, labels: np.ndarray, cfg: SplitConfig) -> np.ndarray
     if cfg.folds > 1:
         n_groups = int(comp.max()) + 1 if len(comp) else 0
         if n_groups < cfg.folds:
-            raise ValueError(f"split.folds={cfg.folds} needs at least that many independent groups "
+            raise SplitError(f"split.folds={cfg.folds} needs at least that many independent groups "
                              f"(patients/slides after merging duplicates); found {n_groups}")
         if (pd.Series(y).value_counts() < cfg.folds).all():
-            raise ValueError(f"split.folds={cfg.folds} exceeds the rows of every class")
+            raise SplitError(f"split.folds={cfg.folds} exceeds the rows of every class")
         sgkf = StratifiedGroupKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
         for k, (_, held) in enumerate(sgkf.split(np.zeros(len(comp)), y, groups=comp)):
             fold[held] = k
@@ -205,10 +214,40 @@ def count_table(labels: pd.Series, splits: pd.Series) -> pd.DataFrame:
     return table
 
 
+def _check_classes(table: pd.DataFrame, official: bool) -> list[str]:
+    """Stop when a class of the :func:`count_table` has no train row; return a warning per class with no
+    val or test row. ``official``: the source's own splits were kept."""
+    classes = table.drop(index="total")
+
+    def counts(c: str) -> str:
+        return ", ".join(f"{s} {int(classes.loc[c, s])}" for s in SPLITS)
+
+    more = "add images of it from more patients/slides (a patient/slide is never divided between splits)"
+    untrained = classes.index[classes["train"] == 0].tolist()
+    if untrained:
+        fix = ("move some of its images (whole patients/slides) into train/, or set split.respect_source_split: "
+               "false to re-split the official splits" if official else more)
+        raise SplitError("split: " + "; ".join(f"class {c!r} has no training images ({counts(c)})" for c in untrained)
+                         + f": the model could never learn {'it' if len(untrained) == 1 else 'them'}. To fix: "
+                         f"{fix}, or remove the class from the source.")
+    effect = {"val": "validation loss, early stopping and the kept epoch ignore it",
+              "test": "its test metrics cannot be measured"}
+    warnings = []
+    for c in classes.index:
+        missing = [s for s in ("val", "test") if classes.loc[c, s] == 0]
+        if missing:
+            fix = (f"move some of its images (whole patients/slides) into {' and '.join(m + '/' for m in missing)}, "
+                   "or set split.respect_source_split: false" if official else more)
+            warnings.append(f"split: WARNING class {c!r} has no {' or '.join(missing)} images ({counts(c)}): "
+                            f"{'; '.join(effect[m] for m in missing)}. To fix: {fix}")
+    return warnings
+
+
 def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str | Path,
               cfg: SplitConfig) -> dict:
     """Split the manifest; write ``splits_csv`` (id, split, fold) and the per-class count table.
-    Stops with a message when a split would be empty (training needs all three)."""
+    Stops with a :class:`SplitError` when a split would be empty (training needs all three) or a class
+    has no train row; warns when a class has no val or test row."""
     df = read_manifest(manifest_csv, ["id", "label", "group", "pixel_hash", "source_split"])
     comp = components(df)
     out = assign_splits(df, cfg, comp)
@@ -216,11 +255,12 @@ def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str 
     n = len(out)
     counts = {s: int((split == s).sum()) for s in SPLITS}
     if n and (empty := [s for s in SPLITS if not counts[s]]):
-        raise ValueError(
+        raise SplitError(
             f"split: no rows in {'/'.join(empty)} ({counts}, {int(comp.max()) + 1} independent groups "
             f"of patients/slides/duplicates). Every split needs rows: add data or groups, or change "
             f"split.train/val/test; with official splits, split.respect_source_split: false re-splits them")
     table = count_table(labels, split)
+    class_warnings = _check_classes(table, bool(cfg.respect_source_split and set(src) - {"", EXTRA}))
     atomic_write_csv(splits_csv, out)
     atomic_write(counts_csv, table.to_csv(index_label="label"))
     official = set(src) - {"", EXTRA}
@@ -244,6 +284,8 @@ def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str 
     print(f"split: {n} rows in {summary['components']} independent groups -> "
           f"train:val:test = {ratio_text}"
           + (f", {cfg.folds} grouped folds" if cfg.folds > 1 else ""), file=sys.stderr)
+    for warning in class_warnings:
+        print(warning, file=sys.stderr)
     if summary["moved_from_source_split"]:
         print(f"split: WARNING {summary['moved_from_source_split']} of {n} rows "
               f"({summary['moved_from_source_split'] / n:.0%}) moved off the source's official split: their "
