@@ -299,7 +299,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
     # The batch's own format (a class-folder batch stays a folder when the training source is a CSV or npz).
     data_cfg = params.data.model_copy(update={"format": "auto"})
     with tempfile.TemporaryDirectory(prefix="medflow-monitor-") as tmp:
-        ing = ingest(batch_source, tmp, data_cfg, ingest_cfg, progress=progress)
+        ing = ingest(batch_source, tmp, data_cfg, ingest_cfg, progress=progress, warn_groups=False)  # never split
         for f in ("quarantine.csv", "ingest_summary.json"):
             shutil.copyfile(Path(tmp) / f, batch_dir / f)
         manifest = pd.read_csv(Path(tmp) / "manifest.csv", dtype={"id": str, "label": str, "path": str})
