@@ -1,9 +1,12 @@
-"""Real browser: headless Chromium uploads an embedded sample image and reads the result from the page."""
+"""Real browser: headless Chromium uploads embedded sample images and reads the result from the page."""
 
 from __future__ import annotations
 
 import base64
+import io
+import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -11,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from serve_support import CLASSES, make_tiny_champion, sample_pngs
@@ -21,6 +25,7 @@ from medflow.serve.app import create_app
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
+UNRELIABLE = "Prediction not reliable: this image is unlike the training images"
 
 pytestmark = pytest.mark.browser
 
@@ -54,54 +59,274 @@ def server(tmp_path: Path):
     sock.close()
 
 
-def _shown_probabilities(page) -> dict[str, float]:  # noqa: ANN001 - playwright Page
+@pytest.fixture()
+def page(server: str):
+    """A Chromium page (1280×900) on the served page, its model loaded; fails the test on any CSP violation."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1280, "height": 900})
+            console: list[str] = []
+            pg.on("console", lambda m: console.append(m.text))
+            pg.goto(server)
+            expect(pg.locator("#model-version")).to_have_text("tiny_cnn-0123abcd")
+            yield pg
+            refused = [m for m in console if "Content Security Policy" in m]
+            assert not refused, f"the page broke its own CSP: {refused}"
+        finally:
+            browser.close()
+
+
+def _percent(p: float) -> str:
+    """The page's percentages (app.js percent())."""
+    return "> 99.9%" if p > 0.999 else "< 0.1%" if p < 0.001 else f"{100 * p:.1f}%"
+
+
+def _shown_probabilities(page) -> dict[str, float]:
     bars = page.locator("#probabilities li")
     return {bars.nth(i).get_attribute("data-class"): float(bars.nth(i).get_attribute("data-probability"))
             for i in range(bars.count())}
 
 
+def _api_predict(server: str, data: bytes) -> dict:
+    return httpx.post(f"{server}/predict", files={"file": ("x.png", data)}, timeout=60).json()
+
+
 def _api_probabilities(server: str, data: bytes) -> dict[str, float]:
-    r = httpx.post(f"{server}/predict", files={"file": ("x.png", data)}, timeout=60).json()
+    r = _api_predict(server, data)
     return dict(zip(r["classes"], r["probabilities"]))
 
 
-def test_upload_and_drop_show_prediction(server: str, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
 
-    first, second = sample_pngs(2)  # one per class
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _grey_gradient(path: Path) -> Path:
+    """A horizontal black-to-white ramp: one channel, nothing like a stained cell."""
+    path.write_bytes(_png(np.tile(np.linspace(0, 255, 128, dtype=np.uint8), (128, 1))))
+    return path
+
+
+def _upload(page, path: Path) -> None:
+    from playwright.sync_api import expect
+
+    page.set_input_files("#file", str(path))
+    expect(page.locator("#status")).to_have_text(re.compile(rf"^Classified {re.escape(path.name)} in \d+\.\d s"),
+                                                 timeout=30_000)
+    expect(page.locator("#result")).to_be_visible()
+
+
+def _no_horizontal_scroll(page) -> None:
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= page.viewport_size["width"], f"page is {width}px wide at {page.viewport_size['width']}px"
+
+
+def test_upload_and_drop_show_prediction(server: str, page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    first, second = sample_pngs(2)  # one per class, held out of the profile: no warnings
     image = Path(shutil.copy(first, tmp_path / "cell.png"))
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(server)
-            expect(page.locator("#notice")).to_contain_text("does not replace, a clinician")
-            expect(page.locator("#model-version")).to_have_text("tiny_cnn-0123abcd")
+    expect(page.locator("#notice")).to_contain_text("does not replace, a clinician")
 
-            # 1. the file picker
-            page.set_input_files("#file", str(image))
-            expect(page.locator("#result")).to_be_visible(timeout=30_000)
-            expect(page.locator("#probabilities li")).to_have_count(len(CLASSES))
-            proba = _shown_probabilities(page)
-            assert set(proba) == set(CLASSES) and abs(sum(proba.values()) - 1) < 1e-5
-            assert page.locator("#predicted").inner_text() == max(proba, key=proba.get)
-            assert proba == pytest.approx(_api_probabilities(server, image.read_bytes()), abs=1e-6)
-            for img in ("#image", "#gradcam"):  # both images decoded and rendered
-                assert page.locator(img).evaluate("el => el.complete && el.naturalWidth") == 32
+    # 1. the file picker
+    _upload(page, image)
+    expect(page.locator("#probabilities li")).to_have_count(len(CLASSES))
+    proba = _shown_probabilities(page)
+    assert set(proba) == set(CLASSES) and abs(sum(proba.values()) - 1) < 1e-5
+    top = max(proba, key=proba.get)
+    assert page.locator("#predicted").inner_text() == top
+    assert proba == pytest.approx(_api_probabilities(server, image.read_bytes()), abs=1e-6)
+    # a normal result: the class in the heading, no warnings, no demoted "model output" line
+    expect(page.locator("#headline")).to_have_text(f"Predicted: {top} ({_percent(proba[top])})")
+    expect(page.locator("#warnings")).to_be_hidden()
+    expect(page.locator("#model-output")).to_be_hidden()
+    expect(page.locator("#status")).not_to_contain_text("unlike")
+    for cls, p in proba.items():
+        expect(page.locator(f'#probabilities li[data-class="{cls}"] .pct')).to_have_text(_percent(p))
+    for img in ("#image", "#gradcam"):  # both images decoded and rendered
+        assert page.locator(img).evaluate("el => el.complete && el.naturalWidth") == 32
+    _no_horizontal_scroll(page)
 
-            # 2. drag-and-drop of another image onto the drop zone
-            expected = _api_probabilities(server, second.read_bytes())
-            assert expected != pytest.approx(proba, abs=1e-6), "the two sample images must score differently"
-            transfer = page.evaluate_handle(
-                """async (b64) => {
-                    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-                    const dt = new DataTransfer();
-                    dt.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
-                    return dt;
-                }""", base64.b64encode(second.read_bytes()).decode())
-            page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
-            expect(page.locator("#status")).to_have_text("Done.", timeout=30_000)
-            assert _shown_probabilities(page) == pytest.approx(expected, abs=1e-6)
-            assert page.locator("#predicted").inner_text() == max(expected, key=expected.get)
-        finally:
-            browser.close()
+    # 2. drag-and-drop of another image onto the drop zone
+    expected = _api_probabilities(server, second.read_bytes())
+    assert expected != pytest.approx(proba, abs=1e-6), "the two sample images must score differently"
+    transfer = page.evaluate_handle(
+        """async (b64) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], "dropped.png", {type: "image/png"}));
+            return dt;
+        }""", base64.b64encode(second.read_bytes()).decode())
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+    expect(page.locator("#status")).to_have_text(re.compile(r"^Classified dropped\.png in \d+\.\d s$"), timeout=30_000)
+    assert _shown_probabilities(page) == pytest.approx(expected, abs=1e-6)
+    assert page.locator("#predicted").inner_text() == max(expected, key=expected.get)
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_image_unlike_training_data_demotes_prediction(server: str, page, tmp_path: Path, width: int) -> None:
+    from playwright.sync_api import expect
+
+    page.set_viewport_size({"width": width, "height": 900})
+    grey = _grey_gradient(tmp_path / "gradient.png")
+    api = _api_predict(server, grey.read_bytes())
+    assert api["warnings"], "a grey ramp must be flagged as unlike the training images"
+    _upload(page, grey)
+
+    # warnings box first, then a heading that says the prediction is not reliable; the class only as small print
+    expect(page.locator("#warnings")).to_be_visible()
+    expect(page.locator("#warning-list li")).to_have_text(api["warnings"])
+    expect(page.locator("#headline")).to_have_text(UNRELIABLE)
+    expect(page.locator("#headline #predicted")).to_have_count(0)
+    output = f"model output: {api['predicted']} ({_percent(api['confidence'])})"
+    expect(page.locator("#model-output")).to_have_text(output)
+    expect(page.locator("#model-output #predicted")).to_have_text(api["predicted"])
+    expect(page.locator("#result")).to_have_class(re.compile(r"\bunreliable\b"))
+    expect(page.locator("#status")).to_contain_text("unlike the training images")
+    box = {s: page.locator(s).bounding_box() for s in ("#warnings", "#headline", "#model-output", "#probabilities")}
+    assert box["#warnings"]["y"] < box["#headline"]["y"] < box["#model-output"]["y"] < box["#probabilities"]["y"]
+    size = {s: float(page.locator(s).evaluate("el => parseFloat(getComputedStyle(el).fontSize)"))
+            for s in ("#headline", "#model-output")}
+    assert size["#model-output"] < size["#headline"]
+    _no_horizontal_scroll(page)
+
+    # the next, ordinary image gets its confident heading back and no leftover warnings
+    cell = Path(shutil.copy(sample_pngs(1)[0], tmp_path / "cell.png"))
+    _upload(page, cell)
+    expect(page.locator("#headline")).to_have_text(re.compile(r"^Predicted: "))
+    expect(page.locator("#warnings")).to_be_hidden()
+    expect(page.locator("#model-output")).to_be_hidden()
+    expect(page.locator("#result")).not_to_have_class(re.compile(r"\bunreliable\b"))
+    _no_horizontal_scroll(page)
+
+
+def _tiny_png_b64() -> str:
+    return base64.b64encode(_png(np.zeros((8, 8, 3), np.uint8))).decode()
+
+
+def test_probabilities_neutral_and_never_certain(page) -> None:
+    from playwright.sync_api import expect
+
+    classes = ["Parasitized", "Uninfected", "Other"]
+    body = {"classes": classes, "probabilities": [0.99996, 0.00003, 0.00001], "predicted": "Parasitized",
+            "confidence": 0.99996, "image_png_base64": _tiny_png_b64(), "gradcam_png_base64": _tiny_png_b64(),
+            "model_version": "tiny_cnn-0123abcd", "warnings": [],
+            "input": {"format": "png", "width": 8, "height": 8, "channels": 3, "bit_depth": 8}}
+    page.route("**/predict", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                         body=json.dumps(body)))
+    page.set_input_files("#file", files=[{"name": "sure.png", "mimeType": "image/png", "buffer": b"x"}])
+    expect(page.locator("#result")).to_be_visible(timeout=30_000)
+
+    # never "100.0%" / "0.0%"
+    expect(page.locator("#headline")).to_have_text("Predicted: Parasitized (> 99.9%)")
+    expect(page.locator("#probabilities .pct")).to_have_text(["> 99.9%", "< 0.1%", "< 0.1%"])
+    cases = [1.0, 0.99951, 0.9991, 0.999, 0.5, 0.1234, 0.001, 0.00099, 0.0004, 0.0]
+    assert page.evaluate("(ps) => ps.map(percent)", cases) == [_percent(p) for p in cases]
+    assert [_percent(p) for p in cases] == ["> 99.9%", "> 99.9%", "> 99.9%", "99.9%", "50.0%", "12.3%", "0.1%",
+                                             "< 0.1%", "< 0.1%", "< 0.1%"]
+
+    # one neutral (grey) colour for every bar; the top class stands out by weight and an outline, not by colour
+    fills = page.locator("#probabilities .bar span").evaluate_all(
+        "els => els.map((el) => getComputedStyle(el).backgroundColor)")
+    assert len(set(fills)) == 1, fills
+    r, g, b = map(int, re.findall(r"\d+", fills[0])[:3])
+    assert max(r, g, b) - min(r, g, b) <= 40, f"bar colour {fills[0]} is not neutral"
+    style = page.locator("#probabilities li").evaluate_all(
+        """els => els.map((li) => ({weight: getComputedStyle(li.querySelector('.name')).fontWeight,
+                                    outline: getComputedStyle(li.querySelector('.bar')).outlineStyle}))""")
+    assert int(style[0]["weight"]) >= 600 and style[0]["outline"] != "none"
+    assert all(int(s["weight"]) < 600 and s["outline"] == "none" for s in style[1:]), style
+
+
+def test_gradcam_has_colour_scale_of_server_colormap(page, tmp_path: Path) -> None:
+    import cv2
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from medflow.models.gradcam import GRADCAM_COLORMAP
+
+    assert GRADCAM_COLORMAP == "jet", "the page's colour scale (style.css .scale-bar) draws jet"
+    _upload(page, Path(shutil.copy(sample_pngs(1)[0], tmp_path / "cell.png")))
+    predicted = page.locator("#predicted").inner_text()
+    scale = page.locator("#gradcam-scale")
+    expect(scale).to_be_visible()
+    expect(scale).to_have_attribute("role", "img")
+    expect(scale).to_have_attribute("aria-label", re.compile(r"low influence.*high influence"))
+    expect(scale.locator(".scale-labels span")).to_have_text(["low", "high influence"])
+    alt = page.locator("#gradcam").get_attribute("alt")
+    assert "Grad-CAM" in alt and predicted in alt and "most influenced" in alt, alt
+
+    # the drawn bar, left to right, is OpenCV's COLORMAP_JET (what overlay() paints), 0 → 1
+    bar = page.locator("#gradcam-scale .scale-bar")
+    rgb = np.asarray(Image.open(io.BytesIO(bar.screenshot())).convert("RGB")).astype(int)
+    row = rgb[rgb.shape[0] // 2, 1:-1]  # inside the 1px border
+    jet = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[None], cv2.COLORMAP_JET)[0][:, ::-1].astype(int)
+    for x in range(2, len(row) - 2):
+        expected = jet[round((x + 0.5) / len(row) * 255)]
+        assert np.abs(row[x] - expected).max() <= 24, (x, row[x].tolist(), expected.tolist())
+
+
+def test_metrics_table_has_headers_and_human_labels(page) -> None:
+    from playwright.sync_api import expect
+
+    def with_all_metrics(route) -> None:
+        model = route.fetch().json()
+        model["metric"] = "macro_f1"
+        model["metrics"] = {"accuracy": 0.925, "balanced_accuracy": 0.925, "macro_f1": 0.92495, "roc_auc": 0.97833,
+                            "qwk": 0.81, "ece": 0.03427, "n_test": 120, "num_params": 3415593,
+                            "per_class": {"Parasitized": {"recall": 0.9}}, "macro_f1_ci": [0.88, 0.96]}
+        route.fulfill(status=200, content_type="application/json", body=json.dumps(model))
+
+    page.route("**/model", with_all_metrics)
+    page.reload()
+    table = page.locator("#metrics")
+    expect(table.locator("thead th[scope=col]")).to_have_text(["Metric", "Value"])
+    expect(table.locator("tbody th[scope=row]")).to_have_text([
+        "Accuracy", "Balanced accuracy", "Macro F1 (used to choose the model)", "ROC AUC (one-vs-rest)",
+        "Quadratic weighted kappa", "Calibration error (ECE, lower is better)", "Test images", "Parameters"])
+    expect(table.locator("tbody td")).to_have_text(["0.925", "0.925", "0.925", "0.978", "0.810", "0.034", "120",
+                                                    "3,415,593"])
+    assert "_" not in table.inner_text()
+
+
+def test_file_picker_is_one_keyboard_stop_without_native_control(page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    # file choosers intercepted from here on: expect_file_chooser() alone switches Playwright's interception on
+    # without waiting for it (fire and forget), so a key pressed right after it can open an unintercepted one
+    page.on("filechooser", lambda _: None)
+
+    # the native "Choose File / No file chosen" control is hidden from sight, not from keyboards or screen readers
+    box = page.locator("#file").bounding_box()
+    assert box is not None and box["width"] <= 1 and box["height"] <= 1, box
+    expect(page.locator(".button")).to_be_visible()
+    expect(page.get_by_label("Choose a file")).to_have_id("file")
+
+    # Tab reaches the file input; the drop zone is no tab stop of its own (it did nothing on Enter/Space)
+    assert page.locator("#drop").evaluate("el => el.tabIndex") < 0
+    stops = []
+    for _ in range(10):
+        page.keyboard.press("Tab")
+        stops.append(page.evaluate("document.activeElement.id || document.activeElement.tagName"))
+        if stops[-1] == "file":
+            break
+    assert stops[-1] == "file" and "drop" not in stops, stops
+    outline = page.locator(".button").evaluate("el => getComputedStyle(el).outlineStyle")
+    assert outline != "none", "the focused file input shows no focus ring on its button"
+
+    # Enter and Space open the picker
+    cell, second = (Path(shutil.copy(f, tmp_path / f"cell{i}.png")) for i, f in enumerate(sample_pngs(2)))
+    for key, image in (("Enter", cell), ("Space", second)):
+        with page.expect_file_chooser() as chooser:
+            page.keyboard.press(key)
+        chooser.value.set_files(str(image))
+        expect(page.locator("#status")).to_have_text(re.compile(rf"^Classified {image.name} in \d+\.\d s"),
+                                                     timeout=30_000)
+        expect(page.locator("#result")).to_be_visible()
+        assert page.evaluate("document.activeElement.id") == "file"
