@@ -81,6 +81,11 @@ def _span(ci: Sequence[float] | None) -> str:
     return " – ".join(_fmt(float(x)) for x in ci) if ci else ""
 
 
+def _still_improving(train: dict[str, Any] | None) -> bool:
+    """Training ran out of epochs with its best validation loss at the last one: more epochs may help."""
+    return bool(train) and not train.get("stopped_early") and train.get("best_epoch") == train.get("epochs_run")
+
+
 def _operating_point(details: dict[str, Any], positive: str | None) -> dict[str, Any] | None:
     """Sensitivity and specificity of a two-class model at its decision rule (the more probable class) for
     ``evaluate.positive_class``: hits, totals, values and 95% intervals (the per-class recall resamples)."""
@@ -176,6 +181,7 @@ def _model_section(layout: Layout, name: str) -> dict[str, Any]:
     out["curves"] = figures.data_uri(figures.learning_curves(history)) if history is not None and len(history) else None
     if out["train"]:
         out["input_size"] = out["train"].get("input_size")
+    out["still_improving"] = _still_improving(out["train"])
     if details is not None:
         ci = details.get("ci95", {})
         out["ci_unit"], out["ci_units"] = details.get("ci_unit", "images"), details.get("ci_units", details.get("n"))
@@ -229,8 +235,7 @@ def _comparison_section(layout: Layout, positive: str | None = None) -> dict[str
                  # models whose interval of the ranking metric overlaps the champion's: not shown to be worse
                  "overlap": [m for m, other in ci.items() if m != champ["model"] and mine and other
                              and other[0] <= mine[1] and other[1] >= mine[0]],
-                 "still_improving": bool(train) and not train.get("stopped_early")
-                 and train.get("best_epoch") == train.get("epochs_run"),
+                 "still_improving": _still_improving(train),
                  "epochs": train.get("epochs_run"),
                  "operating_point": _operating_point(_json(layout.eval_dir(champ["model"]) / "details.json") or {},
                                                      positive),
