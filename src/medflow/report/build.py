@@ -260,7 +260,6 @@ def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
     for r in rows:  # a batch checked against an earlier model says so: its figures are not the current model's
         if r.get("champion_version") and current and r["champion_version"] != current:
             r["champion_version"] = f"{r['champion_version']} (not the current champion)"
-        r["simulated"] = {True: "yes", False: "no"}.get(r.get("simulated"), "")
     return {"table": _table(pd.DataFrame(rows).drop(columns=["report"]), labels=labels), "links": links}
 
 
