@@ -83,12 +83,7 @@ def ingest(
     Without SOURCE: data.source (read as data.format) plus the data.extra_sources folders (labelled
     batches added by retraining). A SOURCE given here is read alone, its kind detected (format auto)."""
     p = _params(params)
-    from medflow.data.ingest import ingest as run
-
-    if source is None:
-        _run(lambda: run(Path(p.data.source), out, p.data, p.ingest, extra_sources=p.data.extra_sources))
-    else:
-        _run(lambda: run(Path(source), out, p.data.model_copy(update={"format": "auto"}), p.ingest))
+    _run(lambda: stages.ingest(p, source=source, out=out))
 
 
 @app.command()

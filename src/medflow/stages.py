@@ -15,14 +15,25 @@ from medflow.config import Params
 from medflow.layout import Layout
 
 
-def ingest(params: Params, layout: Layout = Layout(), source: str | Path | None = None) -> dict:
-    """Source (folder | CSV | npz | DICOM) -> manifest, quarantine, pixels, summary."""
+def ingest(params: Params, layout: Layout = Layout(), source: str | Path | None = None,
+           out: str | Path | None = None) -> dict:
+    """Source (folder | CSV | npz | DICOM) -> manifest, quarantine, pixels, summary in ``out`` (default
+    ``data/interim``). Without ``source``: ``data.source`` (as ``data.format``) plus ``data.extra_sources``; an
+    explicit ``source`` (e.g. a batch) is read alone, its kind detected. Raises SourceError, after writing the
+    quarantine table, when no image is usable."""
     from medflow.data.ingest import ingest as run
+    from medflow.data.sources import SourceError
 
-    if source is not None:  # an explicit source (e.g. a batch) is ingested alone, its kind detected
-        return run(Path(source), layout.interim, params.data.model_copy(update={"format": "auto"}), params.ingest)
-    return run(layout.root / params.data.source, layout.interim, params.data, params.ingest,
-               extra_sources=params.data.extra_sources, extra_root=layout.root)
+    out = layout.interim if out is None else Path(out)
+    if source is not None:
+        summary = run(Path(source), out, params.data.model_copy(update={"format": "auto"}), params.ingest)
+    else:
+        summary = run(layout.root / params.data.source, out, params.data, params.ingest,
+                      extra_sources=params.data.extra_sources, extra_root=layout.root)
+    if not summary["accepted"]:
+        raise SourceError(f"{summary['source']}: no usable image ({summary['reconciliation']}); each file and its "
+                          f"reason are in {out / 'quarantine.csv'}")
+    return summary
 
 
 def validate(params: Params, layout: Layout = Layout()) -> dict:

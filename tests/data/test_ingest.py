@@ -22,7 +22,7 @@ from medflow.config import CsvSource, DataConfig, IngestConfig
 from medflow.data.images import decode_image, load_image_file, to_model_input
 from medflow.data.ingest import ingest, process_array_batch, process_record
 from medflow.data.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS
-from medflow.data.sources import Record, natural_key
+from medflow.data.sources import Record, SourceError, natural_key
 
 SMALL = IngestConfig(image_size=32, workers=2)
 
@@ -240,6 +240,45 @@ def test_dicom_folder(tmp_path: Path) -> None:
     assert (cr["modality"], cr["window"], cr["label"]) == ("CR", "file:15000/30000", "cr")
     assert pd.isna(cr["pixel_spacing"]) and pd.isna(cr["slice_thickness"])  # CR: spacing 0 means unknown
     assert_pixels_match(manifest, pixels, tmp_path / "src", data)
+
+
+def test_dicom_format_quarantines_other_files(malaria_dir: Path, tmp_path: Path) -> None:
+    """data.format: dicom says every file is DICOM: a PNG beside the DICOM files is quarantined as not_dicom,
+    not silently read as an image; format auto reads both."""
+    (tmp_path / "src" / "ct").mkdir(parents=True)
+    shutil.copy(get_testdata_file("CT_small.dcm"), tmp_path / "src" / "ct" / "CT_small.dcm")
+    shutil.copy(sorted((malaria_dir / "Uninfected").glob("*.png"))[0], tmp_path / "src" / "ct" / "cell.png")
+    summary = ingest(tmp_path / "src", tmp_path / "out", DataConfig(format="dicom"), SMALL, progress=False)
+    _, quarantine, _, _ = read_outputs(tmp_path / "out")
+    assert summary["reconciliation"] == "found 2 = accepted 1 + quarantined 1 (not_dicom: 1)"
+    assert quarantine.loc[0, "path"] == "ct/cell.png" and "a PNG image" in quarantine.loc[0, "detail"]
+    auto = ingest(tmp_path / "src", tmp_path / "auto", DataConfig(), SMALL, progress=False)
+    assert auto["format"] == "folder" and auto["accepted"] == 2
+
+
+def test_npz_class_id_without_a_name_stops(tmp_path: Path) -> None:
+    """A partial data.label_names would mix names and bare ids as labels: it stops, naming the missing ids."""
+    write_medmnist(tmp_path / "tiny.npz")
+    with pytest.raises(SourceError, match=r"class ids \['2'\] that data.label_names does not name"):
+        ingest(tmp_path / "tiny.npz", tmp_path / "out", DataConfig(label_names={"0": "a", "1": "b"}), SMALL,
+               progress=False)
+
+
+def test_nothing_usable_stops_after_writing_the_quarantine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source whose every file is unusable is an error (exit 1 in the CLI), and the table of reasons is there."""
+    from medflow import stages
+    from medflow.config import parse_params
+    from medflow.layout import Layout
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "empty.png").write_bytes(b"")
+    (tmp_path / "src" / "a" / "text.png").write_bytes(b"not an image")
+    params = parse_params({"data": {"source": "src"}, "ingest": {"image_size": 16, "workers": 1}})
+    with pytest.raises(SourceError, match=r"no usable image \(found 2 = accepted 0 \+ quarantined 2 "
+                                          r"\(empty_file: 1, not_an_image: 1\)\); .*quarantine.csv"):
+        stages.ingest(params, Layout(tmp_path))
+    quarantine = pd.read_csv(tmp_path / "data" / "interim" / "quarantine.csv")
+    assert sorted(quarantine["reason"]) == ["empty_file", "not_an_image"]
 
 
 def test_extra_sources_are_marked_extra(malaria_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

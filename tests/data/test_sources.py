@@ -130,12 +130,13 @@ def test_csv_group_column_and_bad_columns(tmp_path: Path, malaria_dir: Path) -> 
 def test_npz_records_keep_official_split(tmp_path: Path) -> None:
     path = tmp_path / "tinymnist.npz"
     write_medmnist(path)
-    records = npz_records(path, {"0": "basophil", "1": "eosinophil"})
+    records = npz_records(path, {"0": "basophil", "1": "eosinophil", "2": "erythroblast"})
     assert len(records) == 19
     assert Counter(r.source_split for r in records) == {"train": 12, "val": 3, "test": 4}
     first = records[0]
     assert first.path == "tinymnist.npz:test:0" and first.label == "basophil" and first.array.shape == (28, 28, 3)
-    assert records[2].label == "2"  # no name given: the integer as a string
+    assert records[2].label == "erythroblast"
+    assert npz_records(path, None)[2].label == "2"  # no names: the integer as a string
     assert [r.path for r in records][:11] == [f"tinymnist.npz:test:{i}" for i in range(4)] + \
         [f"tinymnist.npz:train:{i}" for i in range(7)]  # natural order: 2 before 10
 

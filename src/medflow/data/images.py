@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 REASONS = (
     "empty_file", "not_an_image", "corrupt", "truncated", "unsupported_bit_depth",
     "unsupported_channels", "multi_frame", "too_small", "too_large", "decompression_bomb", "no_pixel_data",
-    "missing_file", "conflicting_labels", "unreadable", "no_label",
+    "missing_file", "conflicting_labels", "unreadable", "no_label", "not_dicom",
 )
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
@@ -186,12 +186,17 @@ def is_dicom(data: bytes, name: str = "") -> bool:
 
 
 def decode_any(data: bytes, name: str, data_cfg: DataConfig, ingest_cfg: IngestConfig) -> Decoded:
-    """Sniff the content (DICOM or image bytes) and decode it with the configured limits."""
+    """Sniff the content (DICOM or image bytes) and decode it with the configured limits; with
+    ``data.format: dicom`` anything else is ``not_dicom``."""
     limits = dict(max_pixels=ingest_cfg.max_pixels, min_side=ingest_cfg.min_side, max_side=ingest_cfg.max_side)
     if data and is_dicom(data, name):
         from medflow.data.dicom import decode_dicom
 
         return decode_dicom(data, data_cfg.dicom, **limits)
+    if data and data_cfg.format == "dicom":
+        fmt = sniff_format(data)
+        raise BadImage("not_dicom", f"data.format is dicom but this is {f'a {fmt.upper()} image' if fmt else 'not DICOM'}"
+                       " (no DICM marker at byte 128); set data.format: auto to read images and DICOM together")
     return decode_image(data, **limits)
 
 

@@ -267,8 +267,13 @@ def npz_records(npz_path: str | Path, label_names: dict[str, str] | None) -> lis
             if labels.ndim != 1 or len(labels) != len(images):
                 raise SourceError(f"{npz_path}: {split}_labels has shape {labels.shape}; "
                                  f"expected one label per image ({len(images)}); multi-label sets are unsupported")
-            for i, (image, value) in enumerate(zip(images, labels.tolist())):
-                label = (label_names or {}).get(str(value), str(value))
+            values = [str(v) for v in labels.tolist()]
+            if label_names and (unnamed := sorted(set(values) - set(label_names), key=natural_key)):
+                raise SourceError(f"{npz_path}: {split}_labels holds class ids {unnamed} that data.label_names does not "
+                                  f"name (it names {sorted(label_names, key=natural_key)}); add them, or remove "
+                                  "data.label_names to use the ids as labels")
+            for i, (image, value) in enumerate(zip(images, values)):
+                label = (label_names or {}).get(value, value)
                 records.append(Record(f"{npz_path.name}:{split}:{i}", label, None, split, array=image))
     return records
 

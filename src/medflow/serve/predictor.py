@@ -59,7 +59,8 @@ class Predictor:
         from medflow.models.registry import load_model
 
         self.record, self.model_path = load_champion(champion_json)
-        self.data_cfg, self.ingest_cfg = data_cfg, ingest_cfg
+        # uploads are sniffed like a monitored batch (format auto): a PNG export of a DICOM-trained task is accepted
+        self.data_cfg, self.ingest_cfg = data_cfg.model_copy(update={"format": "auto"}), ingest_cfg
         self.classes: list[str] = list(self.record["classes"])
         self.image_size: int = int(self.record["image_size"])
         self.channels: int = int(self.record["channels"])
