@@ -94,8 +94,9 @@ def roc(points: pd.DataFrame, auc: float | None) -> bytes:
     return to_png(fig)
 
 
-def reliability(table: pd.DataFrame) -> bytes:
-    """Reliability diagram: accuracy vs mean confidence per bin; the diagonal is perfect calibration."""
+def reliability(table: pd.DataFrame, n_classes: int) -> bytes:
+    """Reliability diagram: accuracy vs mean confidence per bin; the diagonal is perfect calibration. The
+    confidence axis starts at 1/n_classes, the lowest top-class probability there can be (0.5 for two classes)."""
     fig, ax = plt.subplots(figsize=(4.2, 4))
     used = table[table["count"] > 0]
     width = float((table["upper"] - table["lower"]).iloc[0])
@@ -107,7 +108,7 @@ def reliability(table: pd.DataFrame) -> bytes:
         ax.annotate(f"{int(n)}", (lower + width / 2, acc), xytext=(0, 2), textcoords="offset points",
                     ha="center", va="bottom", fontsize=7)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", label="perfect calibration")
-    ax.set_xlim(0, 1)
+    ax.set_xlim(float(table["lower"][table["upper"] > 1 / n_classes].min()), 1)  # the bin holding 1/n_classes on
     ax.set_ylim(0, 1.08)
     ax.set_xlabel("model confidence")
     ax.set_ylabel("share correct (number on bar: images in the bin)")
