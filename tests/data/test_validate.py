@@ -56,8 +56,12 @@ def test_valid_manifest_passes_and_writes_offline_html(tmp_path, capsys):
     assert dup["severity"] == "info" and dup["success"] is False
     assert dup["offending"] == [{"rows": 2, "pixel_hash": df.loc[0, "pixel_hash"]}]
     html = (tmp_path / "out" / "validation.html").read_text()
-    assert "PASSED" in html and "expect_column_values_to_be_in_set" in html
+    assert "PASSED" in html and "expect_column_values_to_be_in_set" in html.replace("<wbr>", "")
     assert html.count("<tr>") == len(result["results"]) + 1
+    first_row = html.split("<tbody>")[1].split("</tr>")[0]
+    assert "FAIL" in first_row and "exact duplicates" in first_row  # the one unmet (info) expectation comes first
+    assert re.search(r"Checked (the images of .*)?manifest\s<code>.*manifest.csv</code>\)? on \d{4}-\d\d-\d\d \d\d:\d\d UTC",
+                     html)
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html)  # nothing fetched online
     assert "http" not in html
     assert "validate: PASSED" in capsys.readouterr().err

@@ -191,10 +191,16 @@ def run_expectations(tables: dict[str, pd.DataFrame], cfg: ValidateConfig,
 
 def render_html(result: dict) -> str:
     """A self-contained HTML page (inline CSS, no external resources) of the validation result."""
+    from datetime import datetime, timezone
+
     from jinja2 import Environment
+    from markupsafe import Markup, escape
 
     template = Environment(autoescape=True).from_string(_HTML)
-    return template.render(r=result, dumps=lambda v: json.dumps(v, ensure_ascii=False))
+    order = sorted(result["results"], key=lambda e: (e["success"], e["severity"] != "critical"))  # failures first
+    return template.render(r=result, results=order, dumps=lambda v: json.dumps(v, ensure_ascii=False),
+                           wbr=lambda name: Markup("_<wbr>").join(escape(part) for part in str(name).split("_")),
+                           when=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
 def validate(manifest_csv: str | Path, quarantine_csv: str | Path, summary_json: str | Path,
@@ -216,6 +222,7 @@ def validate(manifest_csv: str | Path, quarantine_csv: str | Path, summary_json:
         "success": not failed,
         "statistics": {"evaluated": len(records), "failed": len(failed),
                        "successful": sum(r["success"] for r in records)},
+        "source": summary.get("source"), "manifest": str(manifest_csv),
         "rows": len(manifest),
         "classes": {str(k): int(v) for k, v in zip(tables["classes"]["label"], tables["classes"]["rows"])},
         "duplicate_hashes": int(dup["offending_count"]),
@@ -245,11 +252,13 @@ _HTML = """<!doctype html>
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.9em}
-td{overflow-wrap:anywhere}
+td{overflow-wrap:break-word}
 th,td{border:1px solid #ccc;padding:.3em .5em;text-align:left;vertical-align:top}
 th{background:#f0f0f0}
 .ok{color:#176317;font-weight:bold}.fail{color:#b00020;font-weight:bold}.info{color:#8a6d00;font-weight:bold}
-code{font-size:.85em;word-break:break-all}
+code{font-size:.85em;overflow-wrap:break-word}
+.tech{color:#555;font-size:.85em}
+td:nth-child(2){min-width:12em}
 .banner{padding:.6em 1em;border-radius:4px;display:inline-block}
 .banner.ok{background:#e4f4e4}.banner.fail{background:#fde4e7}
 </style></head><body>
@@ -257,18 +266,23 @@ code{font-size:.85em;word-break:break-all}
 <p class="banner {{ 'ok' if r.success else 'fail' }}">{{ 'PASSED' if r.success else 'FAILED' }}:
 {{ r.statistics.successful }} of {{ r.statistics.evaluated }} expectations met
 ({{ r.statistics.failed }} critical failure(s))</p>
+<p>Checked {% if r.source %}the images of <code>{{ r.source }}</code> ({% endif %}manifest
+<code>{{ r.manifest }}</code>{% if r.source %}){% endif %} on {{ when }}, with the thresholds of
+<code>params.yaml</code> <code>validate:</code>. A critical failure stops the pipeline; an info line only reports.
+{% if not r.success %}Failures are listed first.{% endif %}</p>
 <p>{{ r.rows }} rows; classes {{ dumps(r.classes) }}; {{ r.duplicate_hashes }} duplicated pixel hashes;
 quarantine share {{ '%.3f' % r.quarantine_share }} {{ dumps(r.by_reason) if r.by_reason else '' }}</p>
-<div class="scroll"><table><thead><tr><th>table</th><th>expectation</th><th>column</th><th>meaning</th><th>severity</th>
-<th>result</th><th>observed</th><th>offending values</th></tr></thead><tbody>
-{% for e in r.results %}<tr>
-<td>{{ e.table }}</td><td><code>{{ e.expectation }}</code></td><td>{{ e.column }}</td>
-<td>{{ e.description }}</td><td>{{ e.severity }}</td>
+<div class="scroll"><table><thead><tr><th>result</th><th>meaning</th><th>observed</th><th>offending values</th>
+<th>severity</th><th>table</th><th>column</th><th>Great Expectations expectation</th></tr></thead><tbody>
+{% for e in results %}<tr>
 <td class="{{ 'ok' if e.success else ('fail' if e.severity == 'critical' else 'info') }}">
 {{ 'pass' if e.success else 'FAIL' }}</td>
+<td>{{ e.description }}</td>
 <td>{{ e.observed if e.observed is string else dumps(e.observed) }}</td>
 <td>{% if e.offending %}<code>{{ dumps(e.offending) }}</code>{% if e.offending_count > e.offending|length %}
 … ({{ e.offending_count }} in all){% endif %}{% endif %}</td>
+<td>{{ e.severity }}</td><td class="tech">{{ e.table }}</td><td class="tech">{{ wbr(e.column) }}</td>
+<td class="tech"><code>{{ wbr(e.expectation) }}</code></td>
 </tr>{% endfor %}
 </tbody></table></div></body></html>
 """
