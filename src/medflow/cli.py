@@ -37,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     for mod, name in [("medflow.data.validate", "ValidationFailed"), ("medflow.models.weights", "WeightsUnavailable"),
                       ("medflow.data.images", "BadImage"), ("medflow.data.sources", "SourceError"),
-                      ("medflow.data.split", "SplitError"),
+                      ("medflow.data.split", "SplitError"), ("medflow.layout", "OutOfDate"),
                       ("medflow.promote", "PromotionError"), ("medflow.promote", "RetrainBusy")]:
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
@@ -169,9 +169,19 @@ def predict(
     p = _params(params)
     from medflow.serve.batch import predict_paths
 
+    from medflow.data.sources import SourceError
+
+    def run() -> dict:
+        summary = predict_paths(paths, out, champion_json=champion or Layout().deployed_champion, data_cfg=p.data,
+                                ingest_cfg=p.ingest, batch_size=batch_size or p.serve.batch_size)
+        if not summary["predicted"]:  # a script must not take "every input unusable" for success
+            why = ", ".join(f"{k}: {v}" for k, v in summary["by_reason"].items()) or "no image files found"
+            raise SourceError(f"nothing predicted from {', '.join(map(str, paths))}: {summary['files']} file(s), "
+                              f"none usable ({why}); the rows are in {summary['out_csv']}")
+        return summary
+
     _warn_deployment(champion)
-    _run(lambda: predict_paths(paths, out, champion_json=champion or Layout().deployed_champion, data_cfg=p.data, ingest_cfg=p.ingest,
-                               batch_size=batch_size or p.serve.batch_size))
+    _run(run)
 
 
 @app.command()

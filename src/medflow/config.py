@@ -144,10 +144,12 @@ class SplitConfig(_Section):
     test: float = Field(0.3, gt=0, lt=1)
     seed: int = 42
     respect_source_split: bool = True  # keep official splits (MedMNIST, train/val/test folders)
-    folds: int = Field(0, ge=0)  # >1: also write grouped stratified K-fold assignments
+    folds: int = Field(0, ge=0)  # 0 = off; >= 2: also write grouped stratified K-fold assignments
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> "SplitConfig":
+    def _ratios_and_folds(self) -> "SplitConfig":
+        if self.folds == 1:
+            raise ValueError("split.folds is 0 (no cross-validation folds) or at least 2, got 1")
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"split.train + split.val + split.test must be 1.0, got {total:.4f}")
@@ -195,12 +197,47 @@ class ModelConfig(_Section):
     class_weight: Literal["balanced", "none"] = "balanced"
     use_embedding_cache: bool = True  # frozen backbones: train the head on cached embeddings
 
+    @field_validator("trainable", mode="before")
+    @classmethod
+    def _trainable_shape(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("none", "all"):
+            raise ValueError(f"trainable takes none, all, or a list of layer-name prefixes (got {v!r}; for a prefix "
+                             f"write [{v}])")
+        return v
+
+    @model_validator(mode="after")
+    def _weights_fit_architecture(self) -> "ModelConfig":
+        if problem := weights_problem(self.architecture, self.weights):
+            raise ValueError(problem)
+        return self
+
+
+def weights_problem(architecture: str, weights: str | None) -> str | None:
+    """Why ``weights`` cannot go with ``architecture`` (None: they can); a file's existence is checked at load."""
+    kind = "none" if weights is None or weights.lower() in ("none", "null") else weights.lower()
+    if architecture == "keras_file":
+        if not kind.endswith(".keras"):
+            return f"architecture keras_file loads its network from a .keras file: set weights: to its path (got {weights!r})"
+    elif architecture == "basic_cnn":
+        if kind != "none":
+            return f"basic_cnn trains from scratch: set weights: null (got {weights!r})"
+    elif kind not in ("none", "imagenet") and not kind.endswith(".h5"):
+        return (f"{architecture} takes weights: imagenet, null, or a .weights.h5/.h5 file (got {weights!r}); a whole "
+                "saved network (.keras) goes with architecture: keras_file")
+    return None
+
 
 class TrainConfig(_Section):
     seed: int = 42
     patience: int = Field(5, ge=1)  # EarlyStopping on val_loss
     lr_patience: int = Field(2, ge=1)  # ReduceLROnPlateau
     mixed_precision: Literal["auto", "on", "off"] = "auto"  # auto = on when a GPU is visible
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v: Any) -> Any:
+        """Unquoted on/off (and yes/no, true/false) arrive from YAML as booleans."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
 
 ChampionMetric = Literal["accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "qwk", "ece"]  # ece: lower wins
@@ -334,12 +371,59 @@ class Params(_Section):
         return self.models[name]
 
 
+def _keys_at(loc: tuple) -> list[str]:
+    """The keys params.yaml accepts at ``loc`` (a pydantic error location), for suggestions; [] if unknown."""
+    import typing
+
+    node: Any = Params
+    for part in (*loc, None):
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            fields = {f.alias or name: f for name, f in node.model_fields.items()}
+            if part is None:
+                return list(fields)
+            if part not in fields:
+                return []
+            node = fields[part].annotation
+        elif typing.get_origin(node) is dict and part is not None:
+            node = typing.get_args(node)[1]
+        else:
+            return []
+    return []
+
+
 def _format_errors(err: ValidationError, path: Path) -> str:
+    """One line per error: the dotted key, what is wrong, the value found; a close key for a misspelt one."""
+    import difflib
+
     lines = [f"{path}: invalid configuration"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  - {key}: {e['msg']}")
+        key = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            keys = _keys_at(tuple(e["loc"][:-1]))
+            close = difflib.get_close_matches(str(e["loc"][-1]), keys, n=1, cutoff=0.6)
+            msg = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "") + (
+                f" (keys here: {', '.join(keys)})" if keys else "")
+        elif e["type"] != "value_error" and not isinstance(e.get("input"), (dict, list)) and "input" in e:
+            found = repr(e["input"])
+            msg += f" (got {found[:60] + '...' if len(found) > 60 else found})"
+        lines.append(f"  - {key}: {msg}" if key else f"  - {msg}")
     return "\n".join(lines)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key written twice in one mapping is an error (not "last one wins")."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one section (lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def parse_params(raw: dict[str, Any], path: Path = DEFAULT_PARAMS) -> Params:
@@ -356,7 +440,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if not path.exists():
         raise ConfigError(f"{path} not found (run from the project root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        with open(path, encoding="utf-8") as f:  # a stream: YAML's messages name the file
+            raw = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     return parse_params(raw, path)

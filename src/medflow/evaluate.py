@@ -31,6 +31,7 @@ from sklearn.metrics import (
 )
 
 from medflow.config import ChampionMetric, ConfigError
+from medflow.layout import OutOfDate, require
 from medflow.io import (
     atomic_write,
     atomic_write_csv,
@@ -323,6 +324,7 @@ def evaluate(
     from medflow.report.figures import image_grid
 
     processed_dir, model_dir, eval_dir = Path(processed_dir), Path(model_dir), Path(eval_dir)
+    require(model_dir / "model.keras", f"medflow train {model_name}")
     if meta is None or arrays is None:
         from medflow.data import shards
 
@@ -440,7 +442,7 @@ def train_rows(manifest: str | Path, splits: str | Path) -> pd.DataFrame:
     assigned = read_csv(splits, ["id", "split"], text=("id", "split"))
     train = rows[rows["id"].isin(assigned.loc[assigned["split"] == "train", "id"])]
     if train.empty:
-        raise ValueError(f"{splits}: no train rows of {manifest} (rerun the split stage: `dvc repro split`)")
+        raise OutOfDate(f"{splits}: no train rows of {manifest} (rerun the split stage: `dvc repro split`)")
     return train
 
 
@@ -496,7 +498,8 @@ def compare(
         metrics_jsons = {Path(p).stem: p for p in metrics_jsons}
     if not metrics_jsons:
         raise ValueError("compare needs at least one model's metrics")
-    metrics = {name: json.loads(Path(p).read_text()) for name, p in metrics_jsons.items()}
+    metrics = {name: json.loads(require(Path(p), f"medflow evaluate {name}").read_text())
+               for name, p in metrics_jsons.items()}
     if not any(metric in m for m in metrics.values()):
         raise ValueError(f"champion metric {metric!r} is in no metrics file; available: {list(SCALAR_METRICS)}")
     if (manifest is None) != (splits is None):
@@ -517,7 +520,7 @@ def compare(
     model_sha = file_hash(model_file) if model_file.exists() else None
     evaluated = details.get("model_sha256")
     if evaluated and model_sha and evaluated != model_sha:  # retrained since evaluate: metrics are another file's
-        raise ValueError(f"{model_file} changed after it was evaluated (sha256 {model_sha[:12]}, evaluated "
+        raise OutOfDate(f"{model_file} changed after it was evaluated (sha256 {model_sha[:12]}, evaluated "
                          f"{evaluated[:12]}): rerun `medflow evaluate {name}` (or `dvc repro`) before compare")
     short = hashlib.sha256(f"{model_sha}|{data_hash}|{params_hash}".encode()).hexdigest()[:8]
     record = {

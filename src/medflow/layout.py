@@ -7,6 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class OutOfDate(RuntimeError):
+    """A stage's input is missing or no longer matches what was made from it; the message names the command to run."""
+
+
+def require(path: Path, run: str) -> Path:
+    """``path``, or :class:`OutOfDate` saying it is not there yet and that ``run`` makes it."""
+    if not Path(path).exists():
+        raise OutOfDate(f"{path} not found: run `{run}` first (or `dvc repro`)")
+    return Path(path)
+
+
 def batch_name(source: Path) -> str:
     """A batch's folder (or file stem) name with anything but letters, digits, ``_ . -`` replaced by ``_``."""
     name = source.stem if source.is_file() else source.name

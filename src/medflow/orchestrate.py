@@ -122,7 +122,7 @@ def permanent_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, KeyError]
     for mod, attr in [("medflow.data.validate", "ValidationFailed"), ("medflow.models.weights", "WeightsUnavailable"),
-                      ("medflow.data.sources", "SourceError")]:
+                      ("medflow.data.sources", "SourceError"), ("medflow.layout", "OutOfDate")]:
         try:
             errors.append(getattr(__import__(mod, fromlist=[attr]), attr))
         except (ImportError, AttributeError):

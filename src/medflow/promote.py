@@ -336,6 +336,9 @@ def rollback(root: str | Path, version: str | None = None) -> str:
         names = [v["version"] for v in reg["versions"]]
         current = production_version(root)
         if version is None:
+            if current is None:
+                raise PromotionError("nothing is deployed yet, so there is nothing to roll back: deploy a model with "
+                                     "`medflow promote`")
             if current not in names or names.index(current) == 0:
                 raise PromotionError(f"no version before {current!r} to roll back to (registry: {names})")
             version = names[names.index(current) - 1]

@@ -31,8 +31,10 @@ def ingest(params: Params, layout: Layout = Layout(), source: str | Path | None 
         summary = run(layout.root / params.data.source, out, params.data, params.ingest,
                       extra_sources=params.data.extra_sources, extra_root=layout.root)
     if not summary["accepted"]:
-        raise SourceError(f"{summary['source']}: no usable image ({summary['reconciliation']}); each file and its "
-                          f"reason are in {out / 'quarantine.csv'}")
+        hint = ("; images must sit in class folders: SOURCE/<class>/<image> (or SOURCE/<split>/<class>/<image>)"
+                if set(summary["by_reason"]) == {"no_label"} else "")
+        raise SourceError(f"{summary['source']}: no usable image ({summary['reconciliation']}){hint}; each file and "
+                          f"its reason are in {out / 'quarantine.csv'}")
     return summary
 
 

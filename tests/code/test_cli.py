@@ -62,6 +62,17 @@ def test_bad_input_and_bad_config_end_in_one_message(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "must be 1.0" in bad.output and "Traceback" not in bad.output
 
 
+def test_a_stage_run_before_its_inputs_exist_names_the_command_to_run(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    evaluate = runner.invoke(app, ["evaluate", "basic_cnn"])
+    assert evaluate.exit_code == 1, evaluate.output
+    assert "error: models/basic_cnn/model.keras not found: run `medflow train basic_cnn` first" in evaluate.output
+    train = runner.invoke(app, ["train", "basic_cnn"])
+    assert train.exit_code == 1 and "data/processed/meta.json not found: run `medflow preprocess` first" in train.output
+
+
 def test_predict_uses_the_deployed_model_and_a_corrupt_record_is_a_clear_error(tmp_path: Path, small_tree: Path,
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --champion: models/production (what promote/rollback set), not the last run's challenger."""
@@ -78,6 +89,24 @@ def test_predict_uses_the_deployed_model_and_a_corrupt_record_is_a_clear_error(t
     result = runner.invoke(app, ["predict", str(small_tree), "--out", str(tmp_path / "p.csv")])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert result.output.startswith("error: models/production/champion.json: not a champion record")
+
+
+def test_predict_with_nothing_usable_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty folder or only unusable files: exit 1 naming why (the CSV of rows is still written)."""
+    from serve_support import make_tiny_champion
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    champion = make_tiny_champion(tmp_path / "models" / "versions" / "v1")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    empty = runner.invoke(app, ["predict", "empty", "--out", "e.csv", "--champion", str(champion)])
+    assert empty.exit_code == 1 and "error: nothing predicted from empty: 0 file(s), none usable (no image files " \
+        "found)" in empty.output
+    bad = runner.invoke(app, ["predict", "bad", "--out", "b.csv", "--champion", str(champion)])
+    assert bad.exit_code == 1 and "1 file(s), none usable (not_an_image: 1)" in bad.output
+    assert pd.read_csv("b.csv")["reason"].tolist() == ["not_an_image"]
 
 
 def test_predict_warns_when_the_deployed_model_has_other_classes_than_the_latest_champion(

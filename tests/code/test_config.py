@@ -25,6 +25,8 @@ def test_ratios_must_sum_to_one():
     raw["split"]["test"] = 0.5
     with pytest.raises(ConfigError, match=r"split.*must be 1.0"):
         parse_params(raw)
+    with pytest.raises(ConfigError, match=r"split.folds is 0 \(no cross-validation folds\) or at least 2, got 1"):
+        parse_params({"split": {"folds": 1}})
 
 
 def test_unknown_key_is_named():
@@ -103,9 +105,37 @@ def test_schedules_time_zone_and_side_bounds_are_checked_when_params_load():
     with pytest.raises(ConfigError) as err:
         parse_params(raw)
     message = str(err.value)
-    assert "retrain.schedule_monitor: Value error, '0 2 * *' is not a 5-field cron expression" in message
-    assert "retrain.timezone: Value error, unknown time zone 'Mars/Base'" in message
+    assert "retrain.schedule_monitor: '0 2 * *' is not a 5-field cron expression" in message
+    assert "retrain.timezone: unknown time zone 'Mars/Base'" in message
     assert "validate.min_side (50) is larger than validate.max_side (10)" in message
     raw = _raw()
     raw["retrain"] |= {"schedule_retrain": "*/15 9-17 * * mon-fri", "timezone": "Europe/Berlin"}
     assert parse_params(raw).retrain.schedule_retrain == "*/15 9-17 * * mon-fri"
+
+
+def test_errors_show_the_value_found_and_a_close_key():
+    raw = _raw()
+    raw["trian"] = {}
+    raw["models"]["basic_cnn"] |= {"epoch": 3, "learning_rate": "fast", "trainable": "block6"}
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    lines = str(err.value).splitlines()[1:]
+    assert "  - trian: unknown key; did you mean 'train'? (keys here: data, ingest, validate," in "\n".join(lines)
+    assert any(line.startswith("  - models.basic_cnn.epoch: unknown key; did you mean 'epochs'?") for line in lines)
+    assert any(line.startswith("  - models.basic_cnn.learning_rate: ") and line.endswith("(got 'fast')")
+               for line in lines)
+    assert "  - models.basic_cnn.trainable: trainable takes none, all, or a list of layer-name prefixes (got " \
+           "'block6'; for a prefix write [block6])" in lines
+    assert len(lines) == 4
+
+
+def test_yaml_on_off_and_repeated_keys(tmp_path):
+    """Unquoted on/off (YAML booleans) are the documented values; a key written twice is an error."""
+    assert parse_params({"train": {"mixed_precision": False}}).train.mixed_precision == "off"
+    assert parse_params({"train": {"mixed_precision": True}}).train.mixed_precision == "on"
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  mixed_precision: off\n")
+    assert load_params(path).train.mixed_precision == "off"
+    path.write_text("train:\n  seed: 1\nsplit: {train: 0.6, val: 0.1, test: 0.3}\ntrain:\n  seed: 2\n")
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice in one section \(lines 1 and 4\)"):
+        load_params(path)

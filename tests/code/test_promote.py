@@ -133,6 +133,8 @@ def test_promote_registers_and_swaps_production(tmp_path):
 
 
 def test_rollback_to_previous_and_named_version(tmp_path):
+    with pytest.raises(pm.PromotionError, match="nothing is deployed yet, so there is nothing to roll back"):
+        pm.rollback(tmp_path)
     for i, f1 in enumerate([0.7, 0.8, 0.9], start=1):
         pm.promote(tmp_path, _candidate(tmp_path, f"m{i}-x", f1))
     assert pm.rollback(tmp_path) == "m2-x" and pm.production_version(tmp_path) == "m2-x"

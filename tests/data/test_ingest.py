@@ -264,7 +264,7 @@ def test_npz_class_id_without_a_name_stops(tmp_path: Path) -> None:
                progress=False)
 
 
-def test_nothing_usable_stops_after_writing_the_quarantine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nothing_usable_stops_after_writing_the_quarantine(malaria_dir: Path, tmp_path: Path) -> None:
     """A source whose every file is unusable is an error (exit 1 in the CLI), and the table of reasons is there."""
     from medflow import stages
     from medflow.config import parse_params
@@ -279,6 +279,11 @@ def test_nothing_usable_stops_after_writing_the_quarantine(tmp_path: Path, monke
         stages.ingest(params, Layout(tmp_path))
     quarantine = pd.read_csv(tmp_path / "data" / "interim" / "quarantine.csv")
     assert sorted(quarantine["reason"]) == ["empty_file", "not_an_image"]
+    flat = tmp_path / "flat"  # images with no class folder: the message says where they must go
+    flat.mkdir()
+    shutil.copy(sorted(malaria_dir.glob("*/*.png"))[0], flat / "cell.png")
+    with pytest.raises(SourceError, match=r"\(no_label: 1\)\); images must sit in class folders: SOURCE/<class>/"):
+        stages.ingest(params, Layout(tmp_path), source=flat)
 
 
 def test_extra_sources_are_marked_extra(malaria_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

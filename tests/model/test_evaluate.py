@@ -36,6 +36,7 @@ from medflow.evaluate import (
     positive_index,
     roc_table,
 )
+from medflow.layout import OutOfDate
 
 CHAMPION_FIELDS = {"model", "model_path", "classes", "image_size", "channels", "ordered", "metric", "metrics",
                    "data_hash", "params_hash", "version", "created"}
@@ -366,7 +367,7 @@ def test_compare_refuses_a_model_file_changed_after_evaluate(tmp_path):
     args = {"metric": "macro_f1", "data_hash": "d", "params_hash": "p", "meta": META, "root": tmp_path}
     assert compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", **args)["model_sha256"] == file_hash(model)
     model.write_bytes(b"retrained weights")  # `medflow train b` without evaluate
-    with pytest.raises(ValueError, match="changed after it was evaluated"):
+    with pytest.raises(OutOfDate, match="changed after it was evaluated"):
         compare(paths, tmp_path / "c.csv", tmp_path / "ch.json", **args)
 
 

@@ -12,7 +12,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from medflow.config import ConfigError, ModelConfig, load_params  # noqa: E402
+from medflow.config import ConfigError, ModelConfig, load_params, parse_params  # noqa: E402
 from medflow.models.backbones import clear_backbone_cache  # noqa: E402
 from medflow.models.layers import BackbonePreprocess  # noqa: E402
 from medflow.models.registry import build_model, load_model  # noqa: E402
@@ -184,8 +184,10 @@ def test_imagenet_cache_file_is_used_by_path(tmp_path: Path, monkeypatch: pytest
     cfg = ModelConfig(architecture="mobilenet_v2", weights="imagenet")
     assert resolve_weights(cfg, input_size=100) == str(cached.resolve())  # 100 px: Keras uses the 224 file
     assert imagenet_filename("mobilenet_v2", 128).endswith("_1.0_128_no_top.h5")
-    with pytest.raises(WeightsUnavailable, match="_1.0_128_no_top.h5"):
+    with pytest.raises(WeightsUnavailable, match="_1.0_128_no_top.h5") as err:
         resolve_weights(cfg, input_size=128)
+    # the download hint asks Keras for the 128 px file, not its default 224 px one
+    assert "keras.applications.MobileNetV2(include_top=False, input_shape=(128, 128, 3))" in str(err.value)
 
 
 def test_weights_file_sha256_checked(tmp_path: Path) -> None:
@@ -199,12 +201,24 @@ def test_weights_file_sha256_checked(tmp_path: Path) -> None:
         resolve_weights(good.model_copy(update={"weights": str(missing)}))
 
 
-def test_weights_that_cannot_apply_are_config_errors() -> None:
-    with pytest.raises(ValueError, match="basic_cnn"):
-        resolve_weights(ModelConfig(architecture="basic_cnn", weights="imagenet"))
-    with pytest.raises(ValueError, match=r"\.keras file"):
-        resolve_weights(ModelConfig(architecture="keras_file", weights=None))
-    with pytest.raises(ValueError, match="matches no layer"):
+@pytest.mark.parametrize("model,message", [
+    ({"architecture": "basic_cnn", "weights": "imagenet"}, "basic_cnn trains from scratch: set weights: null"),
+    ({"architecture": "keras_file"}, r"keras_file loads its network from a \.keras file: set weights: to its path"),
+    ({"architecture": "keras_file", "weights": "imagenet"}, r"from a \.keras file"),
+    ({"architecture": "vgg16", "weights": "backbone.keras"}, "goes with architecture: keras_file"),
+])
+def test_weights_that_cannot_apply_are_config_errors(model: dict, message: str) -> None:
+    """Found when params.yaml is read, naming the model, before TensorFlow starts; a config built without
+    validation (model_copy) is refused by resolve_weights with the same words."""
+    with pytest.raises(ConfigError, match=rf"models\.bad: .*{message}"):
+        parse_params({"models": {"bad": model}, "active_models": ["bad"]})
+    unchecked = ModelConfig(architecture="vgg16").model_copy(update=model)
+    with pytest.raises(ConfigError, match=message):
+        resolve_weights(unchecked)
+
+
+def test_trainable_matching_no_layer_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="matches no layer"):
         build_model(ModelConfig(architecture="vgg16", trainable=["block9"], input_size=32), 2, 32, 3)
 
 

@@ -31,6 +31,7 @@ from medflow.config import DataConfig
 from medflow.data.manifest import EXCLUDED, SPLITS
 from medflow.data.split import read_manifest
 from medflow.io import read_csv, replace_dir
+from medflow.layout import OutOfDate, require
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -168,10 +169,10 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
 
 def read_meta(processed_dir: str | Path) -> dict:
     """The ``meta.json`` written by ``write_shards`` (refuses folders in another shard format)."""
-    path = Path(processed_dir) / META
+    path = require(Path(processed_dir) / META, "medflow preprocess")
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: shard format {meta.get('format')!r}, expected {FORMAT!r}; "
+        raise OutOfDate(f"{path}: shard format {meta.get('format')!r}, expected {FORMAT!r}; "
                          "rerun the preprocess stage (`dvc repro preprocess` or `medflow preprocess`)")
     return meta
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 import keras
 
-from medflow.config import ModelConfig
+from medflow.config import ConfigError, ModelConfig
 from medflow.models.weights import weights_fingerprint
 
 _FROZEN: OrderedDict[tuple, keras.Model] = OrderedDict()  # (architecture, weights hash, size, dtype policy)
@@ -63,8 +63,7 @@ def clear_backbone_cache() -> None:
 
 def _load(cfg: ModelConfig, weights: str | None, input_size: int) -> keras.Model:
     if cfg.architecture == "keras_file":
-        if weights is None:
-            raise ValueError("architecture keras_file needs `weights:` set to a .keras file")
+        assert weights is not None, "resolve_weights refuses keras_file without a file"
         backbone = keras.models.load_model(weights, compile=False, safe_mode=True)
         shape = backbone.output.shape
         if len(shape) != 4 or backbone.input.shape[-1] != 3:
@@ -92,7 +91,7 @@ def set_trainable(backbone: keras.Model, trainable: Literal["none", "all"] | lis
     names = [layer.name for layer in backbone.layers]
     start = next((i for i, n in enumerate(names) if n.startswith(tuple(trainable))), None)
     if start is None:
-        raise ValueError(
+        raise ConfigError(
             f"trainable {trainable} matches no layer of {backbone.name}; layer names look like "
             f"{names[1:4]} ... {names[-3:]}"
         )

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from medflow import io
-from medflow.config import ModelConfig
+from medflow.config import ConfigError, ModelConfig, weights_problem
 
 # keras.applications.<x> file names in the Keras cache (~/.keras/models) for include_top=False.
 _IMAGENET_FILES = {
@@ -65,24 +65,28 @@ def resolve_weights(cfg: ModelConfig, input_size: int | None = None) -> str | No
     ``input_size`` (default ``cfg.input_size``) only matters for MobileNetV2's ImageNet file name.
     Raises WeightsUnavailable (naming the file and where to put it) or WeightsMismatch.
     """
-    if cfg.weights is None or cfg.weights.lower() == "none":
-        if cfg.architecture == "keras_file":
-            raise ValueError("architecture keras_file needs `weights:` set to a .keras file")
+    if problem := weights_problem(cfg.architecture, cfg.weights):  # a config built without validation
+        raise ConfigError(problem)
+    if cfg.weights is None or cfg.weights.lower() in ("none", "null"):
         return None
-    if cfg.weights == "imagenet":
-        if cfg.architecture in ("basic_cnn", "keras_file"):
-            raise ValueError(f"weights: imagenet is not available for architecture {cfg.architecture}")
-        fname = imagenet_filename(cfg.architecture, input_size or cfg.input_size or 224)
+    if cfg.weights.lower() == "imagenet":
+        size = input_size or cfg.input_size or 224
+        fname = imagenet_filename(cfg.architecture, size)
         path = keras_models_dir() / fname
         if not path.is_file():
             # backbones imports this module (and keras): import it only for the message
             from medflow.models.backbones import APPLICATIONS
 
             call = APPLICATIONS[cfg.architecture][0]
+            if cfg.architecture == "mobilenet_v2":  # one file per input size: ask Keras for this one
+                rows = size if size in _MOBILENET_SIZES else 224
+                call += f"(include_top=False, input_shape=({rows}, {rows}, 3))"
+            else:
+                call += "(include_top=False)"
             raise WeightsUnavailable(
                 f"ImageNet weights for {cfg.architecture} are not available offline: {fname} is not in "
                 f"{keras_models_dir()}/. Put the file there (on a machine with internet, "
-                f"`python -c 'import keras; keras.applications.{call}(include_top=False)'` downloads it "
+                f"`python -c 'import keras; keras.applications.{call}'` downloads it "
                 f"to ~/.keras/models/), or set `weights:` to a local .weights.h5/.h5 file (checked with "
                 f"`weights_sha256`), or `weights: null` to train from random initialisation on purpose."
             )
@@ -92,13 +96,6 @@ def resolve_weights(cfg: ModelConfig, input_size: int | None = None) -> str | No
 
 def _checked_file(cfg: ModelConfig) -> Path:
     path = Path(cfg.weights or "")
-    if cfg.architecture == "keras_file":
-        if path.suffix != ".keras":
-            raise ValueError(f"architecture keras_file needs a .keras file, got weights: {cfg.weights}")
-    elif cfg.architecture == "basic_cnn":
-        raise ValueError("basic_cnn trains from scratch: set `weights: null`")
-    elif path.suffix != ".h5":
-        raise ValueError(f"{cfg.architecture} loads a .weights.h5/.h5 weights file, got weights: {cfg.weights}")
     if not path.is_file():
         raise WeightsUnavailable(
             f"weights file {path} not found (looked in {path.resolve().parent}/). Put the file there, "
