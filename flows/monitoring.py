@@ -119,6 +119,10 @@ def monitoring_flow(root: str = ".", batch: str | None = None,
         todo = [Path(batch)]
     else:
         todo = sorted(p for p in incoming.glob("*") if p.is_dir() and not p.name.startswith("."))
+        for loose in sorted(p for p in incoming.glob("*") if p.is_file() and not p.name.startswith(".")):
+            logger.warning("%s is a file, not a batch folder: left alone. Put each batch in its own folder "
+                           "(%s/<batch>/<class>/<image>, unlabelled images in <batch>/unlabelled/); unpack archives "
+                           "first", loose, cfg.incoming_dir)
     record = Layout(path).deployed_champion
     if todo and not record.is_file():  # no model to check against: not the batches' fault
         raise FileNotFoundError(f"{record}: no model to monitor against (train and promote one "

@@ -30,6 +30,7 @@ from flows.training import training_flow
 from medflow.config import Params, load_params
 from medflow.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, sniff_format
 from medflow.data.sources import list_files
+from medflow.io import read_csv, sha256_file
 from medflow.layout import Layout
 from medflow.monitor.simulate import SIMULATED_MARKER
 from medflow.orchestrate import dvc_repo
@@ -43,6 +44,7 @@ from medflow.promote import (
     retrain_lock,
 )
 
+NOT_ADDED_MARKER = ".medflow-not-added.json"  # in a processed batch with nothing new to train on: why
 _UNLABELLED_NOTE = "folders not named after a class of the production model hold unlabelled images"
 _HEAD_BYTES = 132  # enough for the DICOM magic at bytes 128..132 and every image magic
 
@@ -129,10 +131,51 @@ def class_folders(batch: Path, classes: list[str] | None, source: str = "") -> d
     return out
 
 
-def pending_batches(root: Path, cfg: RetrainConfig, params: Params | None = None) -> dict[str, int]:
-    """Processed, labelled batches not yet in the training data: ``{batch name: labelled images}``.
+def training_hashes(root: Path, cfg: RetrainConfig) -> set[str]:
+    """sha256 of every image file already in the training data: the ingest manifest's, plus the files of
+    ``extra_dir`` batches added since the manifest was written (e.g. earlier in this retraining run)."""
+    manifest, extra = Layout(root).manifest, root / cfg.extra_dir
+    known: set[str] = set()
+    since = 0.0
+    if manifest.is_file():
+        known |= set(read_csv(manifest, ["sha256"], text=("sha256",))["sha256"].dropna())
+        since = manifest.stat().st_mtime
+    if extra.is_dir():
+        for d in (p for p in extra.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            marker = d.with_name(f"{d.name}.dvc")
+            if not marker.exists() or marker.stat().st_mtime >= since:
+                known |= {sha256_file(f) for f in list_files(str(d))}
+    return known
 
-    Labelled images are those in a folder named after a class of :func:`labelled_classes`.
+
+def new_labelled_files(root: Path, batch: Path, classes: list[str] | None, source: str,
+                       known: set[str]) -> tuple[dict[str, list[Path]], dict[str, int]]:
+    """The labelled images of ``batch`` (:func:`class_folders`) that can join the training data, and counts of
+    those left out: ``already_in_training`` (same file content as a training image, e.g. a batch dropped twice,
+    or twice within this batch) and ``unusable`` (quarantined when the batch was monitored). The kept files'
+    hashes are added to ``known``."""
+    report = Layout(root).monitoring / batch.name / "quarantine.csv"
+    bad = set(read_csv(report, ["path"], text=("path",))["path"]) if report.is_file() else set()
+    seen, keep, left = known, {}, {"already_in_training": 0, "unusable": 0}
+    for cls, files in class_folders(batch, classes, source).items():
+        for f in files:
+            digest = sha256_file(f)
+            if f.relative_to(batch).as_posix() in bad:
+                left["unusable"] += 1
+            elif digest in seen:
+                left["already_in_training"] += 1
+            else:
+                seen.add(digest)
+                keep.setdefault(cls, []).append(f)
+    return keep, left
+
+
+def pending_batches(root: Path, cfg: RetrainConfig, params: Params | None = None) -> dict[str, int]:
+    """Processed, labelled batches not yet in the training data: ``{batch name: new labelled images}``.
+
+    Labelled images are those in a folder named after a class of :func:`labelled_classes`; counted are
+    those :func:`new_labelled_files` would add (not already in training, not unusable). A batch with none
+    is reported once and marked (:data:`NOT_ADDED_MARKER`), then no longer looked at.
     """
     processed, extra = root / cfg.processed_dir, root / cfg.extra_dir
     if not processed.is_dir():
@@ -144,15 +187,25 @@ def pending_batches(root: Path, cfg: RetrainConfig, params: Params | None = None
     classes, source = labelled_classes(root, params)
     if classes is None:
         _logger().warning("no class list known (%s): no batch counts as labelled", source)
-    out = {}
+    out: dict[str, int] = {}
+    known: set[str] | None = None
     for b in batches:
         if (b / SIMULATED_MARKER).exists():
             _logger().warning("batch %s was written by `medflow simulate-batch` from the pipeline's own held-out "
                               "images: monitored only, never added to the training data", b.name)
             continue
-        n = sum(len(v) for v in class_folders(b, classes, source).values())
+        if (b / NOT_ADDED_MARKER).exists():
+            continue
+        known = training_hashes(root, cfg) if known is None else known
+        keep, left = new_labelled_files(root, b, classes, source, known)
+        n = sum(len(v) for v in keep.values())
         if n:
             out[b.name] = n
+        elif any(left.values()):
+            why = (f"all its labelled images are already in the training data ({left['already_in_training']}) or "
+                   f"were unusable when it was monitored ({left['unusable']})")
+            _logger().warning("batch %s is not added to the training data: %s", b.name, why)
+            (b / NOT_ADDED_MARKER).write_text(json.dumps({"batch": b.name, "reason": why, **left}, indent=2) + "\n")
     return out
 
 
@@ -180,10 +233,14 @@ def add_batch(root: str, batch: str) -> dict[str, Any]:
                          "images are the pipeline's own held-out (test) images and must not reach training")
     if not dest.exists():
         classes, source = labelled_classes(path, params)
-        folders = class_folders(src, classes, source)
+        folders, left = new_labelled_files(path, src, classes, source, training_hashes(path, cfg))
         if not folders:
-            raise ValueError(f"batch {batch}: no labelled images in {src} (no image in a folder named after one "
-                             f"of the classes {classes}, from {source})")
+            raise ValueError(f"batch {batch}: no new labelled images in {src} (none in a folder named after one of "
+                             f"the classes {classes}, from {source}, that is not already in the training data "
+                             f"({left['already_in_training']}) or unusable ({left['unusable']}))")
+        if any(left.values()):
+            _logger().warning("batch %s: %d image(s) already in the training data and %d unusable one(s) left out",
+                              batch, left["already_in_training"], left["unusable"])
         tmp = dest.parent / f".{batch}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         for cls, files in folders.items():

@@ -35,6 +35,7 @@ from medflow import orchestrate, promote, stages
 from medflow.config import ConfigError, load_params
 from medflow.evaluate import compare as real_compare
 from medflow.evaluate import dir_hash, params_hash
+from medflow.io import sha256_file
 from medflow.layout import Layout
 
 CLASSES = ["Parasitized", "Uninfected"]
@@ -96,7 +97,8 @@ def fake_ingest(params, layout, source=None):
     extra = _images(layout.root / "data/raw/extra")
     rows = [(p.relative_to(layout.root).as_posix(), p.parent.name) for p in main + extra]
     layout.interim.mkdir(parents=True, exist_ok=True)
-    layout.manifest.write_text("id,label\n" + "".join(f"{i},{c}\n" for i, c in rows))
+    digests = [sha256_file(p) for p in main + extra]
+    layout.manifest.write_text("id,label,sha256\n" + "".join(f"{i},{c},{h}\n" for (i, c), h in zip(rows, digests)))
     split = ["test" if k % 3 == 0 else "train" for k in range(len(main))] + ["train"] * len(extra)
     layout.splits.write_text("id,split,fold\n" + "".join(f"{i},{s},-1\n" for (i, _), s in zip(rows, split)))
     return {"accepted": len(rows)}
@@ -390,6 +392,35 @@ def test_only_the_champions_class_folders_count_and_are_added(project, caplog):
     assert retraining.pending_batches(project, cfg) == {}  # added: no longer pending
 
 
+def test_images_already_in_training_or_unusable_are_not_added_again(project, caplog):
+    """A batch dropped twice (archived as wk and wk-1) is trained on once; files the monitor quarantined
+    neither count towards the retrain trigger nor are copied."""
+    _write_champion(project, CLASSES)
+    fake_ingest(None, Layout(project))  # the manifest: what the last pipeline run trained on
+    processed = project / "data/batches/processed"
+    first = _batch(processed / "wk", 2, seed=5)
+    shutil.copytree(first, processed / "wk-1")
+    shutil.copy(project / "data/raw/src" / CLASSES[0] / f"src_{CLASSES[0]}_0.png", first / CLASSES[0] / "old.png")
+    (first / CLASSES[1] / "broken.png").write_bytes(b"\x89PNG broken")
+    report = Layout(project).monitoring / "wk"
+    report.mkdir(parents=True)
+    (report / "quarantine.csv").write_text(f"path,reason,detail\n{CLASSES[1]}/broken.png,corrupt,\n")
+    cfg = promote.retrain_config(load_params(project / "params.yaml"))
+    with caplog.at_level("WARNING"):
+        assert retraining.pending_batches(project, cfg) == {"wk": 4}  # not old.png (in data/raw/src), not broken.png
+    assert "batch wk-1 is not added to the training data: all its labelled images are already in the training " \
+           "data (4) or were unusable when it was monitored (0)" in caplog.text
+    assert json.loads((processed / "wk-1" / retraining.NOT_ADDED_MARKER).read_text())["already_in_training"] == 4
+    with caplog.at_level("WARNING"):
+        retraining.add_batch(str(project), "wk")
+    assert "batch wk: 1 image(s) already in the training data and 1 unusable one(s) left out" in caplog.text
+    copied = sorted(p.name for p in (project / "data/raw/extra/wk").rglob("*.png"))
+    assert copied == sorted(p.name for p in (processed / "wk-1").rglob("*.png"))  # the 4 new images only
+    caplog.clear()
+    assert retraining.pending_batches(project, cfg) == {}  # wk added, wk-1 marked: nothing pending, no new warning
+    assert "wk-1" not in caplog.text
+
+
 def test_a_simulated_batch_is_never_added_to_the_training_data(project, caplog):
     """simulate-batch writes the pipeline's own test images: monitored, never trained on."""
     from medflow.monitor.simulate import SIMULATED_MARKER
@@ -428,7 +459,7 @@ def test_add_batch_keeps_sub_folders_and_takes_what_ingest_reads(project):
     assert copied["slideA/001.png"] != copied["slideB/001.png"]
 
 
-def test_a_bad_batch_is_moved_to_failed_and_the_others_are_still_monitored(project, fake_monitor):
+def test_a_bad_batch_is_moved_to_failed_and_the_others_are_still_monitored(project, fake_monitor, caplog):
     verdicts, seen = fake_monitor
     _initial_release(project)
     incoming, failed = project / "data/batches/incoming", project / "data/batches/failed"
@@ -436,10 +467,13 @@ def test_a_bad_batch_is_moved_to_failed_and_the_others_are_still_monitored(proje
     _png(incoming / "b_loose/img0.png", seed=7)  # images but no class folder
     (failed / "a_empty").mkdir(parents=True)  # name taken by an earlier failure: goes to a_empty-1
     _batch(incoming / "c_good", 1, seed=8)
+    (incoming / "scans.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an archive dropped as is: named, left alone
     verdicts["c_good"] = "drift"
 
-    with pytest.raises(monitoring.BatchesFailed, match="2 batch.*a_empty.*b_loose") as err:
+    with pytest.raises(monitoring.BatchesFailed, match="2 batch.*a_empty.*b_loose") as err, caplog.at_level("WARNING"):
         monitoring.monitoring_flow(root=str(project), trigger="none")
+    assert "scans.zip is a file, not a batch folder: left alone" in caplog.text and (incoming / "scans.zip").exists()
+    (incoming / "scans.zip").unlink()
     assert [s["batch"] for s in seen] == ["a_empty", "b_loose", "c_good"]  # ValueError: not retried
     summary = err.value.summary
     assert summary["verdicts"] == {"c_good": "drift"}
