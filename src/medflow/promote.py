@@ -247,11 +247,13 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, *, min_im
         for k in ("recall", "f1"):
             if was[k] - after[cls][k] > max_class_drop:
                 drops.setdefault(cls, {})[k] = round(was[k] - after[cls][k], 6)
+    versus = f"{metric} {new:.4f} vs production {old:.4f} ({delta:+.4f})"
     if drops:
-        return Decision(False, f"class regression beyond {max_class_drop}: {drops}", metric, new, old, delta, drops)
+        return Decision(False, f"class regression beyond {max_class_drop}: {drops}; overall {versus}", metric, new,
+                        old, delta, drops)
     if delta <= 0 or delta < min_improvement - TOLERANCE:  # one more correct image of 200 is exactly 0.005
-        return Decision(False, f"{metric} improves by {delta:+.4f} < required {min_improvement}", metric, new, old, delta)
-    return Decision(True, f"{metric} improves by {delta:+.4f}", metric, new, old, delta)
+        return Decision(False, f"{versus}: a promotion needs at least +{min_improvement}", metric, new, old, delta)
+    return Decision(True, versus, metric, new, old, delta)
 
 
 # --------------------------------------------------------------------------- promotion / rollback
@@ -350,17 +352,31 @@ def rollback(root: str | Path, version: str | None = None) -> str:
     return version
 
 
+def rolled_back_from(root: str | Path, version: str) -> str | None:
+    """When ``version`` was rolled back from after its last promotion: that rollback's time, else None."""
+    undone = None
+    for event in load_registry(Path(root))["history"]:
+        if event.get("version") == version and event["action"] == "promote":
+            undone = None
+        elif event["action"] == "rollback" and event.get("from") == version:
+            undone = event["at"]
+    return undone
+
+
 def adopt_current_champion(root: str | Path, *, extra_dir: str = "data/raw/extra") -> str | None:
     """Register and deploy the last run's champion when nothing is deployed yet; returns its version, else None.
 
     Until a first promotion, serve, predict and monitor use ``models/champion.json``, which the next
     training run overwrites: retraining adopts it first, so the new champion is compared with the model
-    actually in use (and can be rolled back to).
+    actually in use (and can be rolled back to). A model without skill (:func:`decide`'s floor) is not
+    adopted: PromotionError.
     """
     root = Path(root)
     if production_version(root) is not None or not (root / "models" / "champion.json").exists():
         return None
     candidate = load_candidate(root, extra_dir=extra_dir)
+    if not (floor := decide(candidate, None, min_improvement=0.0, max_class_drop=1.0)).promote:
+        raise PromotionError(f"{candidate['version']} is not adopted as the production version: {floor.reason}")
     return promote(root, candidate, reason="adopted: the model in use before the first retraining")
 
 
@@ -377,6 +393,9 @@ def decide_and_promote(root: str | Path, cfg: RetrainConfig, *, force: bool = Fa
         raise PromotionError(f"{Path(root) / PRODUCTION} points at {deployed!r}, which {Path(root) / REGISTRY} "
                              "does not list; restore the registry or `medflow rollback VERSION` to a listed one")
     decision = decide(candidate, record, min_improvement=cfg.min_improvement, max_class_drop=cfg.max_class_drop)
+    if decision.promote and (undone := rolled_back_from(root, candidate["version"])):
+        decision = replace(decision, promote=False, reason=f"{candidate['version']} was rolled back by hand ({undone}): "
+                           f"not deployed again by the rule ({decision.reason}); `medflow promote --force` deploys it")
     if force and not decision.promote and candidate["version"] != deployed:
         decision = replace(decision, promote=True, reason=f"forced by hand; the rule said: {decision.reason}")
     if decision.promote:

@@ -40,7 +40,8 @@ def test_better_challenger_is_promoted(tmp_path):
     assert d.promote and d.delta == pytest.approx(0.05) and (d.challenger, d.champion) == (0.85, 0.80)
 
 
-@pytest.mark.parametrize("f1, why", [(0.78, "improves by -0.0200"), (0.805, "improves by +0.0050"), (0.80, "+0.0000")])
+@pytest.mark.parametrize("f1, why", [(0.78, "macro_f1 0.7800 vs production 0.8000 (-0.0200): a promotion needs at "
+                                           "least +0.01"), (0.805, "(+0.0050): a promotion needs"), (0.80, "(+0.0000)")])
 def test_worse_or_too_small_improvement_is_not_promoted(tmp_path, f1, why):
     d = _rule(_candidate(tmp_path, "a-2", f1), _candidate(tmp_path, "a-1", 0.80))
     assert not d.promote and why in d.reason
@@ -146,6 +147,39 @@ def test_rollback_to_previous_and_named_version(tmp_path):
     with pytest.raises(pm.PromotionError, match="unknown version"):
         pm.rollback(tmp_path, "nope")
     assert [h["action"] for h in pm.load_registry(tmp_path)["history"]] == ["promote"] * 3 + ["rollback"] * 3
+
+
+def _as_challenger(root: Path, cand: dict) -> None:
+    """Write what load_candidate reads: champion.json, the model's per-class test figures, the test split."""
+    (root / "models/champion.json").write_text(json.dumps(cand))
+    (root / "reports/eval" / cand["model"]).mkdir(parents=True, exist_ok=True)
+    (root / "reports/eval" / cand["model"] / "details.json").write_text(json.dumps({"per_class": cand["per_class"]}))
+    (root / "data/interim").mkdir(parents=True, exist_ok=True)
+    (root / "data/interim/splits.csv").write_text("id,split,fold\nx0,test,-1\n")
+
+
+def test_a_rolled_back_version_is_not_promoted_again_by_the_rule(tmp_path):
+    """After `medflow rollback` from m2, the scheduled rule must not put m2 straight back; --force can."""
+    _as_challenger(tmp_path, _candidate(tmp_path, "m0-x", 0.5))
+    same_test = pm.split_fingerprint(tmp_path / "data/interim/splits.csv")
+    for i, f1 in enumerate([0.7, 0.8], start=1):
+        pm.promote(tmp_path, _candidate(tmp_path, f"m{i}-x", f1, test_hash=same_test))
+    assert pm.rollback(tmp_path) == "m1-x"
+    _as_challenger(tmp_path, _candidate(tmp_path, "m2-x", 0.8))
+    kept = pm.decide_and_promote(tmp_path, pm.RetrainConfig())
+    assert kept["production"] == "m1-x" and not kept["decision"]["promote"]
+    assert kept["decision"]["reason"].startswith("m2-x was rolled back by hand (")
+    assert "`medflow promote --force` deploys it" in kept["decision"]["reason"]
+    assert pm.decide_and_promote(tmp_path, pm.RetrainConfig(), force=True)["production"] == "m2-x"
+
+
+def test_a_model_without_skill_is_not_adopted(tmp_path):
+    one_class = {"Parasitized": {"precision": 0.5, "recall": 1.0, "f1": 0.67, "support": 10},
+                 "Uninfected": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 10}}
+    _as_challenger(tmp_path, _candidate(tmp_path, "a-1", 0.33, per_class=one_class))
+    with pytest.raises(pm.PromotionError, match="a-1 is not adopted as the production version: no skill"):
+        pm.adopt_current_champion(tmp_path)
+    assert pm.production_version(tmp_path) is None
 
 
 def test_failed_swap_or_copy_leaves_production_untouched(tmp_path, monkeypatch):
