@@ -8,7 +8,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=$(cd "${MEDFLOW_ROOT:-$REPO}" && pwd)
 export PREFECT_HOME=${PREFECT_HOME:-$ROOT/.prefect}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
-PORT=${PREFECT_PORT:-4200}
+PORT=${PREFECT_PORT:-$(cat "$PREFECT_HOME/server.port" 2>/dev/null || echo 4200)}
 export PREFECT_API_URL=http://127.0.0.1:$PORT/api
 BIN=$REPO/.venv/bin
 mkdir -p "$PREFECT_HOME"
@@ -35,6 +35,7 @@ else
   # setsid: the server leads its own process group, so stop_flows.sh can end it and its children by PID
   setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$PREFECT_HOME/server.log" 2>&1 &
   echo $! >"$PREFECT_HOME/server.pid"
+  echo "$PORT" >"$PREFECT_HOME/server.port"  # stop_flows.sh and other shells find the server by it
 fi
 wait_for 180 "import urllib.request; urllib.request.urlopen('$PREFECT_API_URL/health', timeout=5)"
 
@@ -53,3 +54,4 @@ with get_client(sync_client=True) as c:
 "
 echo "Prefect UI: http://127.0.0.1:$PORT   project: $ROOT"
 echo "logs: $PREFECT_HOME/server.log $PREFECT_HOME/serve.log   stop: make stop-flows"
+echo "run a deployment now: PREFECT_API_URL=$PREFECT_API_URL .venv/bin/prefect deployment run monitoring/monitoring"

@@ -7,7 +7,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=$(cd "${MEDFLOW_ROOT:-$REPO}" && pwd)
 export PREFECT_HOME=${PREFECT_HOME:-$ROOT/.prefect}
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
-export PREFECT_API_URL=http://127.0.0.1:${PREFECT_PORT:-4200}/api
+# the port serve_flows.sh recorded, so a server started on another port is found without PREFECT_PORT
+export PREFECT_API_URL=http://127.0.0.1:${PREFECT_PORT:-$(cat "$PREFECT_HOME/server.port" 2>/dev/null || echo 4200)}/api
 
 stop() {
   local file=$PREFECT_HOME/$1.pid pid
@@ -31,3 +32,4 @@ if [[ -f $PREFECT_HOME/server.pid ]] && kill -0 "$(cat "$PREFECT_HOME/server.pid
   (cd "$REPO" && "$REPO/.venv/bin/python" -m flows.deploy --root "$ROOT" --reap) || echo "could not mark runs crashed"
 fi
 stop server
+rm -f "$PREFECT_HOME/server.port"
