@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# tests call some Prefect tasks (e.g. retraining.add_batch) outside a flow: their logs have no run to go to
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 REPO = Path(__file__).resolve().parents[1]
 
 
