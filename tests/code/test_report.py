@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html as htmllib
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -11,8 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medflow import promote
 from medflow.config import parse_params
 from medflow.evaluate import calibration_table, compute_metrics, roc_table
+from medflow.io import sha256_file
 from medflow.layout import Layout
 from medflow.report import build_report
 from medflow.report.figures import image_grid
@@ -125,6 +128,26 @@ def _fmt3(x: float) -> str:
     return f"{x:.3f}"
 
 
+def section(path: Path, name: str) -> str:
+    """One section of the page, whitespace collapsed."""
+    return " ".join(path.read_text().split(f'id="{name}"', 1)[1].split("</section>", 1)[0].split())
+
+
+OLD = "old_cnn-00000001"  # a version deployed before this run
+
+
+def deploy(lay: Layout, old: bool = False) -> str:
+    """Promote this run's champion, or (``old``) an earlier version scoring macro F1 0.99, with medflow.promote;
+    returns the deployed version."""
+    model = lay.root / "models" / "deployed.keras"
+    write(model, "old" if old else "champion")
+    candidate = {**promote.load_candidate(lay.root), "model_path": "models/deployed.keras",
+                 "model_sha256": sha256_file(model)}
+    if old:
+        candidate |= {"model": "old_cnn", "version": OLD, "metrics": {**candidate["metrics"], "macro_f1": 0.99}}
+    return promote.promote(lay.root, candidate, reason="macro_f1 improves by +0.0100")
+
+
 def test_report_has_every_section_embedded_and_offline(tmp_path):
     lay = fabricate_project(tmp_path)
     out = build_report(lay, params())
@@ -232,3 +255,56 @@ def test_split_counts_wide_or_long(tmp_path, long):
     section = html.split('id="splits"', 1)[1].split("</section>", 1)[0]
     assert '<td>B</td><tdclass="num">4</td><tdclass="num">2</td>' in section.replace("\n", "").replace(" ", "")
     assert 'src="data:image/png;base64,' in section
+
+
+@pytest.mark.parametrize("case", ["none", "same", "refused", "undecided"])
+def test_summary_names_the_deployed_model_and_what_became_of_this_runs_best(tmp_path, case):
+    lay = fabricate_project(tmp_path)
+    champ = json.loads(lay.champion.read_text())
+    model, version, f1 = champ["model"], champ["version"], _fmt3(champ["metrics"]["macro_f1"])
+    if case != "none":
+        deploy(lay, old=case != "same")
+    if case == "refused":  # the promotion rule keeps the better deployed model and records why
+        decision = promote.decide_and_promote(lay.root, promote.retrain_config(params()))["decision"]
+        assert not decision["promote"]
+    summary = section(build_report(lay, params()), "summary")
+    comparison = section(lay.report, "comparison")
+    deployed = promote.load_registry(lay.root)["history"][-1]["at"][:10] if case != "none" else None
+    best = f"It has the highest Macro F1 on the test set ({f1},"
+    if case == "none":
+        assert (f"Recommended model (the <strong>champion</strong>): <strong>{model}</strong> (version <code>{version}"
+                f"</code>), not deployed yet: <code>medflow promote</code> deploys it. {best}") in summary
+        assert "Model in production" not in summary and "In production now" not in comparison
+    elif case == "same":
+        assert (f'<p class="champion">Model in production (the <strong>champion</strong>, this run\'s best model): '
+                f"<strong>{model}</strong> (version <code>{version}</code>, deployed {deployed}: macro_f1 improves by "
+                f"+0.0100). {best}") in summary
+        assert "Recommended" not in summary and "production stays" not in summary
+        assert f"In production now: <code>{version}</code>, this champion." in comparison
+    else:
+        assert (f'<p class="champion">Model in production: <strong>old_cnn</strong> (version <code>{OLD}</code>, '
+                f"Macro F1 0.990 on its test set, deployed {deployed}: macro_f1 improves by +0.0100). The prediction "
+                "service and monitoring use it.</p>") in summary
+        fate = (f"was not promoted: {htmllib.escape(decision['reason'])}" if case == "refused" else
+                "has not been through the promotion rule yet (<code>medflow promote</code> deploys it only if it "
+                "beats production)")
+        assert (f'<p class="note">This run\'s best model, <strong>{model}</strong> (version <code>{version}</code>, '
+                f"Macro F1 {f1}), {fate}; production stays <code>{OLD}</code> (0.990).</p>") in summary
+        assert (f"<p>This run's best model (the <strong>champion</strong>): <strong>{model}</strong> (version "
+                f"<code>{version}</code>). {best}") in summary
+        assert "Recommended" not in summary and f"In production now: <code>{OLD}</code>." in comparison
+
+
+def test_monitoring_flags_rows_checked_with_another_model_than_the_deployed_one(tmp_path):
+    lay = fabricate_project(tmp_path)
+    champ = json.loads(lay.champion.read_text())["version"]
+    deploy(lay, old=True)
+    with open(lay.monitoring / "history.csv", "a") as f:
+        f.write(f"2025-01-03T00:00:00,batch-2,ok,0.0,{OLD},batch-2/report.html,False\n"
+                f"2025-01-04T00:00:00,batch-3,ok,0.0,{champ},batch-3/report.html,False\n")
+    monitoring = section(build_report(lay, params()), "monitoring")
+    assert f"<td>{OLD}</td>" in monitoring  # the deployed model: no flag
+    assert "<td>old-00000000 (not the deployed model)</td>" in monitoring
+    assert f"<td>{champ} (not the deployed model)</td>" in monitoring  # this run's best, but not deployed
+    assert "rows of another model describe that model, not the deployed model." in monitoring
+    assert "current champion" not in monitoring

@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from medflow.data.manifest import SPLITS
 from medflow.io import atomic_write
 from medflow.layout import Layout
+from medflow.promote import LAST_DECISION, PRODUCTION, load_registry
 from medflow.report import figures
 
 METRIC_LABELS = {
@@ -245,6 +246,27 @@ def _comparison_section(layout: Layout, positive: str | None = None) -> dict[str
     return {"table": _table(df, labels=labels), "champion": champ}
 
 
+def _deployment_section(layout: Layout) -> dict[str, Any] | None:
+    """The deployed model (``models/production``) and what became of this run's champion, None when nothing is
+    deployed. ``status``: ``same`` (the champion is deployed), ``refused`` (the promotion rule said no, ``reason``
+    from its last decision), ``replaced`` (deployed earlier, not now) or ``undecided`` (not through the rule yet)."""
+    deployed = _json(layout.root / PRODUCTION / "champion.json")
+    if deployed is None:
+        return None
+    champ, reg = _json(layout.champion) or {}, load_registry(layout.root)
+    version, metric = champ.get("version"), champ.get("metric", deployed["metric"])
+    last = _json(layout.root / LAST_DECISION) or {}
+    decision = last["decision"] if version and last.get("candidate") == version else {}
+    refused = decision.get("promote") is False
+    status = ("same" if version == deployed["version"] else "refused" if refused
+              else "replaced" if any(v["version"] == version for v in reg["versions"]) else "undecided")
+    event = next((h for h in reversed(reg["history"]) if h["version"] == deployed["version"]), {})
+    how = event.get("reason") or (f"rollback from {event['from']}" if event.get("from") else "")
+    return {"model": deployed["model"], "version": deployed["version"], "status": status,
+            "metric_label": METRIC_LABELS.get(metric, metric), "value": _fmt(deployed["metrics"].get(metric)),
+            "at": event.get("at", "")[:10], "how": how, "reason": decision.get("reason") if refused else None}
+
+
 def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
     from medflow.monitor.run import monitoring_index
 
@@ -256,11 +278,14 @@ def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
     labels = {"batch": "Batch", "time": "Time (UTC)", "verdict": "Verdict", "drift_share": "Drifted share of features",
               "accuracy": "Accuracy", "macro_f1": "Macro F1", "champion_version": "Model checked",
               "reasons": "Reasons", "simulated": "Simulated batch"}
-    current = (_json(layout.champion) or {}).get("version")
-    for r in rows:  # a batch checked against an earlier model says so: its figures are not the current model's
+    in_use = layout.deployed_champion
+    current = (_json(in_use) or {}).get("version")
+    model = "the current champion" if in_use == layout.champion else "the deployed model"
+    for r in rows:  # a batch checked against another model says so: its figures are not the model in use
         if r.get("champion_version") and current and r["champion_version"] != current:
-            r["champion_version"] = f"{r['champion_version']} (not the current champion)"
-    return {"table": _table(pd.DataFrame(rows).drop(columns=["report"]), labels=labels), "links": links}
+            r["champion_version"] = f"{r['champion_version']} (not {model})"
+    return {"table": _table(pd.DataFrame(rows).drop(columns=["report"]), labels=labels), "links": links,
+            "model": model}
 
 
 def build_report(layout: Layout, params: Any) -> Path:
@@ -273,6 +298,7 @@ def build_report(layout: Layout, params: Any) -> Path:
         validation=_validation_section(layout),
         splits=_splits_section(layout),
         comparison=_comparison_section(layout, params.evaluate.positive_class),
+        deployment=_deployment_section(layout),
         models=[_model_section(layout, n) for n in _model_names(layout, params)],
         monitoring=_monitoring_section(layout),
         metric_labels=METRIC_LABELS,
