@@ -508,7 +508,102 @@ def test_unlabelled_images_are_monitored_without_a_performance_verdict(project: 
     s = monitor_batch(tmp_path / "unlabelled", champion_json=project.champion, reference=project.reference,
                       out_root=out_root, params=project.params)
     assert s["performance"] is None and s["n_images"] == 60
-    assert "Per-class performance" not in (out_root / "unlabelled" / "report.html").read_text(encoding="utf-8")
+    assert s["unknown_labels"] == {} and not any(r.startswith("warning:") for r in s["reasons"])
+    page = (out_root / "unlabelled" / "report.html").read_text(encoding="utf-8")
+    assert "Per-class performance" not in page and 'class="warning"' not in page and "no labels" in page
+
+
+def test_unknown_class_folders_are_named_in_a_warning_that_leaves_the_verdict(project: SimpleNamespace,
+                                                                            tmp_path: Path) -> None:
+    """``Babesia/`` (no such class) and ``parasitized/`` (the class is ``Parasitized``) beside real class folders
+    and ``unlabelled/``: each is named with its image count (and the class it may mean) in summary.json, the
+    reasons, history.csv and the page; the verdict comes from drift and performance alone."""
+    from medflow.monitor.run import monitor_batch
+    from medflow.monitor.simulate import simulate_batch
+
+    batch, out = tmp_path / "mixed", tmp_path / "monitoring"
+    simulate_batch(project.images, project.labels, batch, n=60, seed=7)
+    assert project.classes == ["Parasitized", "Uninfected"]
+    moves = (("Parasitized", "parasitized", 8), ("Uninfected", "Babesia", 7), ("Uninfected", "unlabelled", 5))
+    for src, dest, k in moves:
+        (batch / dest).mkdir()
+        for f in sorted((batch / src).iterdir())[:k]:
+            f.rename(batch / dest / f.name)
+    s = monitor_batch(batch, champion_json=project.champion, reference=project.reference, out_root=out,
+                      params=project.params)
+    assert s["unknown_labels"] == {"Babesia": 7, "parasitized": 8}
+    assert s["n_images"] == 60 and s["performance"]["batch"]["n"] == 60 - 8 - 7 - 5
+    text = ("warning: folder {} is not a class of the model (Parasitized, Uninfected), so its images were checked "
+            "for drift but not for performance; {} to its class, or to unlabelled/ for images without a label")
+    warnings = [text.format("Babesia/ (7 images)", "rename it"),
+                text.format("parasitized/ (8 images)", "did you mean 'Parasitized'? Rename it")]
+    assert s["reasons"][-2:] == warnings
+    assert s["verdict"] in ("drift", "degraded") if s["reasons"][:-2] else s["verdict"] == "ok", s["reasons"]
+    assert json.loads((out / "mixed" / "summary.json").read_text())["unknown_labels"] == s["unknown_labels"]
+    assert pd.read_csv(out / "history.csv")["reasons"].iloc[-1].endswith("; ".join(warnings))
+    page = (out / "mixed" / "report.html").read_text(encoding="utf-8")
+    assert page.count('class="warning"') == 2
+    assert "<strong>Warning:</strong> folder parasitized/ (8 images) is not a class of the model" in page
+    assert "did you mean &#x27;Parasitized&#x27;?" in page
+
+
+def test_unknown_labels_leave_out_the_classes_and_unlabelled_in_any_case() -> None:
+    from medflow.monitor.run import unknown_label_warnings, unknown_labels
+
+    labels = pd.Series(["Parasitized", "Unlabelled", "unlabeled", "UNLABELLED", "parasitised", "Babesia", "Babesia"])
+    unknown = unknown_labels(labels, ["Parasitized", "Uninfected"])
+    assert unknown == {"Babesia": 2, "parasitised": 1}
+    text = ("warning: label {} is not a class of the model (Parasitized, Uninfected), so its images were checked "
+            "for drift but not for performance; {} to its class, or to 'unlabelled' for images without a label")
+    assert unknown_label_warnings(unknown, ["Parasitized", "Uninfected"], folders=False) == [
+        text.format("'Babesia' (2 images)", "rename it"),
+        text.format("'parasitised' (1 image)", "did you mean 'Parasitized'? Rename it")]
+
+
+def test_a_batch_that_cannot_be_checked_leaves_nothing_behind(project: SimpleNamespace, tmp_path: Path) -> None:
+    """Images lying in the batch folder itself (no label), only unusable files, or no file: the error says why
+    and where images go, lists the quarantined files (no quarantine.csv is kept), and the monitoring folder is
+    as it was, so the fixed batch gets its own name back."""
+    from medflow.data.sources import SourceError
+    from medflow.monitor.run import monitor_batch
+    from medflow.monitor.simulate import simulate_batch
+
+    out = tmp_path / "monitoring"
+    out.mkdir()
+    (out / "history.csv").write_text("time,batch\n")
+    before = sorted(out.rglob("*"))
+
+    def check(batch: Path) -> dict:
+        return monitor_batch(batch, champion_json=project.champion, reference=project.reference, out_root=out,
+                             params=project.params)
+
+    flat = tmp_path / "flat"
+    simulate_batch(project.images, project.labels, tmp_path / "src", n=6, seed=8)
+    flat.mkdir()
+    for i, f in enumerate(sorted((tmp_path / "src").rglob("*.png"))):
+        shutil.copy(f, flat / f"{i}.png")
+    with pytest.raises(ValueError) as e:
+        check(flat)
+    assert str(e.value) == (
+        f"{flat}: no usable image (found 6 = accepted 0 + quarantined 6 (no_label: 6)); images must sit in a "
+        f"sub-folder of the batch: {flat}/<class>/ for labelled images (classes: Parasitized, Uninfected), "
+        f"{flat}/unlabelled/ for images without a label. No report was written; the quarantined files: "
+        + "; ".join(f"{i}.png (no_label: image is not inside a class folder)" for i in range(5)) + "; and 1 more")
+    broken = tmp_path / "broken"
+    (broken / "Parasitized").mkdir(parents=True)
+    (broken / "Parasitized" / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^\S+broken: no usable image \(found 1 = accepted 0 \+ quarantined 1 "
+                                         r"\(empty_file: 1\)\)\. No report was written; the quarantined files: "
+                                         r"Parasitized/empty\.png \(empty_file: [^)]+\)$"):
+        check(broken)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no images found"):
+        check(tmp_path / "empty")
+    assert sorted(out.rglob("*")) == before and (out / "history.csv").read_text() == "time,batch\n"
+    (flat / "unlabelled").mkdir()
+    for f in flat.glob("*.png"):
+        f.rename(flat / "unlabelled" / f.name)
+    assert check(flat)["batch"] == "flat"  # not flat-1
 
 
 def _features(ps: dict[str, tuple[str, float]], alpha: float = 0.05) -> dict[str, dict]:

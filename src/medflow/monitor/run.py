@@ -6,15 +6,17 @@ The page (``report.html``) opens with a link back to the main report (``../../in
 the batch and its verdict, a banner when the batch is simulated (``medflow simulate-batch`` marks it) and a
 short "How to read this page"; medflow's own tables show yes / no, whole counts and "p-value" columns.
 
-Images in a folder that is not one of the champion's classes (e.g. ``batch/unlabelled/``) are monitored
-for drift without a performance check.
+Images in a folder that is not one of the champion's classes are monitored for drift without a performance
+check: ``batch/unlabelled/`` (:data:`UNLABELLED`) quietly, any other (``Babesia/``, ``parasitized/`` for
+``Parasitized``) with a warning in the reasons, on the page and as ``unknown_labels`` in summary.json. A batch
+that cannot be checked (no image, none usable) raises and leaves nothing under ``out_root``.
 """
 
 from __future__ import annotations
 
+import difflib
 import html
 import re
-import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +50,8 @@ from medflow.monitor.verdict import counts_toward_verdict, decide, group_drift
 HISTORY_COLUMNS = ["time", "batch", "verdict", "n_images", "n_quarantined", "drift_share", "drifted_groups",
                    "embedding_auc", "accuracy", "macro_f1", "champion_version", "reasons", "report", "summary",
                    "simulated"]
+UNLABELLED = ("unlabelled", "unlabeled")  # folder (or label) names, any case, of images without a label
+WARNING = "warning: "  # starts a reason that does not change the verdict
 MAIN_REPORT = "../../index.html"  # reports/index.html, seen from reports/monitoring/<batch>/report.html
 _EXTERNAL = re.compile(r"<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*[\"']?(?:https?:)?//", re.IGNORECASE)
 
@@ -79,6 +83,39 @@ def _performance(current: pd.DataFrame, proba: np.ndarray, champion_record: dict
                                    zero_division=0))
     return {k: m.get(k) for k in ("n", "accuracy", "balanced_accuracy", "macro_f1", "qwk", "per_class", "confusion")
             if k in m}
+
+
+def unknown_labels(labels: pd.Series, classes: list[str]) -> dict[str, int]:
+    """Images per label (class folder) that is neither a champion class nor one of :data:`UNLABELLED`."""
+    other = labels[~labels.isin(classes) & ~labels.str.casefold().isin(UNLABELLED)]
+    return {str(k): int(v) for k, v in sorted(other.value_counts().items())}
+
+
+def unknown_label_warnings(unknown: dict[str, int], classes: list[str], folders: bool) -> list[str]:
+    """One reason per unknown label: its image count, that they were checked for drift only, and the class
+    it may mean (the same name in another case, or a close spelling)."""
+    folded = {c.casefold(): c for c in classes}
+    out = []
+    for label, n in unknown.items():
+        near = difflib.get_close_matches(label.casefold(), list(folded), n=1, cutoff=0.8)
+        fix = f"did you mean {folded[near[0]]!r}? Rename it" if near else "rename it"
+        out.append(f"{WARNING}{f'folder {label}/' if folders else f'label {label!r}'} ({n} image"
+                   f"{'' if n == 1 else 's'}) is not a class of the model ({', '.join(classes)}), so its images were "
+                   f"checked for drift but not for performance; {fix} to its class, or to "
+                   f"{'unlabelled/' if folders else repr('unlabelled')} for images without a label")
+    return out
+
+
+def _no_usable_image(source: Path, ing: dict[str, Any], quarantine: pd.DataFrame, classes: list[str]) -> str:
+    """The error of a batch with no usable image: counts per reason, where images without a class folder
+    must go, and the first quarantined files (no report and no quarantine.csv are written for it)."""
+    hint = (f"; images must sit in a sub-folder of the batch: {source}/<class>/ for labelled images (classes: "
+            f"{', '.join(classes)}), {source}/unlabelled/ for images without a label"
+            if ing["format"] in ("folder", "dicom") and "no_label" in ing["by_reason"] else "")
+    listed = "; ".join(f"{q.path} ({q.reason}: {q.detail})" for q in quarantine.head(5).itertuples())
+    more = f"; and {len(quarantine) - 5} more" if len(quarantine) > 5 else ""
+    return (f"{source}: no usable image ({ing['reconciliation']}){hint}. No report was written; the quarantined "
+            f"files: {listed}{more}")
 
 
 def _champion_test(record: dict[str, Any]) -> dict[str, Any]:
@@ -129,8 +166,10 @@ def _summary_widgets(summary: dict[str, Any]) -> list[Any]:
                         f"{cfg.embedding_auc:.3g}", f"{drift['embedding_auc']:.3f}"),
             CounterData("Accuracy (batch / champion test)",
                         f"{_fmt(perf['batch']['accuracy'])} / {_fmt(perf['champion_test'].get('accuracy'))}"
-                        if perf else "no labels")]),
-        table_data(title="Verdict reasons", column_names=["reason"],
+                        if perf else "no class labels (see the warning)" if summary.get("unknown_labels")
+                        else "no labels")]),
+        table_data(title=f"Verdict reasons ('{WARNING.strip()}' lines do not change the verdict)",
+                   column_names=["reason"],
                    data=[[r] for r in summary["reasons"]] or [["no drift, no degradation"]]),
         table_data(title=f"Drift by group (Bonferroni within each group: threshold = family_alpha "
                          f"{cfg.family_alpha:.3g} / tests; embeddings also at ROC AUC >= {cfg.embedding_auc:.3g})",
@@ -235,6 +274,9 @@ def _page_head(page: str, summary: dict[str, Any]) -> str:
             f'style="{_BADGE.format(fg=fg, bg=bg)};padding:0 8px">{verdict.upper()}</span>{badge}</h1>\n'
             + (f'<p class="simulated" style="{_BADGE.format(fg=sim_fg, bg=sim_bg)};padding:8px">'
                f"{_simulated_note(summary)}</p>\n" if simulated else "")
+            + "".join(f'<p class="warning" style="{_BADGE.format(fg="#7a4f01", bg="#fff3cd")};padding:8px">'
+                      f"<strong>Warning:</strong> {html.escape(r.removeprefix(WARNING))}</p>\n"
+                      for r in summary["reasons"] if r.startswith(WARNING))
             + f'<section class="how-to-read"><h2>How to read this page</h2>\n{how_to_read(summary)}</section>\n'
             "</header>")
     title = f"medflow monitoring: {batch} ({verdict})"
@@ -291,23 +333,20 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
     classes = champion.classes
     pos = positive_index(classes, params.evaluate.positive_class)
     positive = None if pos is None else classes[pos]
-    ref, projection, ref_cache = reference_features(champion, reference, out_root / "reference", cfg)
-    batch_dir = out_root / name
-    batch_dir.mkdir(parents=True, exist_ok=True)
     ingest_cfg = params.ingest.model_copy(update={"image_size": int(champion.record["image_size"]),
                                                   "channels": int(champion.record["channels"])})
     # The batch's own format (a class-folder batch stays a folder when the training source is a CSV or npz).
     data_cfg = params.data.model_copy(update={"format": "auto"})
     with tempfile.TemporaryDirectory(prefix="medflow-monitor-") as tmp:
         ing = ingest(batch_source, tmp, data_cfg, ingest_cfg, progress=progress, warn_groups=False)  # never split
-        for f in ("quarantine.csv", "ingest_summary.json"):
-            shutil.copyfile(Path(tmp) / f, batch_dir / f)
+        tables = {f: (Path(tmp) / f).read_bytes() for f in ("quarantine.csv", "ingest_summary.json")}
         manifest = pd.read_csv(Path(tmp) / "manifest.csv", dtype={"id": str, "label": str, "path": str})
         if manifest.empty:
-            raise ValueError(f"{batch_source}: no usable image (all {ing['found']} quarantined, see "
-                             f"{batch_dir / 'quarantine.csv'})")
+            quarantine = pd.read_csv(Path(tmp) / "quarantine.csv", dtype=str, keep_default_na=False)
+            raise ValueError(_no_usable_image(batch_source, ing, quarantine, classes))
         pixels = np.load(Path(tmp) / "pixels.npy")
         emb, proba = champion.outputs(model_inputs(manifest, pixels), cfg.batch_size)
+    ref, projection, ref_cache = reference_features(champion, reference, out_root / "reference", cfg)
     current = feature_frame(manifest, emb, proba, projection, classes)
     pcs = pc_columns(len(projection.components))
 
@@ -321,6 +360,8 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
     cls_snap = classification_snapshot(labelled, classes, positive) if perf_batch else None
     quarantine_share = ing["quarantined"] / max(ing["found"], 1)
     verdict = decide(groups, values["share_below_feature_alpha"], perf_batch, champ_test, quarantine_share, cfg)
+    unknown = unknown_labels(current["label"], classes)
+    verdict["reasons"] += unknown_label_warnings(unknown, classes, folders=ing["format"] in ("folder", "dicom"))
 
     summary: dict[str, Any] = {
         "batch": name, "source": str(batch_source), "time": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -329,6 +370,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
         **verdict,
         "n_found": int(ing["found"]), "n_images": len(current), "n_quarantined": int(ing["quarantined"]),
         "quarantine_share": quarantine_share, "quarantine_by_reason": ing.get("by_reason", {}),
+        "unknown_labels": unknown,
         "drift": {"share": values["drift_share"], "drifted_count": values["drifted_count"],
                   "share_below_feature_alpha": values["share_below_feature_alpha"],
                   "below_feature_alpha_count": values["below_feature_alpha_count"],
@@ -345,7 +387,11 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
         "params": cfg.model_dump(),
         "report": "report.html",
     }
-    atomic_write(batch_dir / "report.html", render_report(summary, drift_snap, cls_snap))
+    page = render_report(summary, drift_snap, cls_snap)
+    batch_dir = out_root / name  # written only now: a batch that could not be checked leaves nothing behind
+    for f, data in tables.items():
+        atomic_write(batch_dir / f, data)
+    atomic_write(batch_dir / "report.html", page)
     atomic_write_json(batch_dir / "summary.json", summary)
     preds = current[["id", "label", "prediction", "confidence"]].copy()
     atomic_write(batch_dir / "predictions.csv", preds.to_csv(index=False))
