@@ -550,14 +550,18 @@ def test_unknown_class_folders_are_named_in_a_warning_that_leaves_the_verdict(pr
 def test_unknown_labels_leave_out_the_classes_and_unlabelled_in_any_case() -> None:
     from medflow.monitor.run import unknown_label_warnings, unknown_labels
 
-    labels = pd.Series(["Parasitized", "Unlabelled", "unlabeled", "UNLABELLED", "parasitised", "Babesia", "Babesia"])
+    labels = pd.Series(["Parasitized", "Unlabelled", "unlabeled", "UNLABELLED", "parasitised", "Babesia", "Babesia",
+                        "infected", "un-infected"])
     unknown = unknown_labels(labels, ["Parasitized", "Uninfected"])
-    assert unknown == {"Babesia": 2, "parasitised": 1}
+    assert unknown == {"Babesia": 2, "infected": 1, "parasitised": 1, "un-infected": 1}
     text = ("warning: label {} is not a class of the model (Parasitized, Uninfected), so its images were checked "
             "for drift but not for performance; {} to its class, or to 'unlabelled' for images without a label")
+    # a class is suggested only for the same letters (case, spaces, '_', '-'): never "infected" -> "Uninfected"
     assert unknown_label_warnings(unknown, ["Parasitized", "Uninfected"], folders=False) == [
         text.format("'Babesia' (2 images)", "rename it"),
-        text.format("'parasitised' (1 image)", "did you mean 'Parasitized'? Rename it")]
+        text.format("'infected' (1 image)", "rename it"),
+        text.format("'parasitised' (1 image)", "rename it"),
+        text.format("'un-infected' (1 image)", "did you mean 'Uninfected'? Rename it")]
 
 
 def test_a_batch_that_cannot_be_checked_leaves_nothing_behind(project: SimpleNamespace, tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ that cannot be checked (no image, none usable) raises and leaves nothing under `
 
 from __future__ import annotations
 
-import difflib
 import html
 import re
 import tempfile
@@ -93,12 +92,15 @@ def unknown_labels(labels: pd.Series, classes: list[str]) -> dict[str, int]:
 
 def unknown_label_warnings(unknown: dict[str, int], classes: list[str], folders: bool) -> list[str]:
     """One reason per unknown label: its image count, that they were checked for drift only, and the class
-    it may mean (the same name in another case, or a close spelling)."""
-    folded = {c.casefold(): c for c in classes}
+    it may mean (the same letters in another case, or with other spaces, '_' or '-')."""
+    def fold(name: str) -> str:  # case, spaces, '_' and '-' only: a fuzzy match could suggest the opposite class
+        return re.sub(r"[\s_-]+", "", name.casefold())  # (infected/ is one letter pair from Uninfected)
+
+    folded = {fold(c): c for c in classes}
     out = []
     for label, n in unknown.items():
-        near = difflib.get_close_matches(label.casefold(), list(folded), n=1, cutoff=0.8)
-        fix = f"did you mean {folded[near[0]]!r}? Rename it" if near else "rename it"
+        near = folded.get(fold(label))
+        fix = f"did you mean {near!r}? Rename it" if near else "rename it"
         out.append(f"{WARNING}{f'folder {label}/' if folders else f'label {label!r}'} ({n} image"
                    f"{'' if n == 1 else 's'}) is not a class of the model ({', '.join(classes)}), so its images were "
                    f"checked for drift but not for performance; {fix} to its class, or to "
