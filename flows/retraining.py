@@ -26,14 +26,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 import flows  # noqa: F401  (telemetry off, PREFECT_HOME) before prefect is imported
-from flows.training import training_flow
+from flows.training import dvc_stage, training_flow
 from medflow.config import Params, load_params
 from medflow.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES, sniff_format
 from medflow.data.sources import list_files
 from medflow.io import read_csv, sha256_file
 from medflow.layout import Layout
 from medflow.monitor.simulate import SIMULATED_MARKER
-from medflow.orchestrate import dvc_repo
+from medflow.orchestrate import dvc_repo, pipeline_stages
 from medflow.promote import (
     PromotionError,
     RetrainConfig,
@@ -284,6 +284,8 @@ def retraining_flow(root: str = ".", batches: list[str] | None = None) -> dict[s
         added = [add_batch(str(path), b) for b in todo]
         stages = training_flow(root=str(path))
         result = promote_if_better(str(path))
+        if "report" in pipeline_stages(path):  # the report names the deployed model: rebuilt after the decision
+            dvc_stage(str(path), "report", force=True)
     d = result["decision"]
     create_markdown_artifact(
         f"## Promotion decision: {'PROMOTED' if d['promote'] else 'kept production'}\n\n"

@@ -78,6 +78,12 @@ stages:
           cache: false
       - reports/comparison.csv:
           cache: false
+  report:
+    cmd: medflow report
+    deps: [models/champion.json]
+    outs:
+      - reports/index.html:
+          cache: false
 """
 PARAMS = {
     "data": {"source": "data/raw/src", "group_pattern": None},
@@ -135,6 +141,13 @@ def fake_compare(params, layout, models=None):
                         root=layout.root)
 
 
+def fake_report(params, layout):
+    """The page names the deployed version, as the real report does."""
+    layout.root.joinpath("reports").mkdir(exist_ok=True)
+    (layout.root / "reports/index.html").write_text(f"production: {promote.production_version(layout.root)}\n")
+    return {"report": "reports/index.html"}
+
+
 def _png(path: Path, seed: int) -> None:
     import numpy as np
     from PIL import Image
@@ -167,7 +180,7 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "data/raw/extra/README.md").write_text("labelled batches added by retraining\n")
     Repo.init(str(tmp_path), no_scm=True).close()
     for name, fn in [("ingest", fake_ingest), ("train", fake_train), ("evaluate", fake_evaluate),
-                     ("compare", fake_compare)]:
+                     ("compare", fake_compare), ("report", fake_report)]:
         monkeypatch.setattr(stages, name, fn)
     monkeypatch.setitem(KNOBS, "gain_per_batch", 0.05)
     monkeypatch.setitem(KNOBS, "fail_train", None)
@@ -192,9 +205,9 @@ def _set_param(root: Path, keys: list[str], value) -> None:
 # --------------------------------------------------------------------------- training flow
 def test_stage_list_comes_from_dvc_in_dependency_order(project):
     names = orchestrate.pipeline_stages(project)
-    assert sorted(names) == sorted(["ingest", "train@a", "train@b", "evaluate@a", "evaluate@b", "compare"])
+    assert sorted(names) == sorted(["ingest", "train@a", "train@b", "evaluate@a", "evaluate@b", "compare", "report"])
     pos = names.index
-    assert pos("ingest") < pos("train@a") < pos("evaluate@a") < pos("compare")
+    assert pos("ingest") < pos("train@a") < pos("evaluate@a") < pos("compare") < pos("report")
     assert pos("train@b") < pos("evaluate@b") < pos("compare")
 
 
@@ -209,7 +222,7 @@ def test_training_flow_runs_changed_stages_skips_the_rest_and_leaves_dvc_clean(p
     assert champion["model"] == "a" and champion["metrics"]["macro_f1"] == pytest.approx(0.70)
 
     second = training.training_flow(root=str(project))
-    assert second["ran"] == [] and len(second["skipped"]) == 6
+    assert second["ran"] == [] and len(second["skipped"]) == 7
 
     _set_param(project, ["models", "b", "epochs"], 2)  # only b's branch is affected
     third = training.training_flow(root=str(project))
@@ -284,6 +297,8 @@ def test_drifted_labelled_batch_triggers_retraining_and_a_better_model_is_promot
 
     prod = promote.production_record(project)
     assert prod["version"] != v1 and prod["metrics"]["macro_f1"] == pytest.approx(0.75)
+    # rebuilt after the promotion decision (and committed: dvc status stayed clean above)
+    assert (project / "reports/index.html").read_text() == f"production: {prod['version']}\n"
     week1_md5 = yaml.safe_load((project / "data/raw/extra/week1.dvc").read_text())["outs"][0]["md5"]
     assert prod["data_version"] == {"week1": week1_md5} and week1_md5.endswith(".dir")
     reg = promote.load_registry(project)

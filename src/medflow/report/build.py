@@ -202,7 +202,8 @@ def _model_section(layout: Layout, name: str) -> dict[str, Any]:
                                  [_span((pci.get(c) or {}).get(stat)) for c in per_class.index])
         per_class = per_class.rename_axis("class").reset_index()
         out["per_class"] = _table(per_class)
-        out["reliability"] = figures.data_uri(figures.reliability(calib, len(details["classes"]))) if calib is not None else None
+        out["reliability"] = (figures.data_uri(figures.reliability(calib, len(details["classes"])))
+                              if calib is not None else None)
         out["roc_classes"] = [] if roc_pts is None or not len(roc_pts) else list(roc_pts["class"].unique())
         out["auc"] = _fmt(details["roc_auc"]) if isinstance(details.get("roc_auc"), float) else None
         out["roc"] = (figures.data_uri(figures.roc(roc_pts, details.get("roc_auc")))
