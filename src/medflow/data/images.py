@@ -115,7 +115,7 @@ def _jpeg_scan_start(data: bytes) -> int:
 def _check_complete(data: bytes, fmt: str) -> None:
     """Reject files cut short: no PNG IEND chunk, no JPEG end-of-image marker after the main scan starts.
     Bytes after the end marker (e.g. the video of a phone's "motion photo") are allowed."""
-    if (fmt == "png" and b"IEND" not in data) or (
+    if (fmt == "png" and data.rfind(b"IEND") < 0) or (  # rfind: the marker sits near the end
             fmt == "jpeg" and data.find(b"\xff\xd9", _jpeg_scan_start(data)) < 0):
         raise BadImage("truncated", f"{fmt} ends before its end marker ({len(data)} bytes)")
     if fmt == "bmp" and len(data) >= 6 and len(data) < struct.unpack("<I", data[2:6])[0]:

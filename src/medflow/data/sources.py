@@ -9,6 +9,7 @@ folders (``.DS_Store``, ``.git/``) and ``__MACOSX/`` (what macOS zips add) are s
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import zipfile
@@ -33,6 +34,7 @@ SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val
               "validation": "val", "test": "test", "testing": "test"}
 # Fallback group rule: Kaggle diabetic-retinopathy names ``<patient>_left`` / ``<patient>_right``.
 EYE_PAIR = re.compile(r"^(?P<group>.+?)_(?:left|right)$", re.IGNORECASE)
+_DIGIT_RUNS = re.compile(r"(\d+)")
 IGNORED_DIRS = frozenset({"__MACOSX"})  # resource forks macOS adds to zips; hidden names are skipped too
 
 
@@ -55,14 +57,21 @@ class Record:
 
 def natural_key(text: str) -> list[str | int]:
     """Sort key that orders digit runs numerically: ``a2`` < ``a10``."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+    parts: list[str | int] = _DIGIT_RUNS.split(text)
+    parts[1::2] = map(int, parts[1::2])  # split() puts the captured digit runs at the odd positions
+    return parts
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
 
 
 def resolve_group(stem: str, pattern: str | None) -> str | None:
     """Group id from a file stem: ``pattern`` (named group 'group', else group 1, else the match),
     then the ``<patient>_(left|right)`` eye-pair rule; None when neither matches."""
     if pattern:
-        m = re.search(pattern, stem)
+        m = _compiled(pattern).search(stem)
         if m:
             value = m.groupdict().get("group") or (m.group(1) if m.re.groups else m.group(0))
             if value:
