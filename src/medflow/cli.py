@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -32,6 +33,32 @@ ChampionOpt = Annotated[Optional[Path], typer.Option(
 ModelArg = Annotated[str, typer.Argument(help="Model name from params.yaml `models` (see `medflow models`).")]
 
 
+def _version() -> str:
+    """The installed package's version, else (a source tree on PYTHONPATH) ``medflow.__version__``, said so."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medflow")
+    except PackageNotFoundError:
+        from medflow import __version__
+
+        return f"{__version__} (not installed: version from the source tree)"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"medflow {_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    pass  # no docstring: the app's help= stays the description of `medflow --help`
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input/config: shown as one clear message, exit code 1."""
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
@@ -47,8 +74,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run(fn: Callable[[], dict | None]) -> None:
+    """Run a command; its JSON summary is all that goes to stdout (Keras' epoch lines and other prints go to
+    stderr), so ``medflow train m > summary.json`` keeps valid JSON."""
     try:
-        summary = fn()
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = fn()
     except _user_errors() as e:
         typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
@@ -148,13 +178,58 @@ def report(params: ParamsOpt = Path("params.yaml")) -> None:
     _run(lambda: stages.report(p))
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 100 else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def _test_score(path: Path, metric: str) -> str | None:
+    """``metric`` from an evaluate metrics file: "0.917", "unreadable", or None when there is no file."""
+    if not path.exists():
+        return None
+    try:
+        score = json.loads(path.read_text()).get(metric)
+    except (OSError, ValueError, AttributeError):
+        score = None
+    return f"{score:.3f}" if isinstance(score, (int, float)) else "unreadable"
+
+
+def _registry_rows(p: Params, lay: Layout) -> list[dict[str, str]]:
+    """One row per registry model: its settings and, when trained here, its saved size and test metric."""
+    metric = p.evaluate.champion_metric
+    try:
+        champion = json.loads(lay.champion.read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        champion = None
+    rows = []
+    for name, m in p.models.items():
+        saved = lay.model_dir(name) / "model.keras"
+        score = _test_score(lay.metrics(name), metric) or ("not evaluated" if saved.exists() else "-")
+        rows.append({
+            "": "*" if name in p.active_models else "", "model": name, "architecture": m.architecture,
+            "input": f"{m.input_size or p.ingest.image_size}px", "epochs": str(m.epochs),
+            "trainable": m.trainable if isinstance(m.trainable, str) else "from " + ", ".join(m.trainable),
+            "saved model": _size(saved.stat().st_size) if saved.exists() else "not trained",
+            f"test {metric}": score + (" champion" if name == champion else ""),
+            "weights": m.weights or "none (from scratch)",
+        })
+    return rows
+
+
 @app.command()
 def models(params: ParamsOpt = Path("params.yaml")) -> None:
-    """List the model registry (* = trained by `dvc repro`)."""
+    """The model registry: settings, and each trained model's size and test metric (* = trained by `dvc repro`)."""
     p = _params(params)
-    for name, m in p.models.items():
-        mark = "*" if name in p.active_models else " "
-        typer.echo(f"{mark} {name:24s} {m.architecture:14s} weights={m.weights or 'none'} trainable={m.trainable}")
+    rows = _registry_rows(p, Layout())
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    right = {"input", "epochs"}
+    for r in [{k: k for k in rows[0]}, *rows]:
+        typer.echo("  ".join(v.rjust(widths[k]) if k in right else v.ljust(widths[k]) for k, v in r.items()).rstrip())
+    typer.echo(f"\n* in active_models (trained by `dvc repro`); champion: {Layout().champion}; test "
+               f"{p.evaluate.champion_metric} (evaluate.champion_metric) from reports/metrics/<model>.json.")
 
 
 @app.command()

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm import tqdm
 
 from medflow.concurrency import ordered_map
 from medflow.config import ModelConfig, Params
@@ -34,6 +33,7 @@ from medflow.data import shards
 from medflow.data.manifest import SPLITS
 from medflow.io import atomic_write_json, replace_dir
 from medflow.models.weights import resolve_weights, weights_fingerprint
+from medflow.progress import progress_bar
 from medflow.runtime import gc_frozen
 
 if TYPE_CHECKING:
@@ -221,7 +221,7 @@ def _embed_images(extractor: keras.Model, parts: list[np.ndarray], batch_size: i
     traced = tf.function(lambda x: extractor(tf.cast(x, tf.float32), training=False),
                          input_signature=[tf.TensorSpec(shape, tf.uint8)], autograph=False)
     done = ordered_map(lambda b: np.asarray(traced(b), np.float32), _batches(parts, shape), 2, name="embed")
-    return np.concatenate(list(tqdm(done, total=n_batches, desc=desc, unit="batch", file=sys.stderr)))[:total]
+    return np.concatenate(list(progress_bar(done, total=n_batches, desc=desc, unit="batch")))[:total]
 
 
 def _records(processed_dir: str | Path, meta: dict, split: str) -> list[np.ndarray]:

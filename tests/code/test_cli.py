@@ -192,3 +192,93 @@ def test_bad_data_ends_in_one_message_not_a_traceback(tmp_path: Path, small_tree
     fails(["ingest", "ragged.npz", "--out", "out"], "object array: images of different sizes cannot be stored")
     np.savez(tmp_path / "nolabels.npz", train_images=np.zeros((2, 28, 28), np.uint8))
     fails(["ingest", "nolabels.npz", "--out", "out"], "key 'train_labels' is missing (keys present: ['train_images'])")
+
+
+def test_version_prints_the_installed_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    installed = importlib.metadata.version("medflow")
+    for flag in ("--version", "-V"):
+        result = runner.invoke(app, [flag])
+        assert result.exit_code == 0 and result.output == f"medflow {installed}\n", result.output
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    from medflow import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"medflow {__version__} (not installed: version from the source tree)\n"
+
+
+def _models_table(output: str) -> dict[str, str]:
+    """`medflow models` rows (between the header and the blank line before the legend) by model name."""
+    return {line[1:].split()[0]: line for line in output.split("\n\n")[0].splitlines()[1:]}
+
+
+def test_models_on_a_fresh_clone_lists_every_model_untrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    rows = _models_table(result.output)
+    assert list(rows) == list(raw["models"])
+    for name, line in rows.items():
+        assert line.startswith("*" if name in raw["active_models"] else " ")
+        assert "not trained" in line and "champion" not in line, line
+    assert "test macro_f1" in result.output.splitlines()[0]
+    assert "  inception_v3  " in rows["inception_v3"] and "139px" in rows["inception_v3"]  # input_size set
+    assert "from mixed9" in rows["inception_v3"]
+
+
+def test_models_shows_saved_size_test_metric_and_champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read from what train/evaluate/compare write (models/<m>/model.keras, reports/metrics/<m>.json,
+    models/champion.json): here fake files, no training."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    for name, size in [("basic_cnn", 2048), ("effnet_lite0_frozen", 3 * 1024 * 1024), ("effnet_lite0_finetune", 10)]:
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "model.keras").write_bytes(b"\0" * size)
+    (tmp_path / "reports" / "metrics").mkdir(parents=True)
+    (tmp_path / "reports" / "metrics" / "basic_cnn.json").write_text(json.dumps({"accuracy": 0.95, "macro_f1": 0.9123}))
+    (tmp_path / "reports" / "metrics" / "effnet_lite0_finetune.json").write_text("{truncated")
+    (tmp_path / "models" / "champion.json").write_text(json.dumps({"model": "basic_cnn", "version": "basic_cnn-1"}))
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    rows = _models_table(result.output)
+    assert rows["basic_cnn"].split() == ["*", "basic_cnn", "basic_cnn", "64px", "40", "all", "2.0", "KiB", "0.912",
+                                         "champion", "none", "(from", "scratch)"]
+    frozen = rows["effnet_lite0_frozen"]
+    assert "3.0 MiB" in frozen and "not evaluated" in frozen and "from block" not in frozen
+    assert frozen.endswith("models/pretrained/efficientnet_lite0_imagenet_notop.keras")
+    assert "10 B" in rows["effnet_lite0_finetune"] and "unreadable" in rows["effnet_lite0_finetune"]
+    assert "from block6" in rows["effnet_lite0_finetune"]
+    assert "not trained" in rows["vgg16"] and "champion" not in rows["vgg16"]
+
+
+def test_models_does_not_import_tensorflow(tmp_path: Path) -> None:
+    """`medflow models` stays instant: nothing it reads needs TensorFlow."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "medflow", "models", "--params",
+                           str(ROOT / "params.yaml")], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "basic_cnn" in done.stdout and "tensorflow" not in done.stderr and "keras" not in done.stderr
+
+
+def test_stdout_carries_only_the_json_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    """Prints made while a command runs (Keras' epoch lines) go to stderr: `medflow train m > s.json` stays JSON."""
+    from medflow.cli import _run
+
+    def noisy() -> dict:
+        print("Epoch 1/2 - 1s - loss: 0.31")
+        return {"model": "m", "epochs": 2}
+
+    _run(noisy)
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"model": "m", "epochs": 2}
+    assert "Epoch 1/2" in err

@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from medflow.concurrency import ordered_map
 from medflow.config import DataConfig, IngestConfig
@@ -51,6 +50,7 @@ from medflow.data.sources import (
     natural_key,
 )
 from medflow.io import atomic_write_csv, atomic_write_json
+from medflow.progress import progress_bar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -211,7 +211,7 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: Inges
         return [(fields, group, problem) for fields, group, _, problem in results]
 
     rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(todo), desc="ingest", unit="img", disable=not progress, file=sys.stderr)
+    bar = progress_bar(total=len(todo), desc="ingest", unit="img", enabled=progress)
     try:
         index = 0
         for results in ordered_chunks(work, todo, cfg.workers):

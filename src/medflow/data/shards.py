@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from medflow.config import DataConfig
 from medflow.data.manifest import EXCLUDED, SPLITS
 from medflow.data.split import read_manifest
 from medflow.io import read_csv, replace_dir
 from medflow.layout import OutOfDate, require
+from medflow.progress import progress_bar
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -150,7 +150,7 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
             meta["class_counts"][name] = dict(zip(classes, np.bincount(index[sel], minlength=len(classes)).tolist()))
             meta["shards"][name] = [f"shard-{k:05d}.rec" for k in range(len(starts))]
         with ThreadPoolExecutor(workers, thread_name_prefix="shards") as pool, \
-                tqdm(total=len(rows), desc="shards", unit="img", disable=not progress, file=sys.stderr) as bar:
+                progress_bar(total=len(rows), desc="shards", unit="img", enabled=progress) as bar:
             for n in pool.map(lambda job: write(*job), jobs):
                 bar.update(n)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")

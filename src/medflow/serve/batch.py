@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from medflow.config import CsvSource, DataConfig, IngestConfig
 from medflow.data.images import BadImage, load_image_file
 from medflow.data.sources import csv_files, natural_key
 from medflow.io import atomic_write_csv
+from medflow.progress import progress_bar
 from medflow.serve.predictor import Predictor
 
 
@@ -87,8 +87,8 @@ def predict_paths(
     files = expand_inputs(paths, data_cfg)
     prob_cols = [f"p_{c}" for c in predictor.classes]
     rows: list[dict[str, Any]] = []
-    with ThreadPoolExecutor(ingest_cfg.workers) as pool, tqdm(
-        total=len(files), unit="img", desc="predict", file=sys.stderr, disable=not progress
+    with ThreadPoolExecutor(ingest_cfg.workers) as pool, progress_bar(
+        total=len(files), unit="img", desc="predict", enabled=progress
     ) as bar:
         for chunk in _chunks(files, max(1, batch_size)):
             loaded = list(pool.map(lambda f: _load(f, predictor), chunk))
