@@ -280,6 +280,10 @@ class RetrainConfig(_Section):
     min_new_labelled: int = Field(50, ge=1)  # labelled images waiting in processed batches that trigger a retrain
     min_improvement: float = Field(0.005, ge=0)  # challenger must beat production by at least this (champion metric)
     max_class_drop: float = Field(0.02, ge=0, le=1)  # largest tolerated drop of any class's recall or F1
+    # paired bootstrap of the test images (groups): promote only when the one-sided lower bound of the
+    # improvement at this confidence is > 0; 0 or null: no test
+    confidence: float | None = 0.9
+    resamples: int = Field(1000, ge=100, le=100_000)  # draws of that test (fixed seed: same inputs, same answer)
     schedule_monitor: str = "0 2 * * *"  # cron: look for new batches daily at 02:00
     schedule_retrain: str = "0 3 * * 0"  # cron: retrain weekly, Sunday 03:00
     timezone: str = "UTC"
@@ -302,6 +306,14 @@ class RetrainConfig(_Section):
             raise ValueError(f"{v!r} is not a 5-field cron expression such as '0 2 * * *' (minute hour day month "
                              "weekday)")
         return v
+
+    @field_validator("confidence")
+    @classmethod
+    def _confidence_range(cls, v: float | None) -> float | None:
+        if v is not None and not 0 <= v < 1:
+            raise ValueError(f"{v:g} is not in [0, 1): the one-sided confidence of the paired bootstrap test of a "
+                             "promotion (e.g. 0.9); 0 or null turns the test off")
+        return v or None
 
     @field_validator("timezone")
     @classmethod

@@ -196,30 +196,81 @@ def _per_class_ci(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], *,
     return out
 
 
+CONFUSION_METRICS = frozenset({"accuracy", "balanced_accuracy", "macro_f1", "qwk"})  # functions of the confusion matrix
+
+
+def confusion_scalars(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """accuracy, balanced_accuracy, macro_f1 and qwk of a stack of confusion matrices (``... x K x K``, rows =
+    actual), vectorised over the leading axes (bootstrap draws): the values :func:`_scalars` gets from
+    scikit-learn for the images counted (balanced accuracy over the classes present, macro F1 over the classes
+    present or predicted, quadratic kappa over all K); NaN where undefined (kappa of one class)."""
+    cm = np.asarray(cm, dtype=float)
+    k = cm.shape[-1]
+    hits = np.diagonal(cm, axis1=-2, axis2=-1)
+    actual, predicted = cm.sum(axis=-1), cm.sum(axis=-2)
+    total = actual.sum(axis=-1)
+    weights = (np.arange(k)[:, None] - np.arange(k)[None, :]) ** 2.0
+    seen = actual > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(seen, hits / actual, 0.0)
+        f1 = np.where(seen | (predicted > 0), 2 * hits / (actual + predicted), 0.0)  # 2tp / (2tp + fp + fn)
+        expected = np.einsum("...i,...j,ij->...", predicted, actual, weights) / total
+        return {
+            "accuracy": hits.sum(axis=-1) / total,
+            "balanced_accuracy": recall.sum(axis=-1) / seen.sum(axis=-1),
+            "macro_f1": f1.sum(axis=-1) / (seen | (predicted > 0)).sum(axis=-1),
+            "qwk": np.where(expected > 0, 1 - (cm * weights).sum(axis=(-2, -1)) / expected, np.nan),
+        }
+
+
+def _metric_draws(y_true: np.ndarray, probas: Sequence[np.ndarray], metric: str, *, bins: int, n: int, seed: int,
+                  groups: Sequence[str] | None) -> np.ndarray:
+    """``metric`` of each of ``probas`` (M models) on the same ``n`` draws of :func:`_resamples`: M x n, NaN where
+    undefined. Confusion-matrix metrics come from per-draw counts at once (:func:`confusion_scalars`); roc_auc
+    and ece are computed draw by draw."""
+    out = np.full((len(probas), n), np.nan)
+    draws = _resamples(len(y_true), groups, n, seed)
+    if metric in CONFUSION_METRICS:
+        k = probas[0].shape[1]
+        cells = [y_true * k + p.argmax(axis=1) for p in probas]
+        counts = np.zeros((len(probas), n, k * k))
+        for d, idx in enumerate(draws):
+            for m, c in enumerate(cells):
+                counts[m, d] = np.bincount(c[idx], minlength=k * k)
+        return confusion_scalars(counts.reshape(len(probas), n, k, k))[metric]
+    one: Callable[[np.ndarray, np.ndarray], float | None] = {
+        "roc_auc": _roc_auc, "ece": lambda yt, p: expected_calibration_error(yt, p, bins)}[metric]
+    with warnings.catch_warnings(), sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        warnings.simplefilter("ignore", (UndefinedMetricWarning, UserWarning, RuntimeWarning))
+        for d, idx in enumerate(draws):
+            for m, p in enumerate(probas):
+                value = one(y_true[idx], p[idx])
+                out[m, d] = np.nan if value is None else value
+    return out
+
+
 def paired_difference(
     y_true: np.ndarray, proba_a: np.ndarray, proba_b: np.ndarray, metric: str, *, ordered: bool, bins: int,
-    n: int, seed: int, groups: Sequence[str] | None = None,
+    n: int, seed: int, groups: Sequence[str] | None = None, confidence: float | None = None,
 ) -> dict[str, Any]:
     """``metric`` of model a minus model b on the same test images, with a 95% interval from paired resamples
-    (the same draws for both); ``share_a_better``: the share of draws where a is better (lower for ece)."""
-    def value(idx: np.ndarray, proba: np.ndarray) -> float | None:
-        return _scalars(y_true[idx], proba[idx], ordered=ordered, bins=bins).get(metric)
-
-    everything = np.arange(len(y_true))
-    a, b = value(everything, proba_a), value(everything, proba_b)
+    (the same draws for both); ``share_a_better``: the share of draws where a is better (lower for ece).
+    With ``confidence`` (0 < c < 1) also ``lower_bound``: the one-sided lower confidence bound of a's
+    improvement over b (a - b, b - a for ece), the (1 - c) quantile of the draws."""
+    y = np.asarray(y_true, dtype=int)
+    a, b = (_scalars(y, p, ordered=ordered, bins=bins).get(metric) for p in (proba_a, proba_b))
+    extra = {} if confidence is None else {"lower_bound": None}
     if a is None or b is None:
-        return {"metric": metric, "difference": None, "ci95": None, "share_a_better": None}
+        return {"metric": metric, "difference": None, "ci95": None, "share_a_better": None, **extra}
     sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    diffs = []
-    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        for idx in _resamples(len(y_true), groups, n, seed):
-            da, db = value(idx, proba_a), value(idx, proba_b)
-            if da is not None and db is not None:
-                diffs.append(da - db)
-    d = np.asarray(diffs)
+    da, db = _metric_draws(y, [np.asarray(proba_a, float), np.asarray(proba_b, float)], metric, bins=bins, n=n,
+                           seed=seed, groups=groups)
+    d = (da - db)[np.isfinite(da) & np.isfinite(db)]
+    if confidence is not None and len(d):
+        extra["lower_bound"] = float(np.percentile(sign * d, 100 * (1 - confidence)))
     return {"metric": metric, "difference": float(a - b),
             "ci95": [float(v) for v in np.percentile(d, [2.5, 97.5])] if len(d) else None,
-            "share_a_better": float(np.mean(sign * d > 0)) if len(d) else None}
+            "share_a_better": float(np.mean(sign * d > 0)) if len(d) else None, **extra}
 
 
 def compute_metrics(

@@ -3,12 +3,13 @@
 Files (relative to the project root):
 
 - ``models/champion.json`` — the evaluate/compare stages' best model of the *current* run: the challenger.
-- ``models/versions/<version>/`` — one immutable folder per promoted version (model.keras, champion.json).
+- ``models/versions/<version>/`` — one immutable folder per promoted version (model.keras, champion.json and,
+  when its evaluation wrote them, test_predictions.csv: its per-image test predictions, for paired comparisons).
 - ``models/production`` — a relative symlink to one version folder: the deployed model. It is the only
   thing a promotion or rollback changes, with one ``os.replace`` (atomic on POSIX), so a failed or
   killed run leaves either the old or the new model in place, never a mix.
 - ``models/registry.json`` — every promoted version (metrics, per-class metrics, data/params/test-set
-  hashes, time) and the promote/rollback history.
+  hashes, path of its test predictions, time) and the promote/rollback history.
 
 Pure functions + file operations; no Prefect (the CLI and the flows share them).
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from medflow.config import RetrainConfig
-from medflow.io import atomic_write_json, sha256_file
+from medflow.io import atomic_write_json, read_csv, sha256_file
 
 REGISTRY = Path("models/registry.json")
 VERSIONS = Path("models/versions")
@@ -37,7 +38,9 @@ PRODUCTION = Path("models/production")
 RETRAIN_LOCK = Path("models/.retrain.lock")
 REGISTRY_LOCK = Path("models/.registry.lock")
 LAST_DECISION = Path("reports/retraining/last_decision.json")
+PREDICTIONS = "test_predictions.csv"  # a version's per-image test predictions (evaluate's predictions.csv)
 TOLERANCE = 1e-9  # metric differences below this are floating-point noise
+PAIRED_SEED = 0  # the paired bootstrap's draws: the same inputs always get the same decision
 
 
 def retrain_config(params: Any) -> RetrainConfig:
@@ -129,15 +132,22 @@ def dvc_data_version(dvc_file: str | Path) -> str | None:
 
 
 def load_candidate(root: str | Path, *, extra_dir: str = "data/raw/extra") -> dict[str, Any]:
-    """The challenger: ``models/champion.json`` + per-class test metrics, test-set hash and the data
-    version of the added batches (``{batch: md5 of <extra_dir>/<batch>.dvc}``)."""
+    """The challenger: ``models/champion.json`` + per-class test metrics, ``predictions`` (path of its
+    evaluation's per-image predictions.csv, None when missing or of another model file), test-set hash and
+    the data version of the added batches (``{batch: md5 of <extra_dir>/<batch>.dvc}``)."""
     root = Path(root)
     champion = root / "models" / "champion.json"
     if not champion.exists():
         raise PromotionError(f"{champion} not found: run the training flow (or `dvc repro`) first")
     rec = json.loads(champion.read_text())
-    details = root / "reports" / "eval" / rec["model"] / "details.json"
-    rec["per_class"] = json.loads(details.read_text()).get("per_class", {}) if details.exists() else {}
+    eval_dir = Path("reports") / "eval" / rec["model"]
+    path = root / eval_dir / "details.json"
+    details = json.loads(path.read_text()) if path.exists() else {}
+    rec["per_class"] = details.get("per_class", {})
+    predictions = eval_dir / "predictions.csv"  # written beside details.json by the same evaluation
+    evaluated = details.get("model_sha256")
+    ours = evaluated is not None and evaluated == rec.get("model_sha256") and (root / predictions).is_file()
+    rec["predictions"] = predictions.as_posix() if ours else None
     splits = root / "data" / "interim" / "splits.csv"
     rec["test_hash"] = split_fingerprint(splits) if splits.exists() else None
     rec["data_version"] = {f.stem: dvc_data_version(f) for f in sorted((root / extra_dir).glob("*.dvc"))}
@@ -148,6 +158,15 @@ def load_registry(root: str | Path) -> dict[str, Any]:
     """``models/registry.json`` (empty registry when there is none yet)."""
     path = Path(root) / REGISTRY
     return json.loads(path.read_text()) if path.exists() else {"versions": [], "history": []}
+
+
+def load_predictions(root: str | Path, record: dict[str, Any] | None) -> Any:
+    """The per-image test predictions ``record["predictions"]`` names (id, label, p_<class>..., group) as a
+    DataFrame, or None when it names none (registry entries from before they were kept) or the file is gone."""
+    path = record and record.get("predictions")
+    if not path or not (Path(root) / path).is_file():
+        return None
+    return read_csv(Path(root) / path, text=("id", "label", "group"))
 
 
 def production_version(root: str | Path) -> str | None:
@@ -188,6 +207,8 @@ class Decision:
     champion: float | None
     delta: float | None
     class_drops: dict[str, dict[str, float]] = field(default_factory=dict)
+    confidence: float | None = None  # of the paired bootstrap test, when it ran
+    lower_bound: float | None = None  # its one-sided lower bound of the improvement
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,12 +228,60 @@ def no_skill(record: dict[str, Any]) -> tuple[str, float] | None:
     return None if value is None else (majority, value)
 
 
+def paired_lower_bound(candidate: dict[str, Any], new: Any, old: Any, *, confidence: float, resamples: int,
+                       bins: int = 10) -> tuple[float | None, str]:
+    """One-sided lower bound at ``confidence`` of the challenger's improvement over production on the champion
+    metric, from paired bootstrap resamples of their per-image test predictions ``new`` and ``old``
+    (:func:`load_predictions` frames): whole patient/slide groups when the predictions carry them, else
+    images; :func:`medflow.evaluate.paired_difference` with ``resamples`` draws and a fixed seed (ece: with
+    ``bins`` calibration bins, evaluate's default).
+
+    Returns ``(bound, what was resampled)``, or ``(None, why the test cannot run)``.
+    """
+    import pandas as pd
+
+    from medflow.evaluate import paired_difference
+
+    if new is None or old is None:
+        which = "either model" if new is None and old is None else "the challenger" if new is None else "production"
+        return None, f"no per-image predictions for {which}"
+    classes = list(candidate["classes"])
+    columns = [f"p_{c}" for c in classes]
+    if any(c not in f for f in (new, old) for c in ["id", "label", *columns]):
+        return None, f"per-image predictions lack some of the columns id, label, {', '.join(columns)}"
+    new, old = new.set_index("id").sort_index(), old.set_index("id")  # sorted: the same draws whatever the row order
+    if not (new.index.is_unique and old.index.is_unique and set(new.index) == set(old.index)):
+        return None, "the per-image predictions are not on the same test images"
+    old = old.loc[new.index]
+    if not new["label"].astype(str).equals(old["label"].astype(str)):
+        return None, "the per-image predictions disagree on the test labels"
+    y = pd.Index(classes).get_indexer(new["label"].astype(str))
+    if (y < 0).any():
+        return None, "the per-image predictions name a label that is not one of the classes"
+    groups = new["group"].astype(str).tolist() if "group" in new and new["group"].notna().all() else None
+    per_image = groups is None or len(set(groups)) == len(groups)
+    probas = [f[columns].to_numpy(dtype=float) for f in (new, old)]
+    test = paired_difference(y, *probas, candidate["metric"], ordered=bool(candidate.get("ordered", False)),
+                             bins=bins, n=resamples, seed=PAIRED_SEED, groups=None if per_image else groups,
+                             confidence=confidence)
+    unit = f"{len(y)} test images" if per_image else f"{len(set(groups or []))} patient/slide groups"
+    if test["lower_bound"] is None:
+        return None, f"{candidate['metric']} is undefined on these predictions"
+    return test["lower_bound"], f"{resamples} resamples of {unit}"
+
+
 def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, *, min_improvement: float,
-           max_class_drop: float) -> Decision:
+           max_class_drop: float, confidence: float | None = None, resamples: int = 1000,
+           predictions: tuple[Any, Any] = (None, None)) -> Decision:
     """Promote only if the challenger has skill (beats always predicting the most frequent test class) and
     beats the champion on the champion metric by >= ``min_improvement`` (strictly better), on the same test
     set, with no class's recall or F1 dropping by more than ``max_class_drop`` (unless the champion itself
     has no skill: a one-class model must not be protected by its one perfect class).
+
+    With ``confidence`` (0 < c < 1) the gain must also be beyond chance: the one-sided lower bound at ``c``
+    of the improvement, from a paired bootstrap of both models' per-image test ``predictions`` (challenger,
+    production; :func:`paired_lower_bound`), must be > 0. Without predictions for either side (versions
+    registered before they were kept) the rule above decides alone, and the reason says the test was skipped.
     """
     from medflow.evaluate import LOWER_IS_BETTER
 
@@ -253,7 +322,16 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, *, min_im
                         old, delta, drops)
     if delta <= 0 or delta < min_improvement - TOLERANCE:  # one more correct image of 200 is exactly 0.005
         return Decision(False, f"{versus}: a promotion needs at least +{min_improvement}", metric, new, old, delta)
-    return Decision(True, versus, metric, new, old, delta)
+    if not confidence:
+        return Decision(True, versus, metric, new, old, delta)
+    bound, how = paired_lower_bound(candidate, *predictions, confidence=confidence, resamples=resamples)
+    if bound is None:
+        return Decision(True, f"{versus} ({how}: paired test skipped)", metric, new, old, delta)
+    test = f"{versus}, {confidence * 100:g}% paired-bootstrap lower bound {bound:+.4f}"
+    if bound <= TOLERANCE:
+        return Decision(False, f"{test} ≤ 0 ({how}): not clearly better", metric, new, old, delta,
+                        confidence=confidence, lower_bound=bound)
+    return Decision(True, f"{test} > 0 ({how})", metric, new, old, delta, confidence=confidence, lower_bound=bound)
 
 
 # --------------------------------------------------------------------------- promotion / rollback
@@ -292,7 +370,11 @@ def _stage_version(root: Path, candidate: dict[str, Any]) -> Path:
             raise PromotionError(f"{src} (sha256 {copied[:12]}) is not the evaluated challenger (sha256 "
                                  f"{str(candidate.get('model_sha256'))[:12]}): it changed after `compare`; "
                                  "rerun evaluate and compare (`dvc repro`)")
-        record = {**candidate, "model_path": f"{PRODUCTION.as_posix()}/model.keras"}
+        predictions = candidate.get("predictions") and root / candidate["predictions"]
+        if predictions and predictions.is_file():  # kept: later challengers are compared with it image by image
+            shutil.copy2(predictions, tmp / PREDICTIONS)
+        record = {**candidate, "model_path": f"{PRODUCTION.as_posix()}/model.keras",
+                  "predictions": f"{PRODUCTION.as_posix()}/{PREDICTIONS}" if (tmp / PREDICTIONS).exists() else None}
         (tmp / "champion.json").write_text(json.dumps(record, indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -321,8 +403,10 @@ def promote(root: str | Path, candidate: dict[str, Any], *, reason: str = "") ->
         if not any(v["version"] == version for v in reg["versions"]):
             keep = ("version", "model", "metric", "metrics", "per_class", "classes", "image_size", "channels",
                     "ordered", "data_hash", "data_version", "params_hash", "test_hash", "created", "model_sha256")
+            kept = VERSIONS / version / PREDICTIONS
             reg["versions"].append({**{k: candidate.get(k) for k in keep}, "registered": _now(),
-                                    "path": (VERSIONS / version).as_posix()})
+                                    "path": (VERSIONS / version).as_posix(),
+                                    "predictions": kept.as_posix() if (root / kept).is_file() else None})
             write_json_atomic(root / REGISTRY, reg)
         _swap_production(root, version)
         reg["history"].append({"action": "promote", "version": version, "at": _now(), "reason": reason})
@@ -392,7 +476,9 @@ def decide_and_promote(root: str | Path, cfg: RetrainConfig, *, force: bool = Fa
     if deployed is not None and record is None:  # never "nothing in production": that would accept any model
         raise PromotionError(f"{Path(root) / PRODUCTION} points at {deployed!r}, which {Path(root) / REGISTRY} "
                              "does not list; restore the registry or `medflow rollback VERSION` to a listed one")
-    decision = decide(candidate, record, min_improvement=cfg.min_improvement, max_class_drop=cfg.max_class_drop)
+    decision = decide(candidate, record, min_improvement=cfg.min_improvement, max_class_drop=cfg.max_class_drop,
+                      confidence=cfg.confidence, resamples=cfg.resamples,
+                      predictions=(load_predictions(root, candidate), load_predictions(root, record)))
     if decision.promote and (undone := rolled_back_from(root, candidate["version"])):
         decision = replace(decision, promote=False, reason=f"{candidate['version']} was rolled back by hand ({undone}): "
                            f"not deployed again by the rule ({decision.reason}); `medflow promote --force` deploys it")

@@ -113,6 +113,20 @@ def test_schedules_time_zone_and_side_bounds_are_checked_when_params_load():
     assert parse_params(raw).retrain.schedule_retrain == "*/15 9-17 * * mon-fri"
 
 
+def test_the_promotion_test_confidence_is_a_share_below_one_and_zero_or_null_turns_it_off():
+    raw = _raw()
+    assert (parse_params(raw).retrain.confidence, parse_params(raw).retrain.resamples) == (0.9, 1000)
+    for off in (0, None):
+        raw["retrain"]["confidence"] = off
+        assert parse_params(raw).retrain.confidence is None
+    raw["retrain"] |= {"confidence": 90, "resamples": 10}
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw)
+    assert "retrain.confidence: 90 is not in [0, 1): the one-sided confidence of the paired bootstrap test of a " \
+           "promotion (e.g. 0.9); 0 or null turns the test off" in str(err.value)
+    assert "retrain.resamples: Input should be greater than or equal to 100 (got 10)" in str(err.value)
+
+
 def test_errors_show_the_value_found_and_a_close_key():
     raw = _raw()
     raw["trian"] = {}

@@ -8,6 +8,8 @@ import os
 import threading
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from medflow import promote as pm
@@ -321,3 +323,176 @@ def test_retrain_config_defaults_and_validation():
     P.retrain = {"trigger": "sometimes"}
     with pytest.raises(ValueError, match="trigger"):
         pm.retrain_config(P())
+
+
+# --------------------------------------------------------------------------- paired bootstrap test
+def _scored(root: Path, version: str, y, wrong, *, groups=None) -> tuple[dict, pd.DataFrame]:
+    """A challenger record whose figures are evaluate's on synthetic predictions (0.8 on the true class, or on
+    the other class for the images in ``wrong``), and those predictions as evaluate writes them."""
+    from medflow.evaluate import compute_metrics
+
+    y = np.asarray(y)
+    pred = np.where(np.isin(np.arange(len(y)), list(wrong)), 1 - y, y)
+    proba = np.where(np.eye(2)[pred] == 1, 0.8, 0.2)
+    m = compute_metrics(y, proba, CLASSES, bootstrap=0)
+    cand = _candidate(root, version, m["macro_f1"], per_class=m["per_class"])
+    cand["metrics"] = {k: m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc", "ece")}
+    ids = [f"img{i:03d}" for i in range(len(y))]
+    names = np.asarray(CLASSES)
+    frame = pd.DataFrame({"id": ids, "label": names[y], "pred": names[pred], "p_Parasitized": proba[:, 0],
+                          "p_Uninfected": proba[:, 1], "group": list(groups) if groups is not None else ids})
+    return cand, frame
+
+
+def _paired(cand, champ, preds, *, confidence=0.9, max_class_drop=0.1) -> pm.Decision:
+    return pm.decide(cand, champ, min_improvement=0.01, max_class_drop=max_class_drop, confidence=confidence,
+                     resamples=1000, predictions=preds)
+
+
+def test_a_challenger_better_by_a_wide_margin_passes_the_paired_test(tmp_path):
+    y = [0, 1] * 100  # 200 test images; production wrong on 40, the challenger on 10 of those
+    old, old_p = _scored(tmp_path, "a-1", y, range(0, 200, 5))
+    new, new_p = _scored(tmp_path, "b-2", y, range(0, 50, 5))
+    d = _paired(new, old, (new_p, old_p))
+    assert d.promote and d.confidence == 0.9 and d.lower_bound > 0.1
+    assert d.reason == (f"macro_f1 {new['metrics']['macro_f1']:.4f} vs production {old['metrics']['macro_f1']:.4f} "
+                        f"(+{d.delta:.4f}), 90% paired-bootstrap lower bound +{d.lower_bound:.4f} > 0 (1000 resamples "
+                        "of 200 test images)")
+    assert d.delta == pytest.approx(new["metrics"]["macro_f1"] - old["metrics"]["macro_f1"]) and d.delta > 0.1
+
+
+def test_a_gain_of_a_couple_of_images_on_a_small_test_set_is_refused_as_chance(tmp_path):
+    """40 images: the challenger gets 3 right that production got wrong and 1 wrong that it got right: +0.05
+    macro F1, ten times min_improvement, but 3 against 1 discordant images is what chance often gives."""
+    y = [0, 1] * 20
+    old, old_p = _scored(tmp_path, "a-1", y, [0, 1, 2, 3, 4, 5])
+    new, new_p = _scored(tmp_path, "b-2", y, [0, 1, 2, 6])
+    assert new["metrics"]["macro_f1"] - old["metrics"]["macro_f1"] == pytest.approx(0.05, abs=0.002)
+    assert pm.decide(new, old, min_improvement=0.01, max_class_drop=0.1).promote  # the fixed threshold alone: yes
+    d = _paired(new, old, (new_p, old_p))
+    assert not d.promote and d.lower_bound <= 0
+    assert d.reason == (f"macro_f1 {new['metrics']['macro_f1']:.4f} vs production {old['metrics']['macro_f1']:.4f} "
+                        f"(+{d.delta:.4f}), 90% paired-bootstrap lower bound {d.lower_bound:+.4f} ≤ 0 "
+                        "(1000 resamples of 40 test images): not clearly better")
+    assert _paired(new, old, (new_p, old_p), confidence=0).promote  # 0 (as null): no test
+    # min_improvement stays a floor of its own: a certain but tiny gain is still refused
+    tiny = pm.decide(new, old, min_improvement=0.1, max_class_drop=0.1, confidence=0.9, predictions=(new_p, old_p))
+    assert not tiny.promote and "a promotion needs at least +0.1" in tiny.reason and tiny.lower_bound is None
+
+
+def test_without_per_image_predictions_the_fixed_rule_decides_and_says_so(tmp_path):
+    y = [0, 1] * 20
+    old, old_p = _scored(tmp_path, "a-1", y, [0, 1, 2, 3, 4, 5])
+    new, new_p = _scored(tmp_path, "b-2", y, [0, 1, 2, 6])
+    for preds, which in [((new_p, None), "production"), ((None, old_p), "the challenger"),
+                         ((None, None), "either model")]:
+        d = _paired(new, old, preds)
+        assert d.promote and d.lower_bound is None
+        assert d.reason.endswith(f"(+{d.delta:.4f}) (no per-image predictions for {which}: paired test skipped)")
+    other = old_p.assign(id=[f"other{i}" for i in range(len(old_p))])  # predictions of another test set
+    d = _paired(new, old, (new_p, other))
+    assert d.promote and "(the per-image predictions are not on the same test images: paired test skipped)" in d.reason
+
+
+def test_the_paired_test_resamples_whole_groups_when_the_predictions_have_them(tmp_path):
+    """12 slides of 10 images: the challenger gets one whole slide right that production got wrong. As 120
+    independent images that is a sure gain; as 12 slides, a resample misses that slide a third of the time."""
+    y = [0, 1] * 60
+    slides = [f"slide{i // 10}" for i in range(120)]
+    old, old_p = _scored(tmp_path, "a-1", y, range(10), groups=slides)
+    new, new_p = _scored(tmp_path, "b-2", y, [], groups=slides)
+    grouped = _paired(new, old, (new_p, old_p), max_class_drop=0.0)
+    assert not grouped.promote and grouped.lower_bound == pytest.approx(0.0)
+    assert grouped.reason.endswith("≤ 0 (1000 resamples of 12 patient/slide groups): not clearly better")
+    # the challenger's groups (this run's test data) are resampled; each image its own group (evaluate's
+    # default when the data has none) or no group column: images
+    for frame in (new_p.assign(group=new_p["id"]), new_p.drop(columns="group")):
+        images = _paired(new, old, (frame, old_p), max_class_drop=0.0)
+        assert images.promote and images.lower_bound > 0.03
+        assert images.reason.endswith(" > 0 (1000 resamples of 120 test images)")
+
+
+def test_the_paired_test_gives_the_same_answer_for_the_same_inputs(tmp_path):
+    y = [0, 1] * 30
+    old, old_p = _scored(tmp_path, "a-1", y, range(0, 60, 6), groups=[f"p{i // 3}" for i in range(60)])
+    new, new_p = _scored(tmp_path, "b-2", y, [0, 6, 7], groups=[f"p{i // 3}" for i in range(60)])
+    first = _paired(new, old, (new_p, old_p))
+    shuffled = (new_p.sample(frac=1, random_state=1), old_p.sample(frac=1, random_state=2))  # paired by id
+    assert _paired(new, old, (new_p, old_p)) == first == _paired(new, old, shuffled)
+    assert first.lower_bound is not None
+
+
+def test_the_paired_draws_compute_metrics_as_evaluate_does():
+    """The vectorised metrics of the paired test equal scikit-learn's (evaluate's _scalars) on every resample."""
+    from medflow.evaluate import _metric_draws, _resamples, _scalars
+
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 5):
+        y = rng.integers(0, k, 45)
+        proba = rng.dirichlet(np.ones(k), len(y))
+        groups = [f"g{i // 3}" for i in range(len(y))]
+        slow = [_scalars(y[i], proba[i], ordered=True, bins=10) for i in _resamples(len(y), groups, 40, 3)]
+        for metric in ("accuracy", "balanced_accuracy", "macro_f1", "qwk", "roc_auc", "ece"):
+            fast = _metric_draws(y, [proba], metric, bins=10, n=40, seed=3, groups=groups)[0]
+            expected = np.array([s[metric] for s in slow], dtype=float)  # None (undefined): NaN
+            np.testing.assert_allclose(fast, expected, atol=1e-12, err_msg=f"{metric}, {k} classes")
+
+
+def _evaluated(root: Path, cand: dict, frame) -> None:
+    """What evaluate + compare leave for load_candidate: champion.json, details.json (with the evaluated model's
+    hash) and predictions.csv; the test split of ``frame``'s images."""
+    from medflow.io import atomic_write_csv
+
+    eval_dir = root / "reports/eval" / cand["model"]
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    (root / "models/champion.json").write_text(json.dumps(cand))
+    (eval_dir / "details.json").write_text(json.dumps({"per_class": cand["per_class"],
+                                                       "model_sha256": cand["model_sha256"]}))
+    atomic_write_csv(eval_dir / "predictions.csv", frame)
+    (root / "data/interim").mkdir(parents=True, exist_ok=True)
+    (root / "data/interim/splits.csv").write_text("id,split,fold\n" + "".join(f"{i},test,-1\n" for i in frame["id"]))
+
+
+def test_a_promoted_version_keeps_its_predictions_for_the_next_paired_decision(tmp_path):
+    cfg = pm.RetrainConfig(min_improvement=0.01, max_class_drop=0.1)
+    assert cfg.confidence == 0.9 and cfg.resamples == 1000
+    y = [0, 1] * 20
+    first, first_p = _scored(tmp_path, "a-1", y, [0, 1, 2, 3, 4, 5])
+    _evaluated(tmp_path, first, first_p)
+    assert pm.decide_and_promote(tmp_path, cfg)["production"] == "a-1"
+    kept = tmp_path / "models/versions/a-1/test_predictions.csv"
+    assert kept.read_bytes() == (tmp_path / "reports/eval/a/predictions.csv").read_bytes()
+    assert pm.production_record(tmp_path)["predictions"] == "models/versions/a-1/test_predictions.csv"
+    assert json.loads((tmp_path / "models/production/champion.json").read_text())["predictions"] == \
+        "models/production/test_predictions.csv"
+
+    close, close_p = _scored(tmp_path, "b-2", y, [0, 1, 2, 6])  # evaluation of b overwrites a's predictions.csv
+    _evaluated(tmp_path, close, close_p)
+    out = pm.decide_and_promote(tmp_path, cfg)
+    assert out["production"] == "a-1" and out["decision"]["reason"].endswith("not clearly better")
+    assert json.loads((tmp_path / pm.LAST_DECISION).read_text())["decision"]["lower_bound"] <= 0
+    forced = pm.decide_and_promote(tmp_path, cfg, force=True)  # --force still deploys it
+    assert forced["production"] == "b-2" and forced["decision"]["reason"].startswith("forced by hand; the rule said: ")
+    assert pm.rollback(tmp_path) == "a-1"
+
+    clear, clear_p = _scored(tmp_path, "c-3", y, [])
+    _evaluated(tmp_path, clear, clear_p)
+    (tmp_path / "reports/eval/c/details.json").write_text(json.dumps({"per_class": clear["per_class"],
+                                                                      "model_sha256": "another model file"}))
+    d = pm.decide_and_promote(tmp_path, cfg)["decision"]  # predictions of another model file are not used
+    assert d["promote"] and d["reason"].endswith("(no per-image predictions for the challenger: paired test skipped)")
+    assert pm.production_record(tmp_path)["predictions"] is None  # nor kept
+
+
+def test_registry_entries_from_before_predictions_were_kept_fall_back_to_the_fixed_rule(tmp_path):
+    y = [0, 1] * 20
+    old, old_p = _scored(tmp_path, "a-1", y, [0, 1, 2, 3, 4, 5])
+    _evaluated(tmp_path, old, old_p)
+    pm.promote(tmp_path, pm.load_candidate(tmp_path))
+    reg = pm.load_registry(tmp_path)
+    del reg["versions"][0]["predictions"]  # as an older medflow wrote it
+    (tmp_path / pm.REGISTRY).write_text(json.dumps(reg))
+    new, new_p = _scored(tmp_path, "b-2", y, [0, 1, 2, 6])
+    _evaluated(tmp_path, new, new_p)
+    d = pm.decide_and_promote(tmp_path, pm.RetrainConfig(min_improvement=0.01, max_class_drop=0.1))["decision"]
+    assert d["promote"] and d["reason"].endswith("(no per-image predictions for production: paired test skipped)")
