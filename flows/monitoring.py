@@ -4,10 +4,12 @@ New batches are folders under ``retrain.incoming_dir`` (``data/batches/incoming/
 sub-folders when labelled) or one path given as ``batch``. Each is checked by
 ``medflow.monitor.run.monitor_batch`` (verdict ``ok`` | ``drift`` | ``degraded``) and then moved to
 ``retrain.processed_dir``. A batch the monitor cannot check (e.g. empty, or no usable image) is moved
-to ``retrain.failed_dir`` with ``<name>.error.txt`` beside it; the other batches and the retraining
-decision go on, and the flow run then fails naming those batches. Retraining starts on
-drift/degradation, or when at least ``retrain.min_new_labelled`` labelled images (images in folders
-named after the production model's classes) wait in processed batches that are not yet training data.
+to ``retrain.failed_dir`` with ``<name>.error.txt`` beside it and gets a ``failed`` line in
+``reports/monitoring/history.csv`` (``medflow.monitor.run.record_failure``: the reason and where its files
+went); the other batches and the retraining decision go on, and the flow run then fails naming those
+batches. Retraining starts on drift/degradation, or when at least ``retrain.min_new_labelled`` labelled
+images (images in folders named after the production model's classes) wait in processed batches that are
+not yet training data.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flows.retraining import pending_batches, retraining_flow
 from medflow import orchestrate
 from medflow.config import load_params
 from medflow.layout import Layout, batch_name, free_name
+from medflow.monitor.run import record_failure
 from medflow.promote import RetrainBusy, retrain_config
 
 RETRAIN_DEPLOYMENT = "retraining/retraining"  # <flow name>/<deployment name> (see flows/deploy.py)
@@ -138,10 +141,12 @@ def monitoring_flow(root: str = ".", batch: str | None = None,
             logger.error("batch %s could not be monitored: %s: %s", b.name, type(e).__name__, e)
             try:
                 dest = fail_batch(b, failed, incoming, e)
-                failures[b.name] = f"moved to {dest} (see {dest.name}.error.txt there): {type(e).__name__}: {e}"
+                where = f"moved to {dest} (see {dest.name}.error.txt there)"
             except OSError as move_error:
                 logger.error("batch %s could not be moved to %s: %s", b.name, failed, move_error)
-                failures[b.name] = f"left in place (move failed: {move_error}): {type(e).__name__}: {e}"
+                where = f"left in place at {b} (move failed: {move_error})"
+            failures[b.name] = f"{where}: {type(e).__name__}: {e}"
+            record_failure(Layout(path).monitoring, name, e, where)  # a history line, no report folder
             continue
         verdicts[archive_batch(b, processed, incoming, result.get("batch", name)).name] = result.get("verdict")
     waiting = sum(pending_batches(path, cfg).values())

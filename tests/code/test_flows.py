@@ -16,6 +16,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -256,16 +257,22 @@ def fake_monitor(monkeypatch):
     """Stand-in for medflow.monitor.run.monitor_batch (called by stages.monitor): verdict looked up by batch name."""
     import types
 
+    from medflow.data.sources import SourceError
+    from medflow.monitor.run import NoUsableImage
+
     verdicts: dict[str, str] = {}
     seen: list[dict] = []
 
     def monitor_batch(batch_source, *, champion_json, reference, out_root, params, name=None):
         seen.append({"batch": Path(batch_source).name, "champion": json.loads(Path(champion_json).read_text()),
                      "name": name})
+        # what the real monitor raises when ingest finds no file, or nothing usable (loose images are quarantined)
+        if not any(Path(batch_source).iterdir()):
+            raise SourceError(f"{batch_source}: no images found (format folder)\nsecond line")
         if not any(f.is_file() for d in Path(batch_source).iterdir() if d.is_dir() for f in d.rglob("*")):
-            # what the real monitor raises when ingest finds nothing usable (loose images are quarantined)
             loose = sum(f.is_file() for f in Path(batch_source).iterdir())
-            raise ValueError(f"{batch_source}: no usable image (all {loose} quarantined)")
+            reason = f"no usable image (all {loose} quarantined)"
+            raise NoUsableImage(f"{batch_source}: {reason}; the quarantined files: ...", reason, loose)
         return {"verdict": verdicts.get(Path(batch_source).name, "ok")}
 
     module = types.ModuleType("medflow.monitor.run")
@@ -485,7 +492,7 @@ def test_a_bad_batch_is_moved_to_failed_and_the_others_are_still_monitored(proje
     (incoming / "scans.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an archive dropped as is: named, left alone
     verdicts["c_good"] = "drift"
 
-    with pytest.raises(monitoring.BatchesFailed, match="2 batch.*a_empty.*b_loose") as err, caplog.at_level("WARNING"):
+    with pytest.raises(monitoring.BatchesFailed, match="(?s)2 batch.*a_empty.*b_loose") as err, caplog.at_level("WARNING"):
         monitoring.monitoring_flow(root=str(project), trigger="none")
     assert "scans.zip is a file, not a batch folder: left alone" in caplog.text and (incoming / "scans.zip").exists()
     (incoming / "scans.zip").unlink()
@@ -497,10 +504,23 @@ def test_a_bad_batch_is_moved_to_failed_and_the_others_are_still_monitored(proje
     assert not any(incoming.iterdir())
     assert (failed / "a_empty-1").is_dir() and (failed / "b_loose/img0.png").is_file()
     assert str(failed / "a_empty-1") in str(err.value)
-    for name, loose in [("a_empty-1", 0), ("b_loose", 1)]:
-        first = (failed / f"{name}.error.txt").read_text().splitlines()[0]
-        assert first.startswith("ValueError: ") and f"no usable image (all {loose} quarantined)" in first
+    assert (failed / "a_empty-1.error.txt").read_text().startswith(f"SourceError: {incoming / 'a_empty'}: no images")
+    assert (failed / "b_loose.error.txt").read_text().startswith("NoUsableImage: ")
     assert not list(failed.glob("*/*.error.txt"))  # written beside the batch, not inside it
+
+    # Each failure is a `failed` line of the monitoring history (one-line reason, counts when known, where the
+    # files went), and takes no report folder.
+    monitoring_dir = Layout(project).monitoring
+    history = pd.read_csv(monitoring_dir / "history.csv", dtype=str, keep_default_na=False)
+    assert history["batch"].tolist() == ["a_empty", "b_loose"]  # (the fake monitor writes no line for c_good)
+    assert history["verdict"].tolist() == ["failed", "failed"]
+    assert history["reasons"].tolist() == [f"SourceError: {incoming / 'a_empty'}: no images found (format folder)",
+                                           "no usable image (all 1 quarantined)"]
+    assert history[["n_images", "n_quarantined"]].values.tolist() == [["", ""], ["0", "1"]]
+    assert history["location"].tolist() == [f"moved to {failed / 'a_empty-1'} (see a_empty-1.error.txt there)",
+                                            f"moved to {failed / 'b_loose'} (see b_loose.error.txt there)"]
+    assert (history[["drift_share", "champion_version", "report", "summary"]] == "").all().all()
+    assert sorted(p.name for p in monitoring_dir.iterdir()) == ["history.csv"]
 
     out = monitoring.monitoring_flow(root=str(project), trigger="none")  # the next run is not stuck
     assert out["verdicts"] == {} and out["failed"] == {}

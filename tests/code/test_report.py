@@ -308,3 +308,28 @@ def test_monitoring_flags_rows_checked_with_another_model_than_the_deployed_one(
     assert f"<td>{champ} (not the deployed model)</td>" in monitoring  # this run's best, but not deployed
     assert "rows of another model describe that model, not the deployed model." in monitoring
     assert "current champion" not in monitoring
+
+
+def test_a_batch_that_could_not_be_checked_is_a_red_row_with_its_reason_and_files(tmp_path):
+    """A `failed` history line (written by medflow.monitor.run.record_failure, the monitoring flow's) is a red
+    "could not be checked" row: reason and where the files are, no figures, no report link, no model flag."""
+    import re
+
+    from medflow.monitor.run import NoUsableImage, record_failure
+
+    lay = fabricate_project(tmp_path)
+    deploy(lay, old=True)
+    reason = "no usable image (found 3 = accepted 0 + quarantined 3 (no_label: 3))"
+    record_failure(lay.monitoring, "week2", NoUsableImage(f"data/batches/incoming/week2: {reason}; ...", reason, 3),
+                   "moved to data/batches/failed/week2 (see week2.error.txt there)")
+    html, page = parse(build_report(lay, params()))
+    monitoring = section(lay.report, "monitoring")
+    rows = re.findall(r"<tr( class=\"\w+\")?>(.*?)</tr>", monitoring)
+    cells = [(cls, re.findall(r"<td[^>]*>(.*?)</td>", r)) for cls, r in rows[1:]]  # after the header row
+    assert [(cls, c[0]) for cls, c in cells] == [("", "batch-1"), (' class="failed"', "week2")]
+    failed = cells[1][1]
+    assert failed[2:] == ["could not be checked", "", "", "", "",
+                          f"{reason}; moved to data/batches/failed/week2 (see week2.error.txt there)", ""]
+    assert cells[0][1][6] == "old-00000000 (not the deployed model)"  # ok rows are still flagged
+    assert "Red rows: batches that could not be checked" in monitoring and "tr.failed td {" in html
+    assert [h for h in page.hrefs if h.startswith("monitoring/")] == ["monitoring/batch-1/report.html"]

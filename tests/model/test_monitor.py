@@ -390,8 +390,8 @@ def test_simulated_batch_is_said_so_and_an_old_history_gains_the_column(project:
     assert json.loads((out / "sim" / "summary.json").read_text())["simulated"] is True
 
     history = pd.read_csv(out / "history.csv", dtype=str, keep_default_na=False)
-    assert list(history.columns) == HISTORY_COLUMNS and HISTORY_COLUMNS[-1] == "simulated"
-    assert history.iloc[0].tolist() == [*old_row, ""]  # the earlier line kept, the new column blank
+    assert list(history.columns) == HISTORY_COLUMNS
+    assert history.iloc[0].tolist() == [*old_row, "", ""]  # the earlier line kept, the new columns blank
     assert history.iloc[1]["batch"] == "sim" and history.iloc[1]["simulated"] == "True"
     assert [(r["batch"], r["simulated"]) for r in monitoring_index(out)] == [("week0", None), ("sim", True)]
 
@@ -567,9 +567,16 @@ def test_unknown_labels_leave_out_the_classes_and_unlabelled_in_any_case() -> No
 def test_a_batch_that_cannot_be_checked_leaves_nothing_behind(project: SimpleNamespace, tmp_path: Path) -> None:
     """Images lying in the batch folder itself (no label), only unusable files, or no file: the error says why
     and where images go, lists the quarantined files (no quarantine.csv is kept), and the monitoring folder is
-    as it was, so the fixed batch gets its own name back."""
+    as it was. record_failure (the monitoring flow's) adds a `failed` history line with a one-line reason and
+    the counts when known, and no folder, so the fixed batch gets its own name back."""
     from medflow.data.sources import SourceError
-    from medflow.monitor.run import monitor_batch
+    from medflow.monitor.run import (
+        FAILED,
+        HISTORY_COLUMNS,
+        monitor_batch,
+        monitoring_index,
+        record_failure,
+    )
     from medflow.monitor.simulate import simulate_batch
 
     out = tmp_path / "monitoring"
@@ -588,6 +595,7 @@ def test_a_batch_that_cannot_be_checked_leaves_nothing_behind(project: SimpleNam
         shutil.copy(f, flat / f"{i}.png")
     with pytest.raises(ValueError) as e:
         check(flat)
+    flat_error = e.value
     assert str(e.value) == (
         f"{flat}: no usable image (found 6 = accepted 0 + quarantined 6 (no_label: 6)); images must sit in a "
         f"sub-folder of the batch: {flat}/<class>/ for labelled images (classes: Parasitized, Uninfected), "
@@ -601,13 +609,27 @@ def test_a_batch_that_cannot_be_checked_leaves_nothing_behind(project: SimpleNam
                                          r"Parasitized/empty\.png \(empty_file: [^)]+\)$"):
         check(broken)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SourceError, match="no images found"):
+    with pytest.raises(SourceError, match="no images found") as e:
         check(tmp_path / "empty")
     assert sorted(out.rglob("*")) == before and (out / "history.csv").read_text() == "time,batch\n"
+
+    record_failure(out, "flat", flat_error, "moved to failed/flat (see flat.error.txt there)")
+    record_failure(out, "empty", e.value, "left in place")
+    assert sorted(out.rglob("*")) == before  # history.csv only
+    history = pd.read_csv(out / "history.csv", dtype=str, keep_default_na=False)
+    assert list(history.columns) == HISTORY_COLUMNS  # the old header gained every column
+    failed = history[["batch", "verdict", "n_images", "n_quarantined", "reasons", "location"]].values.tolist()
+    assert failed == [
+        ["flat", FAILED, "0", "6", "no usable image (found 6 = accepted 0 + quarantined 6 (no_label: 6))",
+         "moved to failed/flat (see flat.error.txt there)"],
+        ["empty", FAILED, "", "", f"SourceError: {e.value}", "left in place"]]
+    assert (history[["drift_share", "accuracy", "champion_version", "report", "summary", "simulated"]] == "").all().all()
     (flat / "unlabelled").mkdir()
     for f in flat.glob("*.png"):
         f.rename(flat / "unlabelled" / f.name)
     assert check(flat)["batch"] == "flat"  # not flat-1
+    assert [(r["batch"], r["verdict"] == FAILED, r["report"]) for r in monitoring_index(out)] == [
+        ("flat", True, None), ("empty", True, None), ("flat", False, "flat/report.html")]
 
 
 def _features(ps: dict[str, tuple[str, float]], alpha: float = 0.05) -> dict[str, dict]:

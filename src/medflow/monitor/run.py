@@ -9,7 +9,9 @@ short "How to read this page"; medflow's own tables show yes / no, whole counts 
 Images in a folder that is not one of the champion's classes are monitored for drift without a performance
 check: ``batch/unlabelled/`` (:data:`UNLABELLED`) quietly, any other (``Babesia/``, ``parasitized/`` for
 ``Parasitized``) with a warning in the reasons, on the page and as ``unknown_labels`` in summary.json. A batch
-that cannot be checked (no image, none usable) raises and leaves nothing under ``out_root``.
+that cannot be checked (no image, none usable: :class:`NoUsableImage`) raises and leaves nothing under
+``out_root``; the monitoring flow then records it with :func:`record_failure` (a ``failed`` line in history.csv,
+no folder, so the fixed batch gets its name back).
 """
 
 from __future__ import annotations
@@ -46,9 +48,11 @@ from medflow.monitor.simulate import simulation_settings
 from medflow.monitor.verdict import counts_toward_verdict, decide, group_drift
 
 # New columns go at the end; a history.csv written before them is rewritten with them (blank) on the next line.
+# ``location``: where the files of a batch that could not be checked are now (blank on other lines).
 HISTORY_COLUMNS = ["time", "batch", "verdict", "n_images", "n_quarantined", "drift_share", "drifted_groups",
                    "embedding_auc", "accuracy", "macro_f1", "champion_version", "reasons", "report", "summary",
-                   "simulated"]
+                   "simulated", "location"]
+FAILED = "failed"  # the history verdict of a batch that could not be checked (see record_failure)
 UNLABELLED = ("unlabelled", "unlabeled")  # folder (or label) names, any case, of images without a label
 WARNING = "warning: "  # starts a reason that does not change the verdict
 MAIN_REPORT = "../../index.html"  # reports/index.html, seen from reports/monitoring/<batch>/report.html
@@ -108,16 +112,26 @@ def unknown_label_warnings(unknown: dict[str, int], classes: list[str], folders:
     return out
 
 
-def _no_usable_image(source: Path, ing: dict[str, Any], quarantine: pd.DataFrame, classes: list[str]) -> str:
+class NoUsableImage(ValueError):
+    """A batch whose every file was quarantined; ``reason`` says so in one line with the counts (``quarantined``)."""
+
+    def __init__(self, message: str, reason: str, quarantined: int) -> None:
+        super().__init__(message)
+        self.reason, self.quarantined = reason, quarantined
+
+
+def _no_usable_image(source: Path, ing: dict[str, Any], quarantine: pd.DataFrame,
+                     classes: list[str]) -> NoUsableImage:
     """The error of a batch with no usable image: counts per reason, where images without a class folder
     must go, and the first quarantined files (no report and no quarantine.csv are written for it)."""
+    reason = f"no usable image ({ing['reconciliation']})"
     hint = (f"; images must sit in a sub-folder of the batch: {source}/<class>/ for labelled images (classes: "
             f"{', '.join(classes)}), {source}/unlabelled/ for images without a label"
             if ing["format"] in ("folder", "dicom") and "no_label" in ing["by_reason"] else "")
     listed = "; ".join(f"{q.path} ({q.reason}: {q.detail})" for q in quarantine.head(5).itertuples())
     more = f"; and {len(quarantine) - 5} more" if len(quarantine) > 5 else ""
-    return (f"{source}: no usable image ({ing['reconciliation']}){hint}. No report was written; the quarantined "
-            f"files: {listed}{more}")
+    return NoUsableImage(f"{source}: {reason}{hint}. No report was written; the quarantined files: {listed}{more}",
+                         reason, int(ing["quarantined"]))
 
 
 def _champion_test(record: dict[str, Any]) -> dict[str, Any]:
@@ -320,6 +334,21 @@ def _append_history(path: Path, row: dict[str, Any]) -> None:
     atomic_write(path, old + pd.DataFrame([row], columns=header).to_csv(index=False, header=not old))
 
 
+def record_failure(out_root: str | Path, batch: str, error: BaseException, location: str) -> None:
+    """Append a ``failed`` line for ``batch``, which could not be checked, to ``out_root/history.csv``: the
+    reason in one line (the error's first; for :class:`NoUsableImage` its counts, with 0 images and
+    the quarantined count), ``location`` (where its files are now). Nothing else is written: no
+    ``out_root/<batch>/`` folder takes the name."""
+    if isinstance(error, NoUsableImage):
+        reason, counts = error.reason, {"n_images": 0, "n_quarantined": error.quarantined}
+    else:
+        first_line = str(error).partition("\n")[0]
+        reason, counts = f"{type(error).__name__}: {first_line}", {}
+    row = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "batch": batch, "verdict": FAILED, **counts,
+           "reasons": reason, "location": location}
+    _append_history(Path(out_root) / "history.csv", row)
+
+
 def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, reference: ReferenceData,
                   out_root: str | Path, params: Params, name: str | None = None,
                   progress: bool = False) -> dict[str, Any]:
@@ -345,7 +374,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
         manifest = pd.read_csv(Path(tmp) / "manifest.csv", dtype={"id": str, "label": str, "path": str})
         if manifest.empty:
             quarantine = pd.read_csv(Path(tmp) / "quarantine.csv", dtype=str, keep_default_na=False)
-            raise ValueError(_no_usable_image(batch_source, ing, quarantine, classes))
+            raise _no_usable_image(batch_source, ing, quarantine, classes)
         pixels = np.load(Path(tmp) / "pixels.npy")
         emb, proba = champion.outputs(model_inputs(manifest, pixels), cfg.batch_size)
     ref, projection, ref_cache = reference_features(champion, reference, out_root / "reference", cfg)
@@ -410,9 +439,11 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
 
 
 def monitoring_index(monitoring_dir: str | Path) -> list[dict[str, Any]]:
-    """One dict per monitored batch run (oldest first): batch, time, verdict, drift_share (share of drifted
-    features), accuracy, macro_f1, champion_version (the model checked), reasons, ``simulated`` (True / False; None for a line written before
-    medflow recorded it) and ``report`` (path relative to ``monitoring_dir``); [] when nothing was monitored."""
+    """One dict per monitored batch run (oldest first): batch, time, verdict (:data:`FAILED` for a batch that
+    could not be checked), drift_share (share of drifted features), accuracy, macro_f1, champion_version (the
+    model checked), reasons, ``simulated`` (True / False; None for a line written before medflow recorded it or
+    of a failed batch), ``report`` (path relative to ``monitoring_dir``; None for a failed batch) and
+    ``location`` (where a failed batch's files are); [] when nothing was monitored."""
     path = Path(monitoring_dir) / "history.csv"
     if not path.is_file():
         return []
@@ -420,7 +451,7 @@ def monitoring_index(monitoring_dir: str | Path) -> list[dict[str, Any]]:
                      na_values=[""])
     df = df.astype(object).where(df.notna(), None)
     keys = ["batch", "time", "verdict", "drift_share", "accuracy", "macro_f1", "champion_version", "reasons",
-            "simulated", "report"]
+            "simulated", "report", "location"]
     flags = {"true": True, "false": False}
     rows = [{k: row.get(k) for k in keys} for row in df.to_dict("records")]  # older files may lack columns
     for r in rows:

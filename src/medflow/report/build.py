@@ -269,7 +269,9 @@ def _deployment_section(layout: Layout) -> dict[str, Any] | None:
 
 
 def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
-    from medflow.monitor.run import monitoring_index
+    """The monitoring history as a table; a batch that could not be checked is a ``failed`` row (red) whose
+    verdict says so and whose reasons add where its files are; its other columns stay blank."""
+    from medflow.monitor.run import FAILED, monitoring_index
 
     rows = monitoring_index(layout.monitoring)
     if not rows:
@@ -282,11 +284,16 @@ def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
     in_use = layout.deployed_champion
     current = (_json(in_use) or {}).get("version")
     model = "the current champion" if in_use == layout.champion else "the deployed model"
-    for r in rows:  # a batch checked against another model says so: its figures are not the model in use
-        if r.get("champion_version") and current and r["champion_version"] != current:
+    failed = [r["verdict"] == FAILED for r in rows]
+    for r, fail in zip(rows, failed):
+        if fail:
+            r["verdict"], r["reasons"] = "could not be checked", f"{r['reasons']}; {r['location']}"
+        elif r.get("champion_version") and current and r["champion_version"] != current:
+            # a batch checked against another model says so: its figures are not the model in use
             r["champion_version"] = f"{r['champion_version']} (not {model})"
-    return {"table": _table(pd.DataFrame(rows).drop(columns=["report"]), labels=labels), "links": links,
-            "model": model}
+    table = _table(pd.DataFrame(rows).drop(columns=["report", "location"]), labels=labels)
+    return {"table": {**table, "row_classes": ["failed" if f else "" for f in failed]}, "links": links,
+            "model": model, "failed": any(failed)}
 
 
 def build_report(layout: Layout, params: Any) -> Path:
