@@ -14,7 +14,7 @@ import os
 import re
 import zipfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -85,14 +85,17 @@ def ignored(name: str) -> bool:
     return name.startswith(".") or name in IGNORED_DIRS
 
 
-def list_files(folder: str) -> list[str]:
+def iter_files(folder: str) -> Iterator[str]:
     """Every file below ``folder`` except :func:`ignored` ones (and those in ignored folders), as joined
-    path strings."""
-    out = []
+    path strings, folder by folder."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not ignored(d)]
-        out.extend(os.path.join(dirpath, f) for f in filenames if not ignored(f))
-    return out
+        yield from (os.path.join(dirpath, f) for f in filenames if not ignored(f))
+
+
+def list_files(folder: str) -> list[str]:
+    """:func:`iter_files` as a list."""
+    return list(iter_files(folder))
 
 
 def _entries(folder: str) -> list[os.DirEntry]:
@@ -140,8 +143,13 @@ def detect_format(path: str | Path) -> Format:
         raise SourceError(f"{path}: cannot tell the source format from a {suffix or 'suffix-less'} file")
     if not path.is_dir():
         raise FileNotFoundError(f"data source {path} does not exist")
-    suffixes = {_suffix(p) for p in list_files(str(path))}
-    return "dicom" if suffixes & DICOM_SUFFIXES and not suffixes & IMAGE_SUFFIXES else "folder"
+    dicom = False
+    for f in iter_files(str(path)):  # stops at the first image: a large tree is not listed twice
+        suffix = _suffix(f)
+        if suffix in IMAGE_SUFFIXES:
+            return "folder"
+        dicom = dicom or suffix in DICOM_SUFFIXES
+    return "dicom" if dicom else "folder"
 
 
 def folder_records(root: str | Path, group_pattern: str | None) -> list[Record]:
