@@ -17,7 +17,8 @@ from medflow.config import parse_params
 from medflow.evaluate import calibration_table, compute_metrics, roc_table
 from medflow.io import sha256_file
 from medflow.layout import Layout
-from medflow.report import build_report
+from medflow.report import build_report, figures
+from medflow.report.build import _cell
 from medflow.report.figures import image_grid
 
 CLASSES = ["Parasitized", "Uninfected"]
@@ -197,30 +198,34 @@ def test_report_has_every_section_embedded_and_offline(tmp_path):
     assert "<summary>File names of these images</summary>" in text and "cell_" in html.split(f'id="misclassified-{MODELS[0]}"')[1].split("</section>")[0]
     # the champion's lead with its paired interval, which spans 0 here; the comparison shows each interval
     runner = json.loads(lay.champion.read_text())["runner_up"]["model"]
-    assert (f"Its lead over the runner-up, <strong>{runner}</strong>, is +0.012 (95% interval -0.020 to +0.050, paired "
+    assert (f"its lead over the runner-up, <strong>{runner}</strong>, is +0.012 (95% interval -0.020 to +0.050, paired "
             "bootstrap on the same test images): <strong>the test set cannot tell these two models apart</strong>") in text
     comparison = html.split('id="comparison"', 1)[1].split("</section>", 1)[0]
     ci = json.loads((lay.eval_dir(champion) / "details.json").read_text())["ci95"]["macro_f1"]
-    assert "<th>95% interval</th>" in comparison and f"{ci[0]:.3f} – {ci[1]:.3f}" in comparison
+    assert "<th>Macro F1 95% interval</th>" in comparison and f'<td class="ci">{ci[0]:.3f} – {ci[1]:.3f}</td>' in comparison
     assert ">Macro F1</th>" in comparison and "macro_f1" not in comparison.split("<tbody>")[0]
     assert "not a clinical validation" in text
     # the summary gives the champion's interval, names every model whose interval overlaps it, and says when the
     # champion's validation loss was still falling at its last epoch
     summary = " ".join(html.split('id="summary"', 1)[1].split("</section>", 1)[0].split())
-    assert f"({_fmt3(json.loads(lay.champion.read_text())['metrics']['macro_f1'])}, 95% interval {ci[0]:.3f} – " \
-           f"{ci[1]:.3f})" in summary
+    assert (f"it has the highest Macro F1 of the 2 trained models on the test set: "
+            f"{_fmt3(json.loads(lay.champion.read_text())['metrics']['macro_f1'])} (95% interval {ci[0]:.3f} – "
+            f"{ci[1]:.3f}), measured on 60 test images from 20 patients/slides.") in summary
+    # and points the reader to the champion's mistakes and heat maps
+    assert f'<a href="#misclassified-{champion}">' in summary and f'<a href="#gradcam-{champion}">' in summary
     other = json.loads((lay.eval_dir(runner) / "details.json").read_text())["ci95"]["macro_f1"]
     overlaps = other[0] <= ci[1] and other[1] >= ci[0]
     assert (f"The 95% interval of {runner} overlaps the champion's" in summary) == overlaps
     train = json.loads((lay.model_dir(champion) / "train_summary.json").read_text())
     improving = not train["stopped_early"] and train["best_epoch"] == train["epochs_run"]
-    assert ("Its validation loss was still falling at its last epoch (3)" in summary) == improving
+    assert ("its validation loss was still falling at its last epoch (3)" in summary) == improving
     # sensitivity / specificity for evaluate.positive_class, counted from the confusion matrix, with intervals
     mine = json.loads((lay.eval_dir(champion) / "details.json").read_text())
     (tp, fn), (fp, tn) = mine["confusion"]
     se, sp = mine["per_class_ci95"]["Parasitized"]["recall"], mine["per_class_ci95"]["Uninfected"]["recall"]
     assert (f"it finds {tp} of the {tp + fn} <em>Parasitized</em> test images (sensitivity {tp / (tp + fn):.3f}, 95% "
-            f"interval {se[0]:.3f} – {se[1]:.3f}) and correctly calls {tn} of the {fp + tn} <em>Uninfected</em> images "
+            f"interval {se[0]:.3f} – {se[1]:.3f}; it misses {fn} of them) and correctly calls {tn} of the {fp + tn} "
+            f"<em>Uninfected</em> images "
             f"Uninfected (specificity {tn / (fp + tn):.3f}, 95% interval {sp[0]:.3f} – {sp[1]:.3f})") in summary
     per_class = sections[champion].split("Per-class results", 1)[1]
     assert "<th>recall 95% interval</th>" in per_class and f"{se[0]:.3f} – {se[1]:.3f}" in per_class
@@ -270,15 +275,15 @@ def test_summary_names_the_deployed_model_and_what_became_of_this_runs_best(tmp_
     summary = section(build_report(lay, params()), "summary")
     comparison = section(lay.report, "comparison")
     deployed = promote.load_registry(lay.root)["history"][-1]["at"][:10] if case != "none" else None
-    best = f"It has the highest Macro F1 on the test set ({f1},"
+    best = f"</p> <ul> <li><strong>Ranking:</strong> it has the highest Macro F1 of the 2 trained models on the test set: {f1} ("
     if case == "none":
-        assert (f"Recommended model (the <strong>champion</strong>): <strong>{model}</strong> (version <code>{version}"
-                f"</code>), not deployed yet: <code>medflow promote</code> deploys it. {best}") in summary
+        assert (f'<div class="champion"> <p>Recommended model (the <strong>champion</strong>): <strong>{model}</strong> '
+                f"(version <code>{version}</code>), not deployed yet: <code>medflow promote</code> deploys it.{best}") in summary
         assert "Model in production" not in summary and "In production now" not in comparison
     elif case == "same":
-        assert (f'<p class="champion">Model in production (the <strong>champion</strong>, this run\'s best model): '
+        assert (f'<div class="champion"> <p>Model in production (the <strong>champion</strong>, this run\'s best model): '
                 f"<strong>{model}</strong> (version <code>{version}</code>, deployed {deployed}: macro_f1 improves by "
-                f"+0.0100). {best}") in summary
+                f"+0.0100).{best}") in summary
         assert "Recommended" not in summary and "production stays" not in summary
         assert f"In production now: <code>{version}</code>, this champion." in comparison
     else:
@@ -290,8 +295,8 @@ def test_summary_names_the_deployed_model_and_what_became_of_this_runs_best(tmp_
                 "beats production)")
         assert (f'<p class="note">This run\'s best model, <strong>{model}</strong> (version <code>{version}</code>, '
                 f"Macro F1 {f1}), {fate}; production stays <code>{OLD}</code> (0.990).</p>") in summary
-        assert (f"<p>This run's best model (the <strong>champion</strong>): <strong>{model}</strong> (version "
-                f"<code>{version}</code>). {best}") in summary
+        assert (f'<div class="best-of-run"> <p>This run\'s best model (the <strong>champion</strong>): <strong>{model}'
+                f"</strong> (version <code>{version}</code>).{best}") in summary
         assert "Recommended" not in summary and f"In production now: <code>{OLD}</code>." in comparison
 
 
@@ -328,8 +333,85 @@ def test_a_batch_that_could_not_be_checked_is_a_red_row_with_its_reason_and_file
     cells = [(cls, re.findall(r"<td[^>]*>(.*?)</td>", r)) for cls, r in rows[1:]]  # after the header row
     assert [(cls, c[0]) for cls, c in cells] == [("", "batch-1"), (' class="failed"', "week2")]
     failed = cells[1][1]
-    assert failed[2:] == ["could not be checked", "", "", "", "",
+    assert failed[2:] == ["could not be checked", "", "", "", "", "",
                           f"{reason}; moved to data/batches/failed/week2 (see week2.error.txt there)", ""]
-    assert cells[0][1][6] == "old-00000000 (not the deployed model)"  # ok rows are still flagged
+    assert cells[0][1][7] == "old-00000000 (not the deployed model)"  # ok rows are still flagged
     assert "Red rows: batches that could not be checked" in monitoring and "tr.failed td {" in html
     assert [h for h in page.hrefs if h.startswith("monitoring/")] == ["monitoring/batch-1/report.html"]
+
+
+def test_sections_name_their_numbers_for_a_reader(tmp_path):
+    """Readable labels instead of file keys, the n behind each figure, the champion's section first and tagged."""
+    lay = fabricate_project(tmp_path)
+    html, _ = parse(build_report(lay, params()))
+    data, validation, splits = (section(lay.report, s) for s in ("data", "validation", "splits"))
+    assert "<th>patients/slides (groups)</th>" in data and "<th>images without a patient/slide id</th>" in data
+    # the check list folds away when every check passed; its columns say what was checked and whether it passed
+    assert "<details><summary>Checks (2;" in validation and "<th>passed</th>" in validation
+    assert "<th>checks run</th>" in validation and "expect_column" in validation.split("<th>passed</th>")[1]
+    assert '<th class="num">training</th>' in splits and '<th class="num">validation</th>' in splits
+    assert "<th>class</th>" in splits
+    champion = json.loads(lay.champion.read_text())["model"]
+    other = next(m for m in MODELS if m != champion)
+    assert html.index(f'id="model-{champion}"') < html.index(f'id="model-{other}"')  # ranked order
+    assert f'<h2>Model: {champion} <span class="tag">champion</span></h2>' in html
+    assert f"<h2>Model: {other}</h2>" in html
+    model = section(lay.report, f"model-{champion}")
+    assert "the validation curves are measured on the 40 validation images" in model
+    assert "The dotted line marks the epoch whose weights were saved." in model
+    assert '<th class="num">F1</th>' in model and '<th class="num">test images</th>' in model
+    assert "Red circle: where the model works now" in model
+    details = json.loads((lay.eval_dir(champion) / "details.json").read_text())
+    wrong = details["n"] - sum(details["confusion"][i][i] for i in range(2))
+    assert f"The model got {wrong} of the 60 test images wrong" in section(lay.report, f"misclassified-{champion}")
+
+
+def test_monitoring_rows_give_batch_size_and_readable_times(tmp_path):
+    lay = fabricate_project(tmp_path)
+    write(lay.monitoring / "history.csv", "time,batch,verdict,n_images,drift_share,champion_version,report\n"
+                                          "2025-01-02T10:18:08+00:00,batch-1,drift,100,0.4,old-00000000,"
+                                          "batch-1/report.html\n")
+    monitoring = section(build_report(lay, params()), "monitoring")
+    assert '<th class="num">Images</th>' in monitoring and '<td class="num">100</td>' in monitoring
+    assert '<td class="ci">2025-01-02 10:18</td>' in monitoring
+    assert "<td>not recorded</td>" in monitoring  # a line from before medflow recorded simulated batches
+    assert "What each verdict asks of you." in monitoring
+
+
+def test_large_counts_get_thousands_separators():
+    assert _cell(3415593) == "3,415,593" and _cell(np.int64(127458)) == "127,458"
+    assert _cell(400) == 400 and _cell(2025) == 2025 and _cell(0.5) == "0.500" and _cell(True) == "yes"
+
+
+def _figure(monkeypatch, draw):
+    """The matplotlib figure a figures.* function draws (instead of its PNG)."""
+    seen = []
+    monkeypatch.setattr(figures, "to_png", lambda fig: seen.append(fig) or b"")
+    draw()
+    return seen[0]
+
+
+def test_figures_label_their_axes_and_counts(monkeypatch):
+    ax = _figure(monkeypatch, lambda: figures.confusion([[52, 8], [2, 58]], CLASSES)).axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("model's answer", "true class")
+    assert [t.get_text() for t in ax.texts] == ["52\n(87%)", "8\n(13%)", "2\n(3%)", "58\n(97%)"]  # share of the row
+
+    points = pd.DataFrame({"class": ["Parasitized"] * 3, "fpr": [0, 0.05, 1], "tpr": [0, 0.9, 1]})
+    ax = _figure(monkeypatch, lambda: figures.roc(points, 0.97, operating=(0.05, 0.9))).axes[0]
+    assert "model's answers (sens. 0.90, spec. 0.95)" in [t.get_text() for t in ax.get_legend().get_texts()]
+
+    y = np.array([0, 1] * 30)
+    proba = np.column_stack([np.linspace(0.05, 0.95, 60), 1 - np.linspace(0.05, 0.95, 60)])
+    ax = _figure(monkeypatch, lambda: figures.reliability(calibration_table(y, proba, 10), 2)).axes[0]
+    assert ax.get_ylabel() == "share of answers correct" and ax.get_xlabel().startswith("model confidence")
+    assert all(t.get_text().startswith("n=") for t in ax.texts) and ax.texts
+
+    history = pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.9, 0.6, 0.4], "val_loss": [0.8, 0.6, 0.5],
+                            "accuracy": [0.5, 0.7, 0.8], "val_accuracy": [0.55, 0.7, 0.75]})
+    fig = _figure(monkeypatch, lambda: figures.learning_curves(history, kept_epoch=2))
+    assert [a.get_title() for a in fig.axes] == ["Loss (error; lower is better)", "Accuracy (higher is better)"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["training", "validation", "saved weights (epoch 2)"]
+
+    ax = _figure(monkeypatch, lambda: figures.grouped_bars(pd.DataFrame({"class": CLASSES, "images": [200, 180]}),
+                                                            "images")).axes[0]
+    assert ax.get_legend() is None and sorted(t.get_text() for t in ax.texts) == ["180", "200"]  # counts on the bars

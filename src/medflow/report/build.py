@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -32,6 +33,19 @@ METRIC_LABELS = {
 }
 COLUMN_LABELS = {**METRIC_LABELS, "num_params": "Parameters", "n_test": "Test images", "champion": "Champion",
                  "rank": "Rank", "model": "Model"}
+FACT_LABELS = {"found": "image files found", "accepted": "images accepted (used)",
+               "quarantined": "files quarantined (set aside)", "groups": "patients/slides (groups)",
+               "ungrouped": "images without a patient/slide id"}
+VALIDATION_LABELS = {"statistics.evaluated": "checks run", "statistics.failed": "checks failed",
+                     "statistics.successful": "checks passed", "source": "data source",
+                     "manifest": "image list (manifest)", "rows": "images in the image list",
+                     "duplicate_hashes": "exact duplicate images (kept in one split)",
+                     "quarantine_share": "quarantined files (share of files found)"}
+CHECK_COLUMNS = {"description": "check", "table": "table", "column": "column", "severity": "severity",
+                 "success": "passed", "observed": "observed", "offending_count": "failing rows",
+                 "expectation": "rule (Great Expectations)"}
+SPLIT_LABELS = {"train": "training", "val": "validation", "test": "test", "total": "total"}
+PER_CLASS_LABELS = {"f1": "F1", "support": "test images"}
 
 
 def _json(path: Path) -> Any | None:
@@ -52,11 +66,14 @@ def _png(path: Path) -> str | None:
 
 
 def _cell(v: Any) -> Any:
-    """Display form of one value: 3 decimals for fractions, lists joined, booleans as yes/no, blanks for missing."""
+    """Display form of one value: 3 decimals for fractions, thousands separators for large counts, lists joined,
+    booleans as yes/no, blanks for missing."""
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return "" if pd.isna(v) else f"{v:.0f}" if v.is_integer() and abs(v) >= 1000 else f"{v:.3f}"
+        return "" if pd.isna(v) else f"{v:,.0f}" if v.is_integer() and abs(v) >= 1000 else f"{v:.3f}"
+    if isinstance(v, (int, np.integer)) and abs(v) >= 10000:  # 3,415,593 parameters; years and small counts stay plain
+        return f"{v:,}"
     if isinstance(v, (list, tuple)):
         return ", ".join(str(_cell(x)) for x in v)
     if isinstance(v, dict):
@@ -65,12 +82,15 @@ def _cell(v: Any) -> Any:
 
 
 def _table(df: pd.DataFrame, max_rows: int = 200, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    """A DataFrame as {columns, rows, numeric} for display (see :func:`_cell`); ``labels`` rename columns;
-    ``numeric`` flags the columns to right-align."""
+    """A DataFrame as {columns, rows, numeric, nowrap} for display (see :func:`_cell`); ``labels`` rename columns;
+    ``numeric`` flags the columns to right-align, ``nowrap`` those kept on one line (intervals ``lo – hi``, times),
+    ``long`` those of sentences, kept wide enough to read when the table scrolls on a narrow screen."""
     df = df.head(max_rows)
     rows = [[_cell(v) for v in r] for r in df.itertuples(index=False)]
     numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
-    return {"columns": [(labels or {}).get(str(c), str(c)) for c in df.columns], "rows": rows, "numeric": numeric}
+    return {"columns": [(labels or {}).get(str(c), str(c)) for c in df.columns], "rows": rows, "numeric": numeric,
+            "nowrap": [str(c).endswith("interval") or str(c) in {"time", "batch"} for c in df.columns],
+            "long": [str(c) in {"reasons", "observed", "description"} for c in df.columns]}
 
 
 def _fmt(value: Any) -> str:
@@ -114,6 +134,7 @@ def _data_section(layout: Layout) -> dict[str, Any] | None:
     facts = {k: s.get(k) for k in ("found", "accepted", "quarantined", "groups", "ungrouped") if k in s}
     return {
         "facts": facts,
+        "fact_rows": [(FACT_LABELS.get(k, k), v) for k, v in facts.items()],
         "per_class": _table(per_class),
         "reasons": _table(reasons) if len(reasons) else None,
         "chart": figures.data_uri(figures.grouped_bars(per_class, "images")) if len(per_class) else None,
@@ -132,16 +153,29 @@ def _validation_section(layout: Layout) -> dict[str, Any] | None:
     v = _json(layout.validation_dir / "validation.json")
     if v is None:
         return None
-    scalars = {k.replace("statistics.", "checks ").replace("_", " "): val for k, val in _flatten(v).items()
+    scalars = {_validation_label(k): f"{val:.1%}" if k == "quarantine_share" and isinstance(val, float) else val
+               for k, val in _flatten(v).items()
                if k != "success" and (isinstance(val, (str, int, float, bool)) or val is None)}
     tables = {}
     for k, val in v.items():
         if isinstance(val, list) and val and all(isinstance(x, dict) for x in val):
             df = pd.DataFrame(val).drop(columns=["kwargs", "offending"], errors="ignore")  # in the full report
-            tables["checks" if k == "results" else k] = _table(df)
+            # what was checked and whether it passed first; the rule's internal name last
+            df = df[[c for c in CHECK_COLUMNS if c in df and c != "expectation"]
+                    + [c for c in df.columns if c not in CHECK_COLUMNS] + [c for c in ("expectation",) if c in df]]
+            tables["checks" if k == "results" else k] = _table(df, labels=CHECK_COLUMNS)
     html = layout.validation_dir / "validation.html"
     return {"status": v.get("success"), "scalars": scalars, "tables": tables,
             "link": os.path.relpath(html, layout.report.parent) if html.is_file() else None}
+
+
+def _validation_label(key: str) -> str:
+    """Readable name of a dotted validation.json key (``classes.X``: images of class X)."""
+    if key in VALIDATION_LABELS:
+        return VALIDATION_LABELS[key]
+    if key.startswith("classes."):
+        return f"images of class {key.removeprefix('classes.')}"
+    return key.replace("statistics.", "checks ").replace("_", " ")
 
 
 def _wide_counts(df: pd.DataFrame) -> pd.DataFrame:
@@ -163,15 +197,22 @@ def _splits_section(layout: Layout) -> dict[str, Any] | None:
     wide = _wide_counts(df)
     plot = wide[~wide.iloc[:, 0].astype(str).str.lower().isin({"total", "all"})]
     plot = plot.drop(columns=[c for c in plot.columns[1:] if str(c).lower() in {"total", "all"}])
-    return {"table": _table(wide), "chart": figures.data_uri(figures.grouped_bars(plot, "images"))}
+    labels = {str(wide.columns[0]): "class", **SPLIT_LABELS}
+    val = next((c for c in plot.columns[1:] if str(c).lower() in {"val", "validation"}), None)
+    return {"table": _table(wide, labels=labels),
+            "chart": figures.data_uri(figures.grouped_bars(plot.rename(columns=labels), "images")),
+            "n_val": int(plot[val].sum()) if val is not None and pd.api.types.is_numeric_dtype(plot[val]) else None}
 
 
 def _model_names(layout: Layout, params: Any) -> list[str]:
+    """Models with a section: ranked ones first, in the comparison's order (champion first), then the others."""
     found = sorted(p.stem for p in (layout.root / "reports" / "metrics").glob("*.json"))
-    return list(dict.fromkeys([*params.active_models, *found]))
+    ranked = _csv(layout.comparison)
+    ranked = [str(m) for m in ranked["model"]] if ranked is not None and "model" in ranked else []
+    return list(dict.fromkeys([*ranked, *params.active_models, *found]))
 
 
-def _model_section(layout: Layout, name: str) -> dict[str, Any]:
+def _model_section(layout: Layout, name: str, positive: str | None = None) -> dict[str, Any]:
     ev = layout.eval_dir(name)
     history = _csv(layout.model_dir(name) / "history.csv")
     details = _json(ev / "details.json")
@@ -179,7 +220,9 @@ def _model_section(layout: Layout, name: str) -> dict[str, Any]:
     calib = _csv(ev / "calibration.csv")
     mis = _csv(ev / "misclassified.csv")
     out: dict[str, Any] = {"name": name, "train": _json(layout.model_dir(name) / "train_summary.json")}
-    out["curves"] = figures.data_uri(figures.learning_curves(history)) if history is not None and len(history) else None
+    kept = (out["train"] or {}).get("kept_epoch")
+    out["curves"] = (figures.data_uri(figures.learning_curves(history, kept))
+                     if history is not None and len(history) else None)
     if out["train"]:
         out["input_size"] = out["train"].get("input_size")
     out["still_improving"] = _still_improving(out["train"])
@@ -201,16 +244,23 @@ def _model_section(layout: Layout, name: str) -> dict[str, Any]:
                 per_class.insert(int(per_class.columns.get_loc(stat)) + 1, f"{stat} 95% interval",
                                  [_span((pci.get(c) or {}).get(stat)) for c in per_class.index])
         per_class = per_class.rename_axis("class").reset_index()
-        out["per_class"] = _table(per_class)
+        out["per_class"] = _table(per_class, labels=PER_CLASS_LABELS)
+        out["wrong"] = int(sum(map(sum, details["confusion"])) - sum(r[i] for i, r in enumerate(details["confusion"])))
         out["reliability"] = (figures.data_uri(figures.reliability(calib, len(details["classes"])))
                               if calib is not None else None)
         out["roc_classes"] = [] if roc_pts is None or not len(roc_pts) else list(roc_pts["class"].unique())
         out["auc"] = _fmt(details["roc_auc"]) if isinstance(details.get("roc_auc"), float) else None
-        out["roc"] = (figures.data_uri(figures.roc(roc_pts, details.get("roc_auc")))
+        op = _operating_point(details, positive)
+        rates = (1 - op["specificity"]["hits"] / op["specificity"]["total"], op["sensitivity"]["hits"] /
+                 op["sensitivity"]["total"]) if op and op["sensitivity"]["total"] and op["specificity"]["total"] else None
+        out["operating_point"] = rates is not None and out["roc_classes"] == [positive]
+        out["roc"] = (figures.data_uri(figures.roc(roc_pts, details.get("roc_auc"),
+                                                   rates if out["operating_point"] else None))
                       if out["roc_classes"] else None)
     out["misclassified"] = None if mis is None else {
         "count": len(mis), "image": _png(ev / "misclassified.png"),
-        "table": _table(mis, labels={"id": "image", "label": "true class", "pred": "model's answer"})}
+        "table": _table(mis, labels={"id": "image", "label": "true class", "pred": "model's answer",
+                                     "confidence": "model's confidence"})}
     out["gradcam"] = _png(ev / "gradcam.png")
     return out
 
@@ -231,6 +281,7 @@ def _comparison_section(layout: Layout, positive: str | None = None) -> dict[str
         runner = champ.get("runner_up") or {}
         mine = ci.get(champ["model"])
         train = _json(layout.model_dir(champ["model"]) / "train_summary.json") or {}
+        details = _json(layout.eval_dir(champ["model"]) / "details.json") or {}
         champ = {**champ, "metric_label": METRIC_LABELS.get(metric, metric),
                  "value": _fmt(champ["metrics"].get(metric)),
                  "ci": _span(mine),
@@ -239,11 +290,15 @@ def _comparison_section(layout: Layout, positive: str | None = None) -> dict[str
                              and other[0] <= mine[1] and other[1] >= mine[0]],
                  "still_improving": _still_improving(train),
                  "epochs": train.get("epochs_run"),
-                 "operating_point": _operating_point(_json(layout.eval_dir(champ["model"]) / "details.json") or {},
-                                                     positive),
+                 "operating_point": _operating_point(details, positive),
+                 # the test set the figures come from: images, and patients/slides when resampled by group
+                 "n_test": details.get("n"),
+                 "n_groups": details.get("ci_units") if details.get("ci_unit") == "groups" else None,
                  "direction": "lowest" if metric == "ece" else "highest",
+                 "created": _utc(champ.get("created")),
                  "runner_up": runner if runner.get("ci95") else None}
-    labels = COLUMN_LABELS | ({f"{metric} 95% interval": "95% interval"} if metric else {})
+    labels = COLUMN_LABELS | ({f"{metric} 95% interval": f"{METRIC_LABELS.get(metric, metric)} 95% interval"}
+                              if metric else {})
     return {"table": _table(df, labels=labels), "champion": champ}
 
 
@@ -268,6 +323,17 @@ def _deployment_section(layout: Layout) -> dict[str, Any] | None:
             "at": event.get("at", "")[:10], "how": how, "reason": decision.get("reason") if refused else None}
 
 
+def _utc(stamp: Any) -> Any:
+    """``2026-11-21T10:18:08+00:00`` -> ``2026-11-21 10:18`` (UTC); anything unparseable as it is."""
+    try:
+        t = pd.Timestamp(stamp)
+    except (TypeError, ValueError):
+        return stamp
+    if pd.isna(t):
+        return stamp
+    return (t.tz_convert("UTC") if t.tzinfo else t).strftime("%Y-%m-%d %H:%M")
+
+
 def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
     """The monitoring history as a table; a batch that could not be checked is a ``failed`` row (red) whose
     verdict says so and whose reasons add where its files are; its other columns stay blank."""
@@ -276,22 +342,31 @@ def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
     rows = monitoring_index(layout.monitoring)
     if not rows:
         return None
+    history = _csv(layout.monitoring / "history.csv")  # the index leaves out the batch size: taken from its line
+    sizes = (list(history["n_images"]) if history is not None and "n_images" in history and len(history) == len(rows)
+             else [None] * len(rows))
     rel = os.path.relpath(layout.monitoring, layout.report.parent)
     links = [(str(r["batch"]), f"{rel}/{r['report']}") for r in rows if r.get("report")]
-    labels = {"batch": "Batch", "time": "Time (UTC)", "verdict": "Verdict", "drift_share": "Drifted share of features",
-              "accuracy": "Accuracy", "macro_f1": "Macro F1", "champion_version": "Model checked",
-              "reasons": "Reasons", "simulated": "Simulated batch"}
+    labels = {"batch": "Batch", "time": "Time (UTC)", "verdict": "Verdict", "n_images": "Images",
+              "drift_share": "Drifted share of features", "accuracy": "Accuracy", "macro_f1": "Macro F1",
+              "champion_version": "Model checked", "reasons": "Reasons", "simulated": "Simulated batch"}
     in_use = layout.deployed_champion
     current = (_json(in_use) or {}).get("version")
     model = "the current champion" if in_use == layout.champion else "the deployed model"
     failed = [r["verdict"] == FAILED for r in rows]
     for r, fail in zip(rows, failed):
+        r["time"] = _utc(r.get("time"))
+        if r.get("simulated") is None and not fail:
+            r["simulated"] = "not recorded"  # a line written before medflow recorded it
         if fail:
             r["verdict"], r["reasons"] = "could not be checked", f"{r['reasons']}; {r['location']}"
         elif r.get("champion_version") and current and r["champion_version"] != current:
             # a batch checked against another model says so: its figures are not the model in use
             r["champion_version"] = f"{r['champion_version']} (not {model})"
-    table = _table(pd.DataFrame(rows).drop(columns=["report", "location"]), labels=labels)
+    df = pd.DataFrame(rows).drop(columns=["report", "location"])
+    df.insert(int(df.columns.get_loc("verdict")) + 1, "n_images",
+              pd.array([None if f or s is None or pd.isna(s) else int(s) for f, s in zip(failed, sizes)], dtype="Int64"))
+    table = _table(df, labels=labels)
     return {"table": {**table, "row_classes": ["failed" if f else "" for f in failed]}, "links": links,
             "model": model, "failed": any(failed)}
 
@@ -307,7 +382,7 @@ def build_report(layout: Layout, params: Any) -> Path:
         splits=_splits_section(layout),
         comparison=_comparison_section(layout, params.evaluate.positive_class),
         deployment=_deployment_section(layout),
-        models=[_model_section(layout, n) for n in _model_names(layout, params)],
+        models=[_model_section(layout, n, params.evaluate.positive_class) for n in _model_names(layout, params)],
         monitoring=_monitoring_section(layout),
         metric_labels=METRIC_LABELS,
     )
