@@ -121,13 +121,21 @@ def ordered_chunks(fn: Callable[[int, Sequence[T]], R], items: Sequence[T], work
 
 def _drop_conflicts(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
     """Quarantine every copy of pixels seen under >1 label."""
+    first: dict[str, str] = {}
+    clashing = set()
+    for r in rows:  # one dict lookup per row: label sets are built only for the (rare) clashing pixels
+        if first.setdefault(r["pixel_hash"], r["label"]) != r["label"]:
+            clashing.add(r["pixel_hash"])
+    if not clashing:
+        return rows, []
     labels: dict[str, set[str]] = defaultdict(set)
     for r in rows:
-        labels[r["pixel_hash"]].add(r["label"])
+        if r["pixel_hash"] in clashing:
+            labels[r["pixel_hash"]].add(r["label"])
     kept: list[dict[str, Any]] = []
     dropped = []
     for r in rows:
-        clash = labels[r["pixel_hash"]]
+        clash = labels.get(r["pixel_hash"], ())
         if len(clash) > 1:
             detail = f"identical pixels (pixel_hash {r['pixel_hash'][:12]}) appear under labels {sorted(clash)}"
             dropped.append({"path": r["path"], "reason": "conflicting_labels", "detail": detail})
