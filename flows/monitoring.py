@@ -3,7 +3,8 @@
 New batches are folders under ``retrain.incoming_dir`` (``data/batches/incoming/<name>``; class
 sub-folders when labelled) or one path given as ``batch``. Each is checked by
 ``medflow.monitor.run.monitor_batch`` (verdict ``ok`` | ``drift`` | ``degraded``) and then moved to
-``retrain.processed_dir``. A batch the monitor cannot check (e.g. empty, or no usable image) is moved
+``retrain.processed_dir``. A folder in which something changed less than ``retrain.settle_s`` ago is
+still being copied and waits for the next run. A batch the monitor cannot check (e.g. empty, or no usable image) is moved
 to ``retrain.failed_dir`` with ``<name>.error.txt`` beside it and gets a ``failed`` line in
 ``reports/monitoring/history.csv`` (``medflow.monitor.run.record_failure``: the reason and where its files
 went); the other batches and the retraining decision go on, and the flow run then fails naming those
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,6 +63,17 @@ def check_batch(root: str, batch: str, name: str | None = None) -> dict[str, Any
                             champion=Layout(path).deployed_champion)
     get_run_logger().info("batch %s: verdict %s", Path(batch).name, result.get("verdict"))
     return result
+
+
+def last_change(folder: Path) -> float:
+    """The newest inode change time (``st_ctime``) of ``folder`` and everything under it. A file being written,
+    copied or renamed in gets a new ctime, and unlike the modification time no copy tool can backdate it
+    (``cp -p``, ``rsync -t``)."""
+    newest = folder.stat().st_ctime
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for entry in (*dirnames, *filenames):
+            newest = max(newest, os.lstat(os.path.join(dirpath, entry)).st_ctime)
+    return newest
 
 
 def archive_batch(batch: Path, processed: Path, incoming: Path, name: str | None = None) -> Path:
@@ -122,6 +135,11 @@ def monitoring_flow(root: str = ".", batch: str | None = None,
         todo = [Path(batch)]
     else:
         todo = sorted(p for p in incoming.glob("*") if p.is_dir() and not p.name.startswith("."))
+        ages = {p: time.time() - last_change(p) for p in todo}
+        for p in [p for p in todo if ages[p] < cfg.settle_s]:
+            logger.info("%s changed %.0f s ago (< retrain.settle_s %g): still being copied? Left for the next run",
+                        p, ages[p], cfg.settle_s)
+            todo.remove(p)
         for loose in sorted(p for p in incoming.glob("*") if p.is_file() and not p.name.startswith(".")):
             logger.warning("%s is a file, not a batch folder: left alone. Put each batch in its own folder "
                            "(%s/<batch>/<class>/<image>, unlabelled images in <batch>/unlabelled/); unpack archives "

@@ -46,7 +46,8 @@ raw["validate"]["min_rows_per_class"] = 5
 raw["models"] = {"basic_cnn": {**raw["models"]["basic_cnn"], "input_size": 32, "epochs": 10, "batch_size": 16}}
 raw["active_models"] = ["basic_cnn"]
 raw["evaluate"].update(bootstrap=0, gradcam_per_class=1, misclassified_max=4)
-raw.setdefault("retrain", {}).update(min_improvement=0.0, max_class_drop=0.2, trigger="deployment", retry_delay_s=5)
+raw.setdefault("retrain", {}).update(min_improvement=0.0, max_class_drop=0.2, trigger="deployment", retry_delay_s=5,
+                                    settle_s=0)  # the batch is written just before the run
 (demo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 subprocess.run(["git", "init", "-q"], cwd=demo, check=True)
 subprocess.run(["dvc", "init", "-q"], cwd=demo, check=True)

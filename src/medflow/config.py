@@ -291,6 +291,7 @@ class RetrainConfig(_Section):
     task_retries: int = Field(1, ge=0)  # retries of a failed stage task (transient errors only)
     retry_delay_s: float = Field(30.0, ge=0)
     incoming_dir: str = "data/batches/incoming"  # one folder per new batch
+    settle_s: float = Field(60.0, ge=0)  # a batch folder changed more recently than this is still arriving: next run
     processed_dir: str = "data/batches/processed"  # batches already monitored
     failed_dir: str = "data/batches/failed"  # batches the monitor could not check (+ <name>.error.txt)
     extra_dir: str = "data/raw/extra"  # labelled batches added to training (DVC-tracked, train split only)

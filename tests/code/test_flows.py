@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -90,7 +91,8 @@ PARAMS = {
     "data": {"source": "data/raw/src", "group_pattern": None},
     "models": {"a": {"architecture": "basic_cnn", "epochs": 1}, "b": {"architecture": "basic_cnn", "epochs": 1}},
     "active_models": ["a", "b"],
-    "retrain": {"task_retries": 1, "retry_delay_s": 0, "min_new_labelled": 100, "min_improvement": 0.01},
+    "retrain": {"task_retries": 1, "retry_delay_s": 0, "min_new_labelled": 100, "min_improvement": 0.01,
+                "settle_s": 0},
 }
 
 
@@ -644,3 +646,19 @@ def test_runs_left_running_by_a_stopped_serve_are_crashed_and_free_the_slot():
         assert client.read_deployment(dep_id).global_concurrency_limit.active_slots == 0
         assert client.set_flow_run_state(waiting.id, Pending()).status.value == "ACCEPT"
         assert deploy.reap_orphaned_runs(["retraining/retraining"]) == [f"retraining/retraining: {waiting.name}"]  # pending: also orphaned
+
+
+def test_a_batch_still_being_copied_waits_for_the_next_run(project, fake_monitor, caplog):
+    """A folder in which something changed less than retrain.settle_s ago is left in incoming/, whatever
+    modification times a copy tool preserved (ctime cannot be backdated)."""
+    _, seen = fake_monitor
+    _set_param(project, ["retrain", "settle_s"], 3600)
+    batch = project / "data/batches/incoming/arriving"
+    _batch(batch, 1, seed=4)
+    for f in batch.rglob("*"):
+        os.utime(f, (978307200, 978307200))  # as `cp -p` of files from 2001 leaves them
+    assert time.time() - monitoring.last_change(batch) < 600
+    with caplog.at_level("INFO"):
+        out = monitoring.monitoring_flow(root=str(project), trigger="none")
+    assert out["verdicts"] == {} and not seen
+    assert batch.is_dir() and "(< retrain.settle_s 3600): still being copied? Left for the next run" in caplog.text
