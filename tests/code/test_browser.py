@@ -143,7 +143,20 @@ def test_upload_and_drop_show_prediction(server: str, page, tmp_path: Path) -> N
     assert page.locator("#predicted").inner_text() == top
     assert proba == pytest.approx(_api_probabilities(server, image.read_bytes()), abs=1e-6)
     # a normal result: the class in the heading, no warnings, no demoted "model output" line
-    expect(page.locator("#headline")).to_have_text(f"Predicted: {top} ({_percent(proba[top])})")
+    expect(page.locator("#headline")).to_have_text(f"Predicted: {top} ({_percent(proba[top])} confidence)")
+    # the answer is also in the status line (read out by screen readers), with the file it belongs to
+    expect(page.locator("#status")).to_have_text(re.compile(
+        rf"^Classified cell\.png in \d+\.\d s: {top} \({re.escape(_percent(proba[top]))} confidence\)\.$"))
+    expect(page.locator("#input-info")).to_contain_text("Uploaded: cell.png (png, ")
+    # what the confidence means and that it is no diagnosis, next to the result; the model's date in the header
+    expect(page.locator("#confidence-note")).to_contain_text("A high score can still be wrong: on 120 test images "
+                                                             "this model was right 62.0% of the time")
+    expect(page.locator("#confidence-note")).to_contain_text("Not a diagnosis")
+    expect(page.locator("#model-line")).to_have_text("Model tiny_cnn-0123abcd · selected on 2025-01-01 · classes: "
+                                                     "Parasitized, Uninfected")
+    expect(page.locator("#gradcam-caption")).to_contain_text(f"Grad-CAM for “{top}”")
+    expect(page.locator("#spinner")).to_be_hidden()
+    expect(page.locator("#error")).to_be_hidden()
     expect(page.locator("#warnings")).to_be_hidden()
     expect(page.locator("#model-output")).to_be_hidden()
     expect(page.locator("#status")).not_to_contain_text("unlike")
@@ -164,7 +177,8 @@ def test_upload_and_drop_show_prediction(server: str, page, tmp_path: Path) -> N
             return dt;
         }""", base64.b64encode(second.read_bytes()).decode())
     page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
-    expect(page.locator("#status")).to_have_text(re.compile(r"^Classified dropped\.png in \d+\.\d s$"), timeout=30_000)
+    expect(page.locator("#status")).to_have_text(re.compile(r"^Classified dropped\.png in \d+\.\d s: [^(]+ \(.+\)\.$"),
+                                                 timeout=30_000)
     assert _shown_probabilities(page) == pytest.approx(expected, abs=1e-6)
     assert page.locator("#predicted").inner_text() == max(expected, key=expected.get)
 
@@ -184,11 +198,14 @@ def test_image_unlike_training_data_demotes_prediction(server: str, page, tmp_pa
     expect(page.locator("#warning-list li")).to_have_text(api["warnings"])
     expect(page.locator("#headline")).to_have_text(UNRELIABLE)
     expect(page.locator("#headline #predicted")).to_have_count(0)
-    output = f"model output: {api['predicted']} ({_percent(api['confidence'])})"
+    output = f"model output: {api['predicted']} ({_percent(api['confidence'])} confidence)"
     expect(page.locator("#model-output")).to_have_text(output)
     expect(page.locator("#model-output #predicted")).to_have_text(api["predicted"])
     expect(page.locator("#result")).to_have_class(re.compile(r"\bunreliable\b"))
     expect(page.locator("#status")).to_contain_text("unlike the training images")
+    # the test accuracy is not claimed for an image unlike the test images
+    expect(page.locator("#confidence-note")).not_to_contain_text("was right")
+    expect(page.locator("#confidence-note")).to_contain_text("say nothing about images unlike its training images")
     box = {s: page.locator(s).bounding_box() for s in ("#warnings", "#headline", "#model-output", "#probabilities")}
     assert box["#warnings"]["y"] < box["#headline"]["y"] < box["#model-output"]["y"] < box["#probabilities"]["y"]
     size = {s: float(page.locator(s).evaluate("el => parseFloat(getComputedStyle(el).fontSize)"))
@@ -203,6 +220,7 @@ def test_image_unlike_training_data_demotes_prediction(server: str, page, tmp_pa
     expect(page.locator("#warnings")).to_be_hidden()
     expect(page.locator("#model-output")).to_be_hidden()
     expect(page.locator("#result")).not_to_have_class(re.compile(r"\bunreliable\b"))
+    expect(page.locator("#confidence-note")).to_contain_text("was right 62.0% of the time")
     _no_horizontal_scroll(page)
 
 
@@ -224,7 +242,7 @@ def test_probabilities_neutral_and_never_certain(page) -> None:
     expect(page.locator("#result")).to_be_visible(timeout=30_000)
 
     # never "100.0%" / "0.0%"
-    expect(page.locator("#headline")).to_have_text("Predicted: Parasitized (> 99.9%)")
+    expect(page.locator("#headline")).to_have_text("Predicted: Parasitized (> 99.9% confidence)")
     expect(page.locator("#probabilities .pct")).to_have_text(["> 99.9%", "< 0.1%", "< 0.1%"])
     cases = [1.0, 0.99951, 0.9991, 0.999, 0.5, 0.1234, 0.001, 0.00099, 0.0004, 0.0]
     assert page.evaluate("(ps) => ps.map(percent)", cases) == [_percent(p) for p in cases]
@@ -330,3 +348,117 @@ def test_file_picker_is_one_keyboard_stop_without_native_control(page, tmp_path:
                                                      timeout=30_000)
         expect(page.locator("#result")).to_be_visible()
         assert page.evaluate("document.activeElement.id") == "file"
+
+
+def _drop(page, files: dict[str, bytes]) -> None:
+    """Drop ``files`` (name -> bytes) onto the drop zone; none: a drop of plain text, as from a web page."""
+    transfer = page.evaluate_handle(
+        """(files) => {
+            const dt = new DataTransfer();
+            for (const [name, b64] of Object.entries(files)) {
+                dt.items.add(new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name, {type: "image/png"}));
+            }
+            if (dt.items.length === 0) dt.setData("text/plain", "not a file");
+            return dt;
+        }""", {name: base64.b64encode(data).decode() for name, data in files.items()})
+    page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_bad_uploads_say_what_to_do(server: str, page, tmp_path: Path, width: int) -> None:
+    """A text file renamed .png, an empty file, a non-file drop and several files: each says what happened and
+    what to do; the next good image clears the error."""
+    from playwright.sync_api import expect
+
+    page.set_viewport_size({"width": width, "height": 900})
+    error = page.locator("#error")
+    expect(error).to_have_attribute("role", "alert")
+    for name, data in (("notes.png", b"these are my notes, not pixels\n"), ("empty.png", b"")):
+        (tmp_path / name).write_bytes(data)
+        api = httpx.post(f"{server}/predict", files={"file": (name, data)}, timeout=60).json()
+        page.set_input_files("#file", str(tmp_path / name))
+        expect(error).to_be_visible(timeout=30_000)
+        expect(page.locator("#error-title")).to_have_text(f"Could not analyse {name}.")
+        expect(page.locator("#error-hint")).to_have_text(api["hint"])  # the server's plain-words hint
+        expect(page.locator("#error-detail")).to_have_text(f"Details: {api['detail']}")
+        expect(page.locator("#result")).to_be_hidden()
+        expect(page.locator("#status")).to_have_text("")
+        expect(page.locator("#spinner")).to_be_hidden()
+        _no_horizontal_scroll(page)
+    expect(page.locator("#error-hint")).to_contain_text("empty")
+
+    cell, second = sample_pngs(2)
+    _upload(page, Path(shutil.copy(cell, tmp_path / "cell.png")))
+    expect(error).to_be_hidden()
+
+    _drop(page, {})  # text, not a file
+    expect(page.locator("#error-title")).to_have_text("Nothing to analyse.")
+    expect(page.locator("#error-hint")).to_contain_text("Drop an image file")
+
+    # several files: the first is analysed and the page says the others were not
+    expected = _api_probabilities(server, second.read_bytes())
+    _drop(page, {"first.png": second.read_bytes(), "other.png": cell.read_bytes()})
+    expect(page.locator("#status")).to_have_text(
+        re.compile(r"^Classified first\.png in .*2 files were dropped: .*only this first one is analysed"),
+        timeout=30_000)
+    expect(error).to_be_hidden()
+    assert _shown_probabilities(page) == pytest.approx(expected, abs=1e-6)
+
+
+def test_waiting_shows_progress_and_the_latest_upload_wins(server: str, page, tmp_path: Path) -> None:
+    """While /predict runs: a spinner and "Analysing…", "still working" when slow; an earlier upload whose answer
+    comes back after a later one's never replaces it."""
+    from playwright.sync_api import expect
+
+    first, second = (Path(shutil.copy(f, tmp_path / f"cell{i}.png")) for i, f in enumerate(sample_pngs(2)))
+    expected = _api_probabilities(server, second.read_bytes())
+    assert expected != pytest.approx(_api_probabilities(server, first.read_bytes()), abs=1e-6)
+    # the first /predict answer is held back until the test releases it (and is not cancelled by the page)
+    page.evaluate("""() => {
+        const real = window.fetch;
+        let held = false;
+        window.heldSettled = false;
+        const release = new Promise((resolve) => { window.releaseHeld = resolve; });
+        window.fetch = async (url, options) => {
+            if (!String(url).includes("/predict") || held) return real(url, options);
+            held = true;
+            try { const res = await real(url, { ...options, signal: undefined }); await release; return res; }
+            finally { window.heldSettled = true; }
+        };
+    }""")
+    page.clock.install()
+    page.set_input_files("#file", str(first))
+    expect(page.locator("#status")).to_have_text("Analysing cell0.png…")
+    expect(page.locator("#spinner")).to_be_visible()
+    expect(page.locator("#result")).to_be_hidden()
+    expect(page.locator("#result")).to_have_attribute("aria-busy", "true")
+    page.clock.fast_forward(5_000)
+    expect(page.locator("#status")).to_contain_text("Still working: the server is busy")
+
+    _upload(page, second)  # chosen while the first is still out
+    assert _shown_probabilities(page) == pytest.approx(expected, abs=1e-6)
+    page.evaluate("window.releaseHeld()")
+    page.wait_for_function("window.heldSettled")
+    page.wait_for_timeout(200)  # the held answer's handler has run
+    expect(page.locator("#status")).to_have_text(re.compile(r"^Classified cell1\.png in "))
+    assert _shown_probabilities(page) == pytest.approx(expected, abs=1e-6)
+    expect(page.locator("#spinner")).to_be_hidden()
+    expect(page.locator("#error")).to_be_hidden()
+    assert page.locator("#result").get_attribute("aria-busy") is None
+
+
+def test_unreachable_server_and_non_json_errors(page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    cell = Path(shutil.copy(sample_pngs(1)[0], tmp_path / "cell.png"))
+    page.route("**/predict", lambda route: route.fulfill(status=502, content_type="text/html", body="<h1>Bad Gateway"))
+    page.set_input_files("#file", str(cell))
+    expect(page.locator("#error-title")).to_have_text("Could not analyse cell.png.")
+    expect(page.locator("#error-hint")).to_contain_text("The server failed")
+    expect(page.locator("#error-detail")).to_have_text("Details: HTTP 502 Bad Gateway")
+    page.unroute("**/predict")
+    page.route("**/predict", lambda route: route.abort())
+    page.set_input_files("#file", str(cell))
+    expect(page.locator("#error-title")).to_have_text("Could not analyse cell.png: the server did not answer.")
+    expect(page.locator("#error-hint")).to_contain_text("still running")
+    expect(page.locator("#spinner")).to_be_hidden()

@@ -23,7 +23,7 @@ from serve_support import (
 )
 
 from medflow.config import DataConfig, IngestConfig
-from medflow.serve.app import NOTICE, create_app
+from medflow.serve.app import HINTS, NOTICE, create_app
 
 MAX_UPLOAD = 2 * 1024 * 1024
 STATIC = Path(__file__).resolve().parents[2] / "src" / "medflow" / "serve" / "static"
@@ -56,6 +56,10 @@ def _assert_rejected(resp, status: int | tuple[int, ...], reasons: set[str]) -> 
     body = resp.json()
     assert body["reason"] in reasons, body
     assert isinstance(body["detail"], str) and body["detail"], body
+    # what the sender can do, in plain words, beside the technical detail (every upload problem has one)
+    assert set(body) == {"detail", "reason", "hint"}, body
+    if body["reason"] in HINTS or body["reason"] == "upload_too_large":
+        assert isinstance(body["hint"], str) and len(body["hint"]) > 20 and body["hint"] != body["detail"], body
     return body
 
 
@@ -182,6 +186,7 @@ def test_concurrent_requests_agree(client: TestClient, png_bytes: bytes) -> None
 def test_oversized_upload_413(client: TestClient) -> None:
     body = _assert_rejected(_post(client, b"\x00" * (MAX_UPLOAD + 1)), 413, {"upload_too_large"})
     assert str(MAX_UPLOAD) in body["detail"]
+    assert "2 MB upload limit" in body["hint"]  # MAX_UPLOAD in the unit a person knows
 
 
 def test_oversized_chunked_upload_413(client: TestClient) -> None:
@@ -204,7 +209,32 @@ def test_truncated_png(client: TestClient, png_bytes: bytes) -> None:
 
 
 def test_empty_upload(client: TestClient) -> None:
-    _assert_rejected(_post(client, b""), 422, {"empty_file"})
+    body = _assert_rejected(_post(client, b""), 422, {"empty_file"})
+    assert "empty" in body["hint"] and "again" in body["hint"]
+
+
+def test_every_bad_image_reason_has_a_hint() -> None:
+    """Each reason decoding an upload can give (medflow.data.images.REASONS, less the batch-only ones) is explained."""
+    from medflow.data.images import REASONS
+
+    batch_only = {"missing_file", "conflicting_labels", "no_label"}  # ingest / `medflow predict`, never an upload
+    assert set(REASONS) - batch_only <= set(HINTS)
+    assert all(h.endswith(".") and "`" not in h for r, h in HINTS.items() if r not in {"invalid_request", "bad_request"})
+
+
+def test_server_failure_is_json_with_a_hint(client: TestClient, png_bytes: bytes,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug while predicting: 500 with the usual {detail, reason, hint}, not a plain-text page; nothing leaks."""
+    from medflow.serve.predictor import Predictor
+
+    def broken(self, decoded):
+        raise RuntimeError("secret /srv/path/model.keras exploded")
+
+    monkeypatch.setattr(Predictor, "predict", broken)
+    resp = _post(TestClient(client.app, raise_server_exceptions=False), png_bytes)
+    body = _assert_rejected(resp, 500, {"internal_error"})
+    assert body["detail"] == "internal server error (RuntimeError)" and "/srv" not in resp.text
+    assert "server log" in body["hint"]
 
 
 def test_header_claims_huge_dimensions(client: TestClient) -> None:
@@ -249,7 +279,8 @@ def test_health_model_openapi(client: TestClient, champion: Path) -> None:
     assert model["metrics"] == record["metrics"] and "model_path" not in model
     spec = client.get("/openapi.json").json()
     assert {"/predict", "/health", "/model"} <= set(spec["paths"])
-    assert {"413", "415", "422"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+    assert {"413", "415", "422", "500"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+    assert {"detail", "reason", "hint"} <= set(spec["components"]["schemas"]["Error"]["properties"])
     assert spec["components"]["schemas"]["Prediction"]["properties"]["warnings"]["type"] == "array"
 
 
@@ -266,4 +297,8 @@ def test_page_is_self_contained_with_notice(client: TestClient) -> None:
     page = (STATIC / "index.html").read_text()
     assert 'id="warnings"' in page and "does not look like the training data" in page
     assert "<script>" not in page and "style=" not in page
+    # what the confidence means, not a diagnosis, beside the result; errors announced (role=alert); no favicon request
+    assert 'id="confidence-note"' in page and "Not a diagnosis" in page and "can still be wrong" in page
+    assert 'id="error" class="error" role="alert"' in page
+    assert '<link rel="icon" href="data:,">' in page
     assert "r.warnings" in (STATIC / "app.js").read_text() and ".warnings" in (STATIC / "style.css").read_text()

@@ -26,6 +26,35 @@ NOTICE = "Decision support only: this tool supports, and does not replace, a cli
 # BadImage reason -> HTTP status (everything else a client sends that cannot be used: 422).
 REASON_STATUS = {"not_an_image": 415, "unsupported_channels": 415, "multi_frame": 415, "unsupported_bit_depth": 415,
                  "decompression_bomb": 413, "too_large": 413}
+# reason -> what the person who sent the file can do about it (the "hint" of every error body; "detail" stays technical)
+_REEXPORT = "Copy or export the image again from the microscope or imaging software, then upload that file."
+HINTS = {
+    "empty_file": "The file is empty (0 bytes): it may not have finished copying or downloading. "
+                  "Choose the file again from where it was saved.",
+    "not_an_image": "This file is not an image this service can read. Choose a PNG, JPEG, BMP, TIFF or DICOM image "
+                    "(a renamed document, PDF or text file will not work).",
+    "corrupt": f"The image file is damaged. {_REEXPORT}",
+    "truncated": f"The image file is incomplete (cut off before its end). {_REEXPORT}",
+    "unreadable": f"The image could not be read. {_REEXPORT}",
+    "unsupported_bit_depth": "This kind of image is not supported (see the details). Export it as an ordinary 8-bit "
+                             "colour or greyscale PNG or JPEG and upload that.",
+    "unsupported_channels": "This kind of image is not supported (see the details). Export it as an ordinary colour "
+                            "or greyscale PNG or JPEG and upload that.",
+    "multi_frame": "The file holds several images (frames). Upload one image per file.",
+    "no_pixel_data": "The DICOM file holds no image, only its description. Export the image itself.",
+    "not_dicom": "Upload a PNG, JPEG, BMP, TIFF or DICOM image.",
+    "too_small": "The image is too small to analyse. Upload the original image, not a thumbnail.",
+    "too_large": "The image has too many pixels to analyse. Crop it to the cell or region of interest, or scale it "
+                 "down, and upload it again.",
+    "decompression_bomb": "The image has too many pixels to analyse. Crop it to the cell or region of interest, or "
+                          "scale it down, and upload it again.",
+    "invalid_request": "Send one image as the multipart form field 'file', e.g. "
+                       "`curl -F file=@cell.png http://HOST:PORT/predict`.",
+    "bad_request": "Send one image as the multipart form field 'file', e.g. "
+                   "`curl -F file=@cell.png http://HOST:PORT/predict`.",
+    "internal_error": "The server failed while handling the request. Try again; if it keeps happening, tell whoever "
+                      "runs this service (the server log has the details).",
+}
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
                                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
@@ -40,15 +69,18 @@ class Rejected(HTTPException):
     An HTTPException, so FastAPI passes it through unchanged when raised while reading the body.
     """
 
-    def __init__(self, status: int, reason: str, detail: str) -> None:
+    def __init__(self, status: int, reason: str, detail: str, hint: str | None = None) -> None:
         super().__init__(status, detail)
         self.reason = reason
+        self.hint = hint
 
 
 def _error_response(exc: StarletteHTTPException) -> JSONResponse:
-    """Every error as ``{"detail": text, "reason": code}``."""
+    """Every error as ``{"detail": technical text, "reason": code, "hint": what to do, or null}``."""
     reason = getattr(exc, "reason", HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_"))
-    return JSONResponse({"detail": exc.detail, "reason": reason}, status_code=exc.status_code, headers=exc.headers)
+    hint = getattr(exc, "hint", None) or HINTS.get(reason)
+    return JSONResponse({"detail": exc.detail, "reason": reason, "hint": hint}, status_code=exc.status_code,
+                        headers=exc.headers)
 
 
 class InputInfo(BaseModel):
@@ -95,8 +127,9 @@ class Health(BaseModel):
 
 
 class Error(BaseModel):
-    detail: str
-    reason: str
+    detail: str = Field(description="What is wrong, in technical terms")
+    reason: str = Field(description="Machine-readable code, e.g. not_an_image, empty_file, upload_too_large")
+    hint: str | None = Field(None, description="What the sender can do about it, in plain words")
 
 
 class UploadLimit:
@@ -106,7 +139,10 @@ class UploadLimit:
         self.app, self.max_bytes = app, max_bytes
 
     def _too_large(self) -> Rejected:
-        return Rejected(413, "upload_too_large", f"upload exceeds the limit of {self.max_bytes} bytes")
+        mb = f"{self.max_bytes / 2**20:.3g}"
+        return Rejected(413, "upload_too_large", f"upload exceeds the limit of {self.max_bytes} bytes",
+                        f"The file is larger than the {mb} MB upload limit. Crop the image to the region of interest "
+                        "or save it as PNG or JPEG, and upload it again.")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -159,6 +195,11 @@ def create_app(
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error_response(exc)
 
+    @app.exception_handler(Exception)
+    async def _crashed(_: Request, exc: Exception) -> JSONResponse:
+        """A bug, not the client's fault: the same JSON shape as every other error (logged by the server)."""
+        return _error_response(Rejected(500, "internal_error", f"internal server error ({type(exc).__name__})"))
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         """Name what is wrong without echoing the (possibly large, binary) input back."""
@@ -191,6 +232,7 @@ def create_app(
         return ModelInfo(**predictor.info())
 
     responses = {400: {"model": Error, "description": "Malformed request body"},
+                 500: {"model": Error, "description": "Server failure (a bug; see the server log)"},
                  413: {"model": Error, "description": "Upload or image dimensions too large"},
                  415: {"model": Error, "description": "Not a supported image"},
                  422: {"model": Error, "description": "Corrupt, truncated or unusable image"}}
