@@ -252,9 +252,8 @@ def test_report_is_offline_and_has_every_section(out_root: Path, clean: dict) ->
     assert parser.external == []
     for section in ("Monitoring summary", "Drift by group", "Per-feature drift tests", "Predicted classes",
                     "Per-class performance, batch / champion test", "Batch vs champion test (",
-                    "Drift per column (Evidently; its 'drift score' is the p-value)",
-                    "Embedding drift (domain-classifier ROC AUC", "How to read this page",
-                    "Classification quality of the labelled batch (Evidently)"):
+                    "Drift per column (Evidently)", "embedding ROC AUC", "How to read this page", "In brief",
+                    "What to do", "Classification quality of the labelled batch (Evidently"):
         assert section in html, section
     for feature in ("sharpness", "mean_r", "width", "emb_pc0", "confidence", "prediction"):
         assert feature in html
@@ -308,10 +307,13 @@ def test_report_tables_name_their_flags_and_show_the_thresholds(out_root: Path, 
     html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
     for text in ('"p < 0.05 (uncorrected)"', '"group threshold"', '"counts toward verdict"', '"p-value"',
                  '"smallest p-value"', '"drifted features (p-value below threshold)"',
-                 "Drifted features (p-value below the group threshold)",
-                 "Features with p < 0.05 (uncorrected); broad weak shift at a share >= 0.5",
-                 "Embedding drift (domain-classifier ROC AUC, 0.5 = no difference); drift at >= 0.7",
                  "threshold = family_alpha 0.01 / tests"):
+        assert text in html, text
+    drift, n = clean["drift"], clean["drift"]["n_features"]  # In brief: the counts and the rules' thresholds
+    for text in (f"{drift['drifted_count']} of {n} features drifted (p-value below their group's threshold)",
+                 (f"{drift['below_feature_alpha_count']} of {n} ({drift['share_below_feature_alpha']:.0%}) have "
+                  "p &lt; 0.05 uncorrected (a broad weak shift from 50%)"),
+                 f"embedding ROC AUC {drift['embedding_auc']:.3f} (0.5 = no difference, drift from 0.7)"):
         assert text in html, text
     perf = clean["performance"]  # the batch-vs-champion table: figures, the degradation line, verdict metrics
     acc, champ = perf["batch"]["accuracy"], perf["champion_test"]["accuracy"]
@@ -321,6 +323,192 @@ def test_report_tables_name_their_flags_and_show_the_thresholds(out_root: Path, 
     assert html.count("Data drift detected.") == sum(len(g["drifted_features"]) for g in groups.values())
     n_flags = html.count("Data drift not detected.") + html.count("Data drift detected.")
     assert n_flags == len(clean["drift"]["features"])
+
+
+def _widgets(html: str) -> list[dict]:
+    """The Evidently widgets a page draws (the JSON it embeds), groups first, then their widgets and tabs."""
+    out: list[dict] = []
+
+    def walk(widgets: list[dict]) -> None:
+        for w in widgets:
+            out.append(w)
+            walk(w.get("widgets") or [])
+            walk([t["widget"] for t in w.get("tabs") or []])
+
+    walk(json.loads(re.search(r"var metric_\w+ = (\{.*\});\n", html).group(1))["widgets"])
+    return out
+
+
+def _drift_panel_columns(html: str) -> list[str]:
+    """The columns of Evidently's per-column drift panels, in page order."""
+    return [re.fullmatch(r"Drift in column '(.+)'", w["params"]["counters"][0]["value"]).group(1)
+            for w in _widgets(html)
+            if w["type"] == "counter" and str(w["params"]["counters"][0]["value"]).startswith("Drift in column")]
+
+
+def test_page_head_answers_the_readers_questions(project: SimpleNamespace, out_root: Path, clean: dict) -> None:
+    """Above Evidently's panels: the verdict in a sentence, what was checked, "In brief" (did the images change,
+    is the model still performing, each with its figures and n) and "What to do", before "How to read this page";
+    the page's own CSS keeps the page readable on a narrow screen."""
+    from medflow.monitor.features import IMAGE_FEATURES
+    from medflow.monitor.run import next_steps
+
+    html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
+    head = html[html.index("<body>"):html.index('<div id="root_')]
+    order = ["<h1>", 'class="verdict-line"', 'class="meta"', "<h2>In brief</h2>", "<h3>What to do</h3>",
+             "How to read this page"]
+    assert [head.index(x) for x in order] == sorted(head.index(x) for x in order)
+    blocks = re.sub(r"</?(?:p|h\d|table|tr|th|td|div|ol|li)\b[^>]*>", " ", head)  # cells apart, words whole
+    text = " ".join(re.sub(r"<[^>]+>", "", blocks).split())
+    perf, confusion = clean["performance"], clean["performance"]["batch"]["confusion"]
+    champ, tol = perf["champion_test"], MonitorConfig().degradation_tolerance
+    right = sum(row[i] for i, row in enumerate(confusion))
+    for phrase in (("OK: These images look like the images the model was trained on, and the model did not score "
+                    f"clearly worse on the batch's {BATCH} labelled images."),
+                   f"{BATCH} images from {out_root.parent / 'batches' / 'clean'} (0 of {BATCH} files quarantined",
+                   "with model tiny-test0001",
+                   "Did the images change (scanner, stain, blur)? No sign of a change",
+                   "Is the model still performing? Yes: no clear drop from its test-set figures.",
+                   f"{right} of {BATCH} labelled images right",
+                   (f"accuracy {perf['batch']['accuracy']:.3f} (on its {champ['n']} test images: "
+                    f"{champ['accuracy']:.3f}; degraded below {champ['accuracy'] - tol:.3f})"),
+                   f"macro F1 {perf['batch']['macro_f1']:.3f} (on its {champ['n']} test images",
+                   "images of each class the model found (recall): " + ", ".join(
+                       f"{c} {row[i]} of {sum(row)}" for i, (c, row) in enumerate(zip(project.classes, confusion))),
+                   f"one image more or less right moves accuracy by {1 / BATCH:.3f}",
+                   "What to do Nothing to do."):
+        assert phrase in text, phrase
+    assert next_steps(clean) == ["Nothing to do."]
+    assert html.index("<style>") < html.index("</head>") and ".MuiCard-root{overflow-x:auto!important}" in html
+    assert "@media (max-width:" in html
+    # the per-feature table says what each feature measures (with its unit) and which way it moved
+    medians = clean["drift"]["medians"]
+    pcs = {f"emb_pc{i}" for i in range(MonitorConfig().embedding_components)}
+    assert set(medians) == set(IMAGE_FEATURES) | pcs | {"confidence"}
+    preds = pd.read_csv(out_root / "clean" / "predictions.csv")
+    assert medians["confidence"]["batch"] == pytest.approx(preds["confidence"].median())
+    table = next(w["params"] for w in _widgets(html) if w["title"].startswith("Per-feature drift tests"))
+    assert table["header"][1] == "what it measures" and table["header"][-1] == "median: batch / reference"
+    rows = {r[0]: r for r in table["data"]}
+    assert rows["sharpness"][1] == "sharpness: variance of the Laplacian (lower = blurrier)"
+    assert rows["mean_r"][1] == "red level: mean of the red channel (0-255)" and rows["prediction"][-1] == "-"
+    m = medians["mean"]
+    assert rows["mean"][-1] == f"{m['batch']:.0f} / {m['reference']:.0f}" if m["batch"] >= 100 else True
+
+
+def test_in_brief_and_next_steps_follow_the_verdict_and_what_it_rests_on(clean: dict) -> None:
+    """The plain-word answers and the next steps for each verdict and what it rests on (image, embedding or
+    prediction drift, quarantined files, no / too few labels, degradation, a simulated batch, unknown folders),
+    from summary.json alone: the verdict is never recomputed."""
+    import copy
+
+    from medflow.monitor.run import _verdict_line, in_brief, next_steps
+
+    def variant(**changes) -> dict:
+        s = copy.deepcopy(clean)
+        for path, value in changes.items():
+            *keys, last = path.split("__")
+            target = s
+            for k in keys:
+                target = target[k]
+            target[last] = value
+        return s
+
+    image = variant(verdict="drift", drift__groups__image__drifted=True,
+                    drift__groups__image__drifted_features=["sharpness", "mean_r"],
+                    drift__medians__sharpness={"batch": 1500.0, "reference": 2250.0},
+                    drift__medians__mean_r={"batch": 140.0, "reference": 130.0})
+    text = in_brief(image)
+    assert ("<strong>Yes</strong>: the image statistics moved: sharpness lower (median 1500 vs 2250 in the reference); "
+            "red level higher (median 140 vs 130 in the reference). Possible causes: colour: a different stain") in text
+    assert "sharpness: focus, blur" in text and "brightness or contrast" not in text
+    steps = next_steps(image)
+    assert steps[0].startswith("Find out what changed: ask the lab or site whether the scanner")
+    assert "it can stay in use" in steps[1] and "also starts retraining" in steps[2] and len(steps) == 3
+
+    unlabelled = variant(verdict="drift", performance=None, drift__groups__embedding__drifted=True,
+                         drift__groups__embedding__auc=0.8)
+    text = in_brief(unlabelled)
+    assert ("<strong>Yes</strong>: the model sees these images differently (a classifier tells batch from reference "
+            "images by their embeddings with ROC AUC 0.800)") in text
+    assert "<strong>Not checked</strong>: it has no labelled images." in text
+    assert any(s.startswith("Until the model has been checked on labelled images of this kind, treat its answers on "
+                            "them with caution: put at least 30 images") for s in next_steps(unlabelled))
+
+    few = variant(performance__batch__n=20)
+    assert "<strong>Not judged</strong>: only 20 labelled images (at least 30 needed)" in in_brief(few)
+    assert "with 20 labelled images there are too few to check the model's performance" in _verdict_line(few)
+    assert next_steps(few)[-1].startswith("To check the model's performance as well, put at least 30 images")
+    assert next_steps(variant(performance=None)) == [
+        "Nothing to do.",
+        ("To check the model's performance as well, put at least 30 images of this kind, labelled, into class "
+         "folders (<code>&lt;batch&gt;/&lt;class&gt;/</code>) and run <code>medflow monitor</code> on them.")]
+
+    degraded = variant(verdict="degraded")
+    assert "<strong>No</strong>: it scored clearly below its test-set figures on this batch." in in_brief(degraded)
+    steps = next_steps(degraded)
+    assert steps[0].startswith("Stop relying on the model's answers") and "labelling error" in steps[1]
+    assert "<code>medflow rollback</code>" in steps[2] and "also starts retraining" in steps[3]
+
+    quarantined = variant(verdict="drift", quarantine_share=0.2, n_quarantined=20, n_found=100)
+    assert "20 of 100 files could not be used (quarantined, more than 10%)" in in_brief(quarantined)
+    assert any("<code>quarantine.csv</code>" in s for s in next_steps(quarantined))
+
+    prior = variant(verdict="drift", drift__groups__prediction__drifted=True,
+                    drift__groups__prediction__drifted_features=["prediction"])
+    assert "<strong>Yes</strong>: the model's answers are spread differently (predicted class)" in in_brief(prior)
+    assert next_steps(prior)[0].startswith("Check whether the mix of patients changed")
+
+    assert next_steps(variant(simulated=True)) == [
+        "This batch is <strong>simulated</strong> (a test of the monitor): nothing to do in the clinic."]
+    assert next_steps(variant(verdict="degraded", simulated=True))[0].endswith(
+        "The steps below say what a real batch with this verdict would call for.")
+    assert next_steps(variant(unknown_labels={"Babesia": 3}))[-1].startswith("Rename the folders named in the warning")
+
+
+def test_evidently_panels_read_like_the_main_report(project: SimpleNamespace, out_root: Path, clean: dict) -> None:
+    """The confusion matrix as the main report draws it (rows = true class from the top, columns = the model's
+    answer, each cell's share of its row); no per-label heat map (the per-class table has its figures); each drift
+    panel names what its column measures, gives the p-value in full with its threshold and opens on the batch vs
+    reference distribution in percent."""
+    from medflow.monitor.run import feature_meaning
+
+    html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
+    widgets = _widgets(html)
+    heatmaps = [w["params"] for w in widgets
+                if w["type"] == "big_graph" and w["params"]["data"][0].get("type") == "heatmap"]
+    assert len(heatmaps) == 1
+    cm, layout = heatmaps[0]["data"][0], heatmaps[0]["layout"]
+    assert layout["yaxis"]["autorange"] == "reversed"  # plotly draws the first row at the bottom otherwise
+    assert layout["yaxis"]["title"]["text"] == "true class" and layout["xaxis"]["title"]["text"] == "model's answer"
+    confusion, classes = clean["performance"]["batch"]["confusion"], project.classes
+    for i, true in enumerate(cm["y"]):
+        for j, answer in enumerate(cm["x"]):
+            n, row = confusion[classes.index(true)][classes.index(answer)], confusion[classes.index(true)]
+            assert cm["z"][i][j] == n and cm["text"][i][j] == f"{n}<br>({n / sum(row):.0%})"
+    assert "rows = true class (the batch's label), columns = the model's answer" in html
+    for gone in ("Classification Quality by Label", "Predicted Value", "Actual Value", "Drift score",
+                 "Current: Model Quality Metrics", "Index binned"):
+        assert gone not in html, gone
+
+    features = clean["drift"]["features"]
+    assert sorted(_drift_panel_columns(html)) == sorted(features)
+    for w in widgets:
+        counter = (w.get("params") or {}).get("counters", [{}])[0] if w["type"] == "counter" else {}
+        if m := re.fullmatch(r"Drift in column '(.+)'", str(counter.get("value"))):
+            f = features[m.group(1)]
+            assert counter["label"].startswith(feature_meaning(m.group(1))[1] + ". Data drift")
+            assert counter["label"].endswith(f"p-value {f['p_value']:.3g} (drift below {f['threshold']:.3g})")
+    tabs = [w for w in widgets if w["type"] == "tabs"]
+    assert len(tabs) == len(features)
+    for t in tabs:
+        first = t["tabs"][0]
+        assert first["title"] == "Distribution: batch vs reference"
+        params = first["widget"]["params"]
+        menu = params["layout"]["updatemenus"][0]
+        assert menu["buttons"][menu["active"]]["label"] == "perc"
+        assert [d["visible"] for d in params["data"]] == menu["buttons"][menu["active"]]["args"][0]["visible"]
+        assert {d["name"] for d in params["data"]} == {"this batch", "reference (training)"}
 
 
 def test_medflow_tables_say_yes_no_whole_counts_and_p_value(project: SimpleNamespace, out_root: Path,
@@ -402,7 +590,7 @@ def test_simulated_batch_is_said_so_and_an_old_history_gains_the_column(project:
     html = (out / "sim" / "report.html").read_text(encoding="utf-8")
     assert "SIMULATED batch: written by <code>medflow simulate-batch</code> from the pipeline's own held-out test " \
            "images (shift brightness, strength 0.3, seed 7)" in html
-    assert "- SIMULATED batch" in html  # the summary's headline counter too
+    assert "This batch is <strong>simulated</strong> (a test of the monitor): nothing to do in the clinic" in html
 
 
 SHIFT_GROUP = {"stain": "image", "brightness": "image", "contrast": "image", "blur": "image", "jpeg": "image",
@@ -420,6 +608,8 @@ def test_each_strong_shift_drifts(project: SimpleNamespace, out_root: Path, shif
     _assert_one_drift_rule(s)
     html = (out_root / f"shift-{shift}" / "report.html").read_text(encoding="utf-8")
     assert html.count("Data drift detected.") == s["drift"]["drifted_count"]  # Evidently's flags: the same rule
+    drifted = [c for c, f in s["drift"]["features"].items() if f["drifted"]]  # their panels first, in table order
+    assert _drift_panel_columns(html)[:len(drifted)] == drifted
     assert any(r.startswith(f"{SHIFT_GROUP[shift]} drift") for r in s["reasons"])
     # a shift may also cost accuracy; then the verdict is the stronger "degraded", with the drift reasons too
     assert s["verdict"] in ("drift", "degraded")
@@ -510,7 +700,8 @@ def test_unlabelled_images_are_monitored_without_a_performance_verdict(project: 
     assert s["performance"] is None and s["n_images"] == 60
     assert s["unknown_labels"] == {} and not any(r.startswith("warning:") for r in s["reasons"])
     page = (out_root / "unlabelled" / "report.html").read_text(encoding="utf-8")
-    assert "Per-class performance" not in page and 'class="warning"' not in page and "no labels" in page
+    assert "Per-class performance" not in page and 'class="warning"' not in page
+    assert "<strong>Not checked</strong>: it has no labelled images." in page
 
 
 def test_unknown_class_folders_are_named_in_a_warning_that_leaves_the_verdict(project: SimpleNamespace,
