@@ -351,7 +351,7 @@ def test_page_head_answers_the_readers_questions(project: SimpleNamespace, out_r
     is the model still performing, each with its figures and n) and "What to do", before "How to read this page";
     the page's own CSS keeps the page readable on a narrow screen."""
     from medflow.monitor.features import IMAGE_FEATURES
-    from medflow.monitor.run import next_steps
+    from medflow.monitor.page import next_steps
 
     html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
     head = html[html.index("<body>"):html.index('<div id="root_')]
@@ -402,7 +402,7 @@ def test_in_brief_and_next_steps_follow_the_verdict_and_what_it_rests_on(clean: 
     from summary.json alone: the verdict is never recomputed."""
     import copy
 
-    from medflow.monitor.run import _verdict_line, in_brief, next_steps
+    from medflow.monitor.page import _verdict_line, in_brief, next_steps
 
     def variant(**changes) -> dict:
         s = copy.deepcopy(clean)
@@ -471,7 +471,7 @@ def test_evidently_panels_read_like_the_main_report(project: SimpleNamespace, ou
     answer, each cell's share of its row); no per-label heat map (the per-class table has its figures); each drift
     panel names what its column measures, gives the p-value in full with its threshold and opens on the batch vs
     reference distribution in percent."""
-    from medflow.monitor.run import feature_meaning
+    from medflow.monitor.page import feature_meaning
 
     html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
     widgets = _widgets(html)
@@ -513,7 +513,7 @@ def test_evidently_panels_read_like_the_main_report(project: SimpleNamespace, ou
 
 def test_medflow_tables_say_yes_no_whole_counts_and_p_value(project: SimpleNamespace, out_root: Path,
                                                             clean: dict) -> None:
-    from medflow.monitor.run import _summary_widgets
+    from medflow.monitor.page import _summary_widgets
 
     html = (out_root / "clean" / "report.html").read_text(encoding="utf-8")
     assert '"True"' not in html and '"False"' not in html
@@ -535,7 +535,7 @@ def test_medflow_tables_say_yes_no_whole_counts_and_p_value(project: SimpleNames
 def test_per_class_table_shows_the_champion_test_figures(project: SimpleNamespace, clean: dict, shape: str) -> None:
     """The champion's per-class test figures are in ``metrics.per_class`` as ``medflow compare`` writes them (with
     ``n_test``), beside ``metrics`` in a promoted registry record, or with counts read back as floats."""
-    from medflow.monitor.run import _champion_test, _summary_widgets
+    from medflow.monitor.page import _summary_widgets, champion_test
 
     per_class = project.metrics["per_class"]
     scalars = {k: project.metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
@@ -545,7 +545,7 @@ def test_per_class_table_shows_the_champion_test_figures(project: SimpleNamespac
         "float counts": {"metrics": {**scalars, "n_test": 120.0, "per_class": {
             c: {**v, "support": float(v["support"])} for c, v in per_class.items()}}},
     }[shape]
-    champ = _champion_test(record)
+    champ = champion_test(record)
     assert champ["n"] == 120 and champ["per_class"].keys() == per_class.keys() and "roc_auc" not in champ
     summary = {**clean, "performance": {**clean["performance"], "champion_test": champ}}
     table = next(w.params for w in _summary_widgets(summary) if w.title.startswith("Per-class performance"))

@@ -18,6 +18,8 @@ from typing import Any
 
 from medflow.monitor import MonitorConfig
 
+WARNING = "warning: "  # starts a reason that does not change the verdict
+
 
 def group_threshold(tests: int, cfg: MonitorConfig) -> float:
     """Bonferroni threshold of a group of ``tests`` p-values: ``family_alpha / tests``."""
