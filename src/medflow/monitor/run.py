@@ -247,7 +247,7 @@ def monitor_batch(batch_source: str | Path, *, champion_json: str | Path, refere
 
 def monitoring_index(monitoring_dir: str | Path) -> list[dict[str, Any]]:
     """One dict per monitored batch run (oldest first): batch, time, verdict (:data:`FAILED` for a batch that
-    could not be checked), drift_share (share of drifted features), accuracy, macro_f1, champion_version (the
+    could not be checked), n_images (int; None when not recorded), drift_share (share of drifted features), accuracy, macro_f1, champion_version (the
     model checked), reasons, ``simulated`` (True / False; None for a line written before medflow recorded it or
     of a failed batch), ``report`` (path relative to ``monitoring_dir``; None for a failed batch) and
     ``location`` (where a failed batch's files are); [] when nothing was monitored."""
@@ -257,10 +257,11 @@ def monitoring_index(monitoring_dir: str | Path) -> list[dict[str, Any]]:
     df = pd.read_csv(path, dtype={"batch": str, "reasons": str, "simulated": str}, keep_default_na=False,
                      na_values=[""])
     df = df.astype(object).where(df.notna(), None)
-    keys = ["batch", "time", "verdict", "drift_share", "accuracy", "macro_f1", "champion_version", "reasons",
+    keys = ["batch", "time", "verdict", "n_images", "drift_share", "accuracy", "macro_f1", "champion_version", "reasons",
             "simulated", "report", "location"]
     flags = {"true": True, "false": False}
     rows = [{k: row.get(k) for k in keys} for row in df.to_dict("records")]  # older files may lack columns
     for r in rows:
         r["simulated"] = flags.get(str(r["simulated"]).strip().lower()) if r["simulated"] is not None else None
+        r["n_images"] = None if r["n_images"] is None else int(r["n_images"])
     return rows

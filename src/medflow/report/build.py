@@ -342,9 +342,6 @@ def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
     rows = monitoring_index(layout.monitoring)
     if not rows:
         return None
-    history = _csv(layout.monitoring / "history.csv")  # the index leaves out the batch size: taken from its line
-    sizes = (list(history["n_images"]) if history is not None and "n_images" in history and len(history) == len(rows)
-             else [None] * len(rows))
     rel = os.path.relpath(layout.monitoring, layout.report.parent)
     links = [(str(r["batch"]), f"{rel}/{r['report']}") for r in rows if r.get("report")]
     labels = {"batch": "Batch", "time": "Time (UTC)", "verdict": "Verdict", "n_images": "Images",
@@ -364,8 +361,7 @@ def _monitoring_section(layout: Layout) -> dict[str, Any] | None:
             # a batch checked against another model says so: its figures are not the model in use
             r["champion_version"] = f"{r['champion_version']} (not {model})"
     df = pd.DataFrame(rows).drop(columns=["report", "location"])
-    df.insert(int(df.columns.get_loc("verdict")) + 1, "n_images",
-              pd.array([None if f or s is None or pd.isna(s) else int(s) for f, s in zip(failed, sizes)], dtype="Int64"))
+    df["n_images"] = pd.array([None if f else r["n_images"] for f, r in zip(failed, rows)], dtype="Int64")
     table = _table(df, labels=labels)
     return {"table": {**table, "row_classes": ["failed" if f else "" for f in failed]}, "links": links,
             "model": model, "failed": any(failed)}
