@@ -28,6 +28,9 @@ REASON_STATUS = {"not_an_image": 415, "unsupported_channels": 415, "multi_frame"
                  "decompression_bomb": 413, "too_large": 413}
 # reason -> what the person who sent the file can do about it (the "hint" of every error body; "detail" stays technical)
 _REEXPORT = "Copy or export the image again from the microscope or imaging software, then upload that file."
+_TOO_MANY_PIXELS = ("The image has too many pixels to analyse. Crop it to the cell or region of interest, or scale it "
+                    "down, and upload it again.")
+_SEND_ONE_FILE = "Send one image as the multipart form field 'file', e.g. `curl -F file=@cell.png http://HOST:PORT/predict`."
 HINTS = {
     "empty_file": "The file is empty (0 bytes): it may not have finished copying or downloading. "
                   "Choose the file again from where it was saved.",
@@ -44,14 +47,10 @@ HINTS = {
     "no_pixel_data": "The DICOM file holds no image, only its description. Export the image itself.",
     "not_dicom": "Upload a PNG, JPEG, BMP, TIFF or DICOM image.",
     "too_small": "The image is too small to analyse. Upload the original image, not a thumbnail.",
-    "too_large": "The image has too many pixels to analyse. Crop it to the cell or region of interest, or scale it "
-                 "down, and upload it again.",
-    "decompression_bomb": "The image has too many pixels to analyse. Crop it to the cell or region of interest, or "
-                          "scale it down, and upload it again.",
-    "invalid_request": "Send one image as the multipart form field 'file', e.g. "
-                       "`curl -F file=@cell.png http://HOST:PORT/predict`.",
-    "bad_request": "Send one image as the multipart form field 'file', e.g. "
-                   "`curl -F file=@cell.png http://HOST:PORT/predict`.",
+    "too_large": _TOO_MANY_PIXELS,
+    "decompression_bomb": _TOO_MANY_PIXELS,
+    "invalid_request": _SEND_ONE_FILE,
+    "bad_request": _SEND_ONE_FILE,
     "internal_error": "The server failed while handling the request. Try again; if it keeps happening, tell whoever "
                       "runs this service (the server log has the details).",
 }
