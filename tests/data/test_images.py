@@ -206,6 +206,16 @@ def test_image_stats_by_value() -> None:
     assert c["mean"] == 127.5 and c["std"] == 127.5 and c["sharpness"] > 1000
 
 
+def test_sharpness_laplacian_is_opencvs_laplacian() -> None:
+    """The filter2D route gives cv2.Laplacian's int16 values exactly, borders and 1-pixel sides included."""
+    from medflow.data.images import _laplacian
+
+    rng = np.random.default_rng(3)
+    for h, w in [(1, 1), (1, 7), (7, 1), (2, 2), *rng.integers(1, 70, (60, 2)).tolist()]:
+        grey = rng.integers(0, 256, (h, w), dtype=np.uint8)
+        np.testing.assert_array_equal(_laplacian(grey), cv2.Laplacian(grey, cv2.CV_16S))
+
+
 def test_image_stats_equal_batch_stats() -> None:
     """The per-image path (plain floats) gives exactly the batch path's values (arrays, np.round)."""
     rng = np.random.default_rng(0)
