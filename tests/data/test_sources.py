@@ -260,3 +260,41 @@ def test_csv_extension_without_its_dot(tmp_path: Path, malaria_dir: Path) -> Non
     for bad in ("*.jpeg", "train/x.jpeg", "."):
         with pytest.raises(ConfigError, match=r"data.csv.extension: .*must be a file suffix such as '.jpeg'"):
             parse_params({"data": {"csv": {"extension": bad}}})
+
+
+def test_npz_members_read_by_libdeflate_equal_np_load(tmp_path: Path) -> None:
+    """The fast member reader returns np.load's arrays (deflated or stored, C or Fortran order, any dtype) and
+    hands back to np.load what it cannot read: object arrays and a member whose CRC does not match."""
+    import zipfile
+
+    from medflow.data.sources import _npz_arrays, _read_npz_member
+
+    rng = np.random.default_rng(0)
+    arrays = {"train_images": rng.integers(0, 256, (9, 28, 28, 3), dtype=np.uint8),
+              "train_labels": rng.integers(0, 8, (9, 1)), "val_images": np.asfortranarray(rng.random((3, 5, 4))),
+              "val_labels": np.arange(3, dtype=np.int16)}
+    for save in (np.savez_compressed, np.savez):
+        path = tmp_path / f"{save.__name__}.npz"
+        save(path, **arrays)
+        with np.load(path) as z:
+            fast = {k: _read_npz_member(path, z.zip.getinfo(f"{k}.npy")) for k in arrays}
+            assert all(v is not None for v in fast.values())
+            for k, v in arrays.items():
+                assert fast[k].dtype == v.dtype and fast[k].shape == v.shape
+                np.testing.assert_array_equal(fast[k], v)
+                np.testing.assert_array_equal(_npz_arrays(path, z, [k])[k], z[k])
+    ragged = tmp_path / "ragged.npz"
+    np.savez(ragged, train_images=np.array([np.zeros((2, 2)), np.zeros((3, 3))], dtype=object))
+    with np.load(ragged, allow_pickle=False) as z:
+        assert _read_npz_member(ragged, z.zip.getinfo("train_images.npy")) is None
+    damaged = tmp_path / "damaged.npz"
+    np.savez(damaged, train_images=arrays["train_images"])  # stored: flip one pixel byte in place
+    with zipfile.ZipFile(damaged) as zf:
+        info = zf.getinfo("train_images.npy")
+    raw = bytearray(damaged.read_bytes())
+    raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + 200] ^= 0xFF
+    damaged.write_bytes(bytes(raw))
+    with np.load(damaged) as z:
+        assert _read_npz_member(damaged, info) is None  # CRC mismatch: np.load decides
+        with pytest.raises(zipfile.BadZipFile):
+            _npz_arrays(damaged, z, ["train_images"])
