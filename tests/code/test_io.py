@@ -57,3 +57,19 @@ def test_replace_dir_interrupted_at_the_swap_keeps_the_old_folder(tmp_path, monk
     (new / "new.rec").write_text("new")
     replace_dir(new, dest)
     assert [p.name for p in dest.iterdir()] == ["new.rec"] and sorted(p.name for p in tmp_path.iterdir()) == ["processed"]
+
+
+@pytest.mark.parametrize("rows,columns", [
+    ([{"id": "a/1.png", "n": 3, "x": 0.1, "ok": True, "note": None}, {"id": 'b,"2"', "n": 4, "x": 1e-9, "ok": False,
+                                                                          "note": "é\nz"}], ["id", "n", "x", "ok", "note"]),
+    ([{"n": 1, "s": "x"}, {"n": None, "s": None}], ["n", "s"]),  # integers with a gap: floats, as pandas writes them
+    ([{"a": None}], ["a", "missing"]),  # a column no row has: empty
+    ([{"a": 1}, {"a": 2.5}], ["a"]),
+    ([], ["path", "reason", "detail"]),  # header only
+])
+def test_records_csv_bytes_equal_the_dataframe_path(rows: list, columns: list) -> None:
+    import pandas as pd
+
+    from medflow.io import csv_bytes, records_csv_bytes
+
+    assert records_csv_bytes(rows, columns) == csv_bytes(pd.DataFrame(rows, columns=columns))

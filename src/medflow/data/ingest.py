@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import pandas as pd
 
 from medflow.concurrency import ordered_map
 from medflow.config import DataConfig, IngestConfig
@@ -49,7 +48,7 @@ from medflow.data.sources import (
     list_records,
     natural_key,
 )
-from medflow.io import atomic_write_csv, atomic_write_json
+from medflow.io import atomic_write, atomic_write_json, records_csv_bytes
 from medflow.progress import progress_bar
 
 T = TypeVar("T")
@@ -256,8 +255,8 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: Inges
         "source_splits": dict(sorted(Counter(r["source_split"] for r in rows if r["source_split"]).items())),
         "image_size": cfg.image_size, "channels": cfg.channels, "reconciliation": line,
     }
-    atomic_write_csv(out_dir / "manifest.csv", pd.DataFrame(rows, columns=MANIFEST_COLUMNS))
-    atomic_write_csv(out_dir / "quarantine.csv", pd.DataFrame(quarantine, columns=QUARANTINE_COLUMNS))
+    atomic_write(out_dir / "manifest.csv", records_csv_bytes(rows, MANIFEST_COLUMNS))
+    atomic_write(out_dir / "quarantine.csv", records_csv_bytes(quarantine, QUARANTINE_COLUMNS))
     os.replace(pixels_tmp, out_dir / "pixels.npy")
     atomic_write_json(out_dir / "ingest_summary.json", summary)
     print(line, file=sys.stderr)

@@ -129,14 +129,21 @@ def assign_splits(manifest_df: pd.DataFrame, cfg: SplitConfig, comp: np.ndarray 
     """Return ``DataFrame[id, split, fold]`` (one row per manifest row, same order); ``comp`` is
     :func:`components` of the manifest when the caller has it already."""
     df = manifest_df.reset_index(drop=True)
-    split, fold = _split_rows(df, components(df) if comp is None else comp, cfg)
+    return _assigned(df, components(df) if comp is None else comp, cfg, _text(df["label"]), _source(df))
+
+
+def _assigned(df: pd.DataFrame, comp: np.ndarray, cfg: SplitConfig, labels: np.ndarray,
+              source: np.ndarray) -> pd.DataFrame:
+    """:func:`assign_splits` given the manifest's :func:`components`, :func:`_text` labels and :func:`_source`."""
+    split, fold = _split_rows(df, comp, cfg, labels.astype(str), source)
     return pd.DataFrame({"id": _text(df["id"]).astype(str), "split": split.astype(str), "fold": fold})
 
 
-def _split_rows(df: pd.DataFrame, comp: np.ndarray, cfg: SplitConfig) -> tuple[np.ndarray, np.ndarray]:
+def _split_rows(df: pd.DataFrame, comp: np.ndarray, cfg: SplitConfig, labels: np.ndarray,
+                source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split name (object array) and fold (-1 when folds are off) per row of the manifest ``df``, whose
-    :func:`components` are ``comp``; extra rows as in the module docstring."""
-    labels, source = _text(df["label"]).astype(str), _source(df)
+    :func:`components` are ``comp`` (``labels``, ``source``: its labels and official splits); extra rows as
+    in the module docstring."""
     extra = source == EXTRA
     if not extra.any():
         return _assign(comp, labels, source, cfg), _folds(comp, labels, cfg)
@@ -248,9 +255,9 @@ def run_split(manifest_csv: str | Path, splits_csv: str | Path, counts_csv: str 
     Stops with a :class:`SplitError` when a split would be empty (training needs all three) or a class
     has no train row; warns when a class has no val or test row."""
     df = read_manifest(manifest_csv, ["id", "label", "group", "pixel_hash", "source_split"])
-    comp = components(df)
-    out = assign_splits(df, cfg, comp)
-    labels, src, split = _text(df["label"]), _source(df), out["split"].to_numpy(dtype=object)
+    comp, labels, src = components(df), _text(df["label"]), _source(df)
+    out = _assigned(df, comp, cfg, labels, src)
+    split = out["split"].to_numpy(dtype=object)
     n = len(out)
     counts = {s: int((split == s).sum()) for s in SPLITS}
     if n and (empty := [s for s in SPLITS if not counts[s]]):
