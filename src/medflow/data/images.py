@@ -31,6 +31,7 @@ REASONS = (
 )
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+_DICOM_SUFFIX_TUPLE = tuple(DICOM_SUFFIXES)
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"),
@@ -79,7 +80,10 @@ def sniff_format(data: bytes) -> str | None:
     """'png' | 'jpeg' | 'bmp' | 'tiff' | 'dicom' from the leading bytes, else None."""
     if data[128:132] == b"DICM":
         return "dicom"
-    return next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    return None
 
 
 def _header(data: bytes, fmt: str) -> tuple[int, int, int, str]:
@@ -196,7 +200,7 @@ def decode_array(arr: np.ndarray, *, max_pixels: int, min_side: int, max_side: i
 
 def is_dicom(data: bytes, name: str = "") -> bool:
     """DICOM by the ``DICM`` magic at byte 128, or by a .dcm/.dicom file name."""
-    return data[128:132] == b"DICM" or name.lower().endswith(tuple(DICOM_SUFFIXES))
+    return data[128:132] == b"DICM" or name.lower().endswith(_DICOM_SUFFIX_TUPLE)
 
 
 def decode_any(data: bytes, name: str, data_cfg: DataConfig, ingest_cfg: IngestConfig) -> Decoded:
@@ -282,14 +286,16 @@ def image_stats(rgb: np.ndarray) -> dict[str, float]:
     lap = _laplacian(grey)
     mean, std = cv2.meanStdDev(grey)
     lap_mean = cv2.sumElems(lap)[0] / lap.size
-    values = (mean[0, 0], std[0, 0], cv2.norm(lap, cv2.NORM_L2SQR) / lap.size - lap_mean**2, *cv2.mean(rgb)[:3])
-    return {k: round(float(v) * 1e4) / 1e4 for k, v in zip(STATS, values, strict=True)}
+    r, g, b, _ = cv2.mean(rgb)
+    return {"mean": round(float(mean[0, 0]) * 1e4) / 1e4, "std": round(float(std[0, 0]) * 1e4) / 1e4,
+            "sharpness": round((cv2.norm(lap, cv2.NORM_L2SQR) / lap.size - lap_mean**2) * 1e4) / 1e4,
+            "mean_r": round(r * 1e4) / 1e4, "mean_g": round(g * 1e4) / 1e4, "mean_b": round(b * 1e4) / 1e4}
 
 
 def pixel_hash(rgb: np.ndarray) -> str:
     """xxh3-128 (32 hex digits) of the decoded 8-bit pixels and their shape: identical pixels hash alike
     whatever the file format or encoder (exact-duplicate detection). A non-cryptographic hash: ~1 µs for
     a 50 kB image against ~30 µs for sha256, and collisions are negligible (2^-64 at 2^32 images)."""
-    h = xxhash.xxh3_128(b"x".join(b"%d" % n for n in rgb.shape) + b"|")
+    h = xxhash.xxh3_128(("x".join(map(str, rgb.shape)) + "|").encode())
     h.update(np.ascontiguousarray(rgb).data)
     return h.hexdigest()

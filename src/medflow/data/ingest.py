@@ -55,15 +55,17 @@ T = TypeVar("T")
 R = TypeVar("R")
 # (manifest fields, group from the file itself, model input) or a (reason, detail) problem
 Result = tuple[dict[str, Any] | None, str | None, np.ndarray | None, tuple[str, str] | None]
+META_FIELDS = ("modality", "pixel_spacing", "slice_thickness", "window")  # manifest columns of DICOM metadata
+NO_META = dict.fromkeys(META_FIELDS)
 
 
 def process_record(rec: Record, data: DataConfig, cfg: IngestConfig) -> Result:
     """Decode one record once; return its manifest fields and model input, or its problem."""
-    limits = dict(max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_side=cfg.max_side)
     try:
         if rec.array is not None:
             raw = np.ascontiguousarray(rec.array).data  # what an array's sha256 is of
-            dec, nbytes = decode_array(rec.array, **limits), rec.array.nbytes
+            dec = decode_array(rec.array, max_pixels=cfg.max_pixels, min_side=cfg.min_side, max_side=cfg.max_side)
+            nbytes = rec.array.nbytes
         else:
             assert rec.file is not None
             with open(rec.file, "rb") as f:
@@ -79,7 +81,7 @@ def process_record(rec: Record, data: DataConfig, cfg: IngestConfig) -> Result:
         "sha256": hashlib.sha256(raw).hexdigest(), "pixel_hash": pixel_hash(dec.rgb), "format": dec.format,
         "width": dec.width, "height": dec.height, "channels": dec.channels, "bytes": nbytes,
         "bit_depth": dec.bit_depth, **image_stats(dec.rgb),
-        **{k: dec.meta.get(k) for k in ("modality", "pixel_spacing", "slice_thickness", "window")},
+        **({k: dec.meta.get(k) for k in META_FIELDS} if dec.meta else NO_META),
     }
     return fields, dec.meta.get("patient_id"), to_model_input(dec.rgb, cfg.image_size, cfg.channels), None
 
