@@ -131,13 +131,14 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
         return len(rows)
 
     jobs = []
+    names = {c: manifest[c].to_numpy(dtype=str) for c in dict.fromkeys(("id", "group" if "group" in manifest else "id"))}
     try:
         for name in SPLITS:
             sel = np.flatnonzero(split == name)
             sel = sel[np.argsort(rows[sel], kind="stable")]  # ascending rows: sequential reads
             (tmp / name).mkdir()
             for file, column in ((IDS, "id"), (GROUPS, "group" if "group" in manifest else "id")):
-                (tmp / name / file).write_text(json.dumps(manifest[column].to_numpy(dtype=str)[sel].tolist()) + "\n")
+                (tmp / name / file).write_text(json.dumps(names[column][sel].tolist()) + "\n")
             starts = range(0, len(sel), shard_size)
             for k, a in enumerate(starts):
                 path, part = tmp / name / f"shard-{k:05d}.rec", sel[a:a + shard_size]
