@@ -9,6 +9,7 @@ decoded (decompression-bomb guard). 16-bit images are scaled to 8 bits over the 
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -31,7 +32,6 @@ REASONS = (
 )
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
-_DICOM_SUFFIX_TUPLE = tuple(DICOM_SUFFIXES)
 
 _MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"),
@@ -200,7 +200,7 @@ def decode_array(arr: np.ndarray, *, max_pixels: int, min_side: int, max_side: i
 
 def is_dicom(data: bytes, name: str = "") -> bool:
     """DICOM by the ``DICM`` magic at byte 128, or by a .dcm/.dicom file name."""
-    return data[128:132] == b"DICM" or name.lower().endswith(_DICOM_SUFFIX_TUPLE)
+    return data[128:132] == b"DICM" or os.path.splitext(name)[1].lower() in DICOM_SUFFIXES
 
 
 def decode_any(data: bytes, name: str, data_cfg: DataConfig, ingest_cfg: IngestConfig) -> Decoded:
@@ -286,10 +286,8 @@ def image_stats(rgb: np.ndarray) -> dict[str, float]:
     lap = _laplacian(grey)
     mean, std = cv2.meanStdDev(grey)
     lap_mean = cv2.sumElems(lap)[0] / lap.size
-    r, g, b, _ = cv2.mean(rgb)
-    return {"mean": round(float(mean[0, 0]) * 1e4) / 1e4, "std": round(float(std[0, 0]) * 1e4) / 1e4,
-            "sharpness": round((cv2.norm(lap, cv2.NORM_L2SQR) / lap.size - lap_mean**2) * 1e4) / 1e4,
-            "mean_r": round(r * 1e4) / 1e4, "mean_g": round(g * 1e4) / 1e4, "mean_b": round(b * 1e4) / 1e4}
+    values = (mean[0, 0], std[0, 0], cv2.norm(lap, cv2.NORM_L2SQR) / lap.size - lap_mean**2, *cv2.mean(rgb)[:3])
+    return {k: round(float(v) * 1e4) / 1e4 for k, v in zip(STATS, values, strict=True)}
 
 
 def pixel_hash(rgb: np.ndarray) -> str:

@@ -104,8 +104,7 @@ def process_array_batch(recs: Sequence[Record], cfg: IngestConfig) -> list[Resul
     rgb = np.repeat(batch, 3, axis=3) if channels == 1 else batch
     stats = batch_stats(rgb)
     same = {"format": "npz", "width": width, "height": height, "channels": 1 if first.ndim == 2 else channels,
-            "bytes": first.nbytes, "bit_depth": 8, "modality": None, "pixel_spacing": None,
-            "slice_thickness": None, "window": None}
+            "bytes": first.nbytes, "bit_depth": 8, **NO_META}
     # sha256 of each stacked row: the same bytes as its array's, as process_record hashes them
     return [({"sha256": hashlib.sha256(arr).hexdigest(), "pixel_hash": pixel_hash(img), **same,
               **dict(zip(STATS, row.tolist()))}, None, to_model_input(img, cfg.image_size, cfg.channels), None)

@@ -29,7 +29,7 @@ import pandas as pd
 from medflow.config import DataConfig
 from medflow.data.manifest import EXCLUDED, SPLITS
 from medflow.data.split import read_manifest
-from medflow.io import read_csv, replace_dir
+from medflow.io import npy_header, read_csv, replace_dir
 from medflow.layout import OutOfDate, require
 from medflow.progress import progress_bar
 
@@ -85,9 +85,7 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
     if (index < 0).any():
         raise ValueError(f"labels {sorted(set(labels[index < 0]))} are not in data.labels {classes}")
     with open(pixels_npy, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
+        shape, fortran, dtype = npy_header(f)
         offset = f.tell()
     if len(shape) != 4 or shape[1] != shape[2] or dtype != np.uint8 or fortran:
         raise ValueError(f"{pixels_npy}: expected uint8 N×S×S×C, got {dtype} of shape {shape}")
@@ -131,14 +129,15 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
         return len(rows)
 
     jobs = []
-    names = {c: manifest[c].to_numpy(dtype=str) for c in dict.fromkeys(("id", "group" if "group" in manifest else "id"))}
+    ids = manifest["id"].to_numpy(dtype=str)
+    groups = manifest["group"].to_numpy(dtype=str) if "group" in manifest else ids
     try:
         for name in SPLITS:
             sel = np.flatnonzero(split == name)
             sel = sel[np.argsort(rows[sel], kind="stable")]  # ascending rows: sequential reads
             (tmp / name).mkdir()
-            for file, column in ((IDS, "id"), (GROUPS, "group" if "group" in manifest else "id")):
-                (tmp / name / file).write_text(json.dumps(names[column][sel].tolist()) + "\n")
+            for file, values in ((IDS, ids), (GROUPS, groups)):
+                (tmp / name / file).write_text(json.dumps(values[sel].tolist()) + "\n")
             starts = range(0, len(sel), shard_size)
             for k, a in enumerate(starts):
                 path, part = tmp / name / f"shard-{k:05d}.rec", sel[a:a + shard_size]

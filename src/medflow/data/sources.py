@@ -27,6 +27,7 @@ import pandas as pd
 
 from medflow.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES
 from medflow.data.manifest import EXTRA
+from medflow.io import npy_header
 
 if TYPE_CHECKING:
     from medflow.config import CsvSource, DataConfig
@@ -261,12 +262,9 @@ def _npz_array(z: np.lib.npyio.NpzFile, key: str, npz_path: Path) -> np.ndarray:
 
 def _npz_holds_objects(z: np.lib.npyio.NpzFile, key: str) -> bool:
     """Whether member ``key`` of the .npz is an object (pickled) array, from its .npy header alone."""
-    fmt = np.lib.format
     try:
         with z.zip.open(f"{key}.npy") as f:
-            version = fmt.read_magic(f)
-            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-            return bool(read(f)[2].hasobject)
+            return bool(npy_header(f)[2].hasobject)
     except Exception:  # noqa: BLE001 - an unreadable header is not an object array
         return False
 
@@ -293,9 +291,7 @@ def _read_npz_member(npz_path: Path, info: zipfile.ZipInfo) -> np.ndarray | None
         if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
             return None
         npy = io.BytesIO(data[:65536])  # the .npy header (magic, version, dict) comes first
-        version = np.lib.format.read_magic(npy)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(npy)
+        shape, fortran, dtype = npy_header(npy)
         if dtype.hasobject:
             return None
         arr = np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=npy.tell())
