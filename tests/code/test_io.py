@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -73,3 +74,38 @@ def test_records_csv_bytes_equal_the_dataframe_path(rows: list, columns: list) -
     from medflow.io import csv_bytes, records_csv_bytes
 
     assert records_csv_bytes(rows, columns) == csv_bytes(pd.DataFrame(rows, columns=columns))
+
+
+@pytest.mark.parametrize("fallocate", [True, False], ids=["posix_fallocate", "no-fallocate"])
+def test_preallocate_gives_the_full_size_zero_filled_and_keeps_existing_bytes(tmp_path, monkeypatch, fallocate):
+    if not fallocate:  # a platform without it (macOS), or a filesystem that refuses it
+        def refuse(fd: int, offset: int, size: int) -> None:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+        monkeypatch.setattr(os, "posix_fallocate", refuse)
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"head")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        io.preallocate(fd, 4096 + 7)
+        os.pwrite(fd, b"xy", 100)
+        io.preallocate(fd, 0)  # nothing to reserve: the file is left as it is
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert len(data) == 4096 + 7
+    assert data[:4] == b"head" and data[100:102] == b"xy"
+    assert data[4:100] == bytes(96) and data[102:] == bytes(len(data) - 102)
+
+
+def test_preallocate_reports_a_full_disk(tmp_path, monkeypatch):
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    fd = os.open(tmp_path / "f.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            io.preallocate(fd, 1 << 20)
+    finally:
+        os.close(fd)

@@ -48,7 +48,7 @@ from medflow.data.sources import (
     list_records,
     natural_key,
 )
-from medflow.io import atomic_write, atomic_write_json, records_csv_bytes
+from medflow.io import atomic_write, atomic_write_json, preallocate, records_csv_bytes
 from medflow.progress import progress_bar
 
 T = TypeVar("T")
@@ -203,8 +203,8 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: Inges
         np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
         offset = f.tell()
     row_bytes = int(np.prod(shape[1:]))
-    os.truncate(pixels_tmp, offset + len(todo) * row_bytes)
     fd = os.open(pixels_tmp, os.O_WRONLY)
+    preallocate(fd, offset + len(todo) * row_bytes)
     buffers = threading.local()
 
     def work(start: int, part: Sequence[Record]) -> list[tuple[dict[str, Any] | None, str | None,

@@ -29,7 +29,7 @@ import pandas as pd
 from medflow.config import DataConfig
 from medflow.data.manifest import EXCLUDED, SPLITS
 from medflow.data.split import read_manifest
-from medflow.io import npy_header, read_csv, replace_dir
+from medflow.io import npy_header, preallocate, read_csv, replace_dir
 from medflow.layout import OutOfDate, require
 from medflow.progress import progress_bar
 
@@ -142,7 +142,7 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
             for k, a in enumerate(starts):
                 path, part = tmp / name / f"shard-{k:05d}.rec", sel[a:a + shard_size]
                 with open(path, "wb") as f:
-                    f.truncate(len(part) * record.itemsize)
+                    preallocate(f.fileno(), len(part) * record.itemsize)
                 # one job per buffer-sized block, so the threads share even a single shard
                 jobs += [(path, b, index[part[b:b + block]], a + b, rows[part[b:b + block]])
                          for b in range(0, len(part), block)]
