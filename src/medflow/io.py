@@ -52,8 +52,9 @@ def npy_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, Any]:
 def preallocate(fd: int, size: int) -> None:
     """Give the open file ``fd`` its full ``size`` in disk blocks before it is filled with ``pwrite``: writes into
     allocated blocks skip the filesystem's per-page allocation (ext4: a 20 MB fill ~35% faster), and a full disk
-    fails here, before any work. Where the platform or filesystem cannot preallocate, the file is extended as a
-    sparse file instead (same content: unwritten bytes read as zeros)."""
+    fails here, before any work. Bytes not written read as zeros. Where ``posix_fallocate`` is missing (macOS) or
+    refused, the file is extended as a sparse file instead (glibc itself writes zeros on filesystems without
+    fallocate)."""
     if size > 0 and hasattr(os, "posix_fallocate"):
         try:
             os.posix_fallocate(fd, 0, size)
