@@ -128,31 +128,31 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
             os.close(out)
         return len(rows)
 
-    jobs = []
     ids = manifest["id"].to_numpy(dtype=str)
     groups = manifest["group"].to_numpy(dtype=str) if "group" in manifest else ids
     try:
-        for name in SPLITS:
-            sel = np.flatnonzero(split == name)
-            sel = sel[np.argsort(rows[sel], kind="stable")]  # ascending rows: sequential reads
-            (tmp / name).mkdir()
-            for file, values in ((IDS, ids), (GROUPS, groups)):
-                (tmp / name / file).write_text(json.dumps(values[sel].tolist()) + "\n")
-            starts = range(0, len(sel), shard_size)
-            for k, a in enumerate(starts):
-                path, part = tmp / name / f"shard-{k:05d}.rec", sel[a:a + shard_size]
-                with open(path, "wb") as f:
-                    preallocate(f.fileno(), len(part) * record.itemsize)
-                # one job per buffer-sized block, so the threads share even a single shard
-                jobs += [(path, b, index[part[b:b + block]], a + b, rows[part[b:b + block]])
-                         for b in range(0, len(part), block)]
-            meta["counts"][name] = len(sel)
-            meta["class_counts"][name] = dict(zip(classes, np.bincount(index[sel], minlength=len(classes)).tolist()))
-            meta["shards"][name] = [f"shard-{k:05d}.rec" for k in range(len(starts))]
         with ThreadPoolExecutor(workers, thread_name_prefix="shards") as pool, \
                 progress_bar(total=len(rows), desc="shards", unit="img", enabled=progress) as bar:
-            for n in pool.map(lambda job: write(*job), jobs):
-                bar.update(n)
+            jobs = []
+            for name in SPLITS:
+                sel = np.flatnonzero(split == name)
+                sel = sel[np.argsort(rows[sel], kind="stable")]  # ascending rows: sequential reads
+                (tmp / name).mkdir()
+                starts = range(0, len(sel), shard_size)
+                for k, a in enumerate(starts):
+                    path, part = tmp / name / f"shard-{k:05d}.rec", sel[a:a + shard_size]
+                    with open(path, "wb") as f:
+                        preallocate(f.fileno(), len(part) * record.itemsize)
+                    # one job per buffer-sized block, so the threads share even a single shard
+                    jobs += [pool.submit(write, path, b, index[part[b:b + block]], a + b, rows[part[b:b + block]])
+                             for b in range(0, len(part), block)]
+                for file, values in ((IDS, ids), (GROUPS, groups)):  # written while the threads copy pixels
+                    (tmp / name / file).write_text(json.dumps(values[sel].tolist()) + "\n")
+                meta["counts"][name] = len(sel)
+                meta["class_counts"][name] = dict(zip(classes, np.bincount(index[sel], minlength=len(classes)).tolist()))
+                meta["shards"][name] = [f"shard-{k:05d}.rec" for k in range(len(starts))]
+            for job in jobs:
+                bar.update(job.result())
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
