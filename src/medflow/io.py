@@ -49,17 +49,20 @@ def npy_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, Any]:
     return read(f)
 
 
-def preallocate(fd: int, size: int) -> None:
-    """Give the open file ``fd`` its full ``size`` in disk blocks before it is filled with ``pwrite``: writes into
-    allocated blocks skip the filesystem's per-page allocation (ext4: a 20 MB fill ~35% faster), and a full disk
-    fails here, before any work. Bytes not written read as zeros. Where ``posix_fallocate`` is missing (macOS) or
-    refused, the file is extended as a sparse file instead (glibc itself writes zeros on filesystems without
-    fallocate)."""
+def preallocate(fd: int, size: int, path: str | Path = "") -> None:
+    """Give the open file ``fd`` (at ``path``, for messages) its full ``size`` in disk blocks before it is filled
+    with ``pwrite``: writes into allocated blocks skip the filesystem's per-page allocation (ext4: a 20 MB fill ~35%
+    faster), and a full disk fails here, before any work, saying how much was needed. Bytes not written read as
+    zeros. Where ``posix_fallocate`` is missing (macOS) or refused, the file is extended as a sparse file instead
+    (glibc itself writes zeros on filesystems without fallocate)."""
     if size > 0 and hasattr(os, "posix_fallocate"):
         try:
             os.posix_fallocate(fd, 0, size)
             return
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                need = f"{e.strerror}: {size / 2**20:,.1f} MiB could not be reserved"
+                raise OSError(e.errno, need, str(path)) from None
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise
     if os.fstat(fd).st_size < size:

@@ -105,7 +105,8 @@ def test_preallocate_reports_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "posix_fallocate", full)
     fd = os.open(tmp_path / "f.bin", os.O_WRONLY | os.O_CREAT)
     try:
-        with pytest.raises(OSError, match="No space left"):
-            io.preallocate(fd, 1 << 20)
+        with pytest.raises(OSError, match="No space left on device: 3.0 MiB could not be reserved") as err:
+            io.preallocate(fd, 3 << 20, tmp_path / "f.bin")
+        assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "f.bin")
     finally:
         os.close(fd)

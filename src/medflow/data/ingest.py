@@ -204,7 +204,7 @@ def ingest(source: str | Path, out_dir: str | Path, data: DataConfig, cfg: Inges
         offset = f.tell()
     row_bytes = int(np.prod(shape[1:]))
     fd = os.open(pixels_tmp, os.O_WRONLY)
-    preallocate(fd, offset + len(todo) * row_bytes)
+    preallocate(fd, offset + len(todo) * row_bytes, pixels_tmp)
     buffers = threading.local()
 
     def work(start: int, part: Sequence[Record]) -> list[tuple[dict[str, Any] | None, str | None,

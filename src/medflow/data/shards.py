@@ -142,14 +142,15 @@ def write_shards(manifest_csv: str | Path, pixels_npy: str | Path, splits_csv: s
                 for k, a in enumerate(starts):
                     path, part = tmp / name / f"shard-{k:05d}.rec", sel[a:a + shard_size]
                     with open(path, "wb") as f:
-                        preallocate(f.fileno(), len(part) * record.itemsize)
+                        preallocate(f.fileno(), len(part) * record.itemsize, path)
                     # one job per buffer-sized block, so the threads share even a single shard
                     jobs += [pool.submit(write, path, b, index[part[b:b + block]], a + b, rows[part[b:b + block]])
                              for b in range(0, len(part), block)]
                 for file, values in ((IDS, ids), (GROUPS, groups)):  # written while the threads copy pixels
                     (tmp / name / file).write_text(json.dumps(values[sel].tolist()) + "\n")
                 meta["counts"][name] = len(sel)
-                meta["class_counts"][name] = dict(zip(classes, np.bincount(index[sel], minlength=len(classes)).tolist()))
+                per_class = np.bincount(index[sel], minlength=len(classes)).tolist()
+                meta["class_counts"][name] = dict(zip(classes, per_class))
                 meta["shards"][name] = [f"shard-{k:05d}.rec" for k in range(len(starts))]
             for job in jobs:
                 bar.update(job.result())
