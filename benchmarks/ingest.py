@@ -90,17 +90,22 @@ def run(name: str, source: Path, raw: Callable[[int], int], data: object, size: 
         args: argparse.Namespace) -> None:
     from medflow.config import IngestConfig, PreprocessConfig, SplitConfig
     from medflow.data.ingest import ingest
+    from medflow.data.shards import write_shards
+    from medflow.data.split import run_split
 
     cfg = IngestConfig(image_size=size, workers=2)
     n = raw(size)
     with tempfile.TemporaryDirectory(prefix="medflow-bench-") as tmp:
         out = Path(tmp)
 
-        from medflow.data.shards import write_shards
-        from medflow.data.split import run_split
-
         def clear(*paths: Path) -> Callable[[], None]:
-            return lambda: [shutil.rmtree(p) if p.is_dir() else p.unlink() for p in paths if p.exists()]
+            def remove() -> None:
+                for p in paths:
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+            return remove
 
         # each stage writes into an empty folder, as under `dvc repro` (it removes a stage's outputs first)
         steps: dict[str, Step] = {
@@ -115,22 +120,21 @@ def run(name: str, source: Path, raw: Callable[[int], int], data: object, size: 
                 out / "processed", shard_size=PreprocessConfig().shard_size, workers=PreprocessConfig().workers,
                 data=data, progress=False))
         with contextlib.redirect_stderr(io.StringIO()):  # the stages' one-line summaries, once per round
-            wall, cpu = interleaved(steps, args.repeat, args.min_time)
-        rounds = len(wall["raw"])
-        (t_raw, c_raw), (t_ingest, c_ingest) = ((min(wall[k]), min(cpu[k])) for k in ("raw", "ingest"))
-        line = (f"{name}: {n} images at {size}px, best of {rounds} rounds | "
+            wall_s, cpu_s = interleaved(steps, args.repeat, args.min_time)
+        wall = {k: np.array(v) for k, v in wall_s.items()}
+        (t_raw, c_raw), (t_ingest, c_ingest) = ((wall[k].min(), min(cpu_s[k])) for k in ("raw", "ingest"))
+        line = (f"{name}: {n} images at {size}px, best of {len(wall['raw'])} rounds | "
                 f"raw cv2 decode+resize (2 threads) {n / t_raw:,.0f} img/s | "
                 f"ingest {n / t_ingest:,.0f} img/s = {t_raw / t_ingest:.0%} of raw "
                 f"(CPU per image {c_ingest / n * 1e6:,.0f} vs {c_raw / n * 1e6:,.0f} us = {c_raw / c_ingest:.0%})")
         if args.shards:
-            t_pre, t_split = min(wall["preprocess"]), min(wall["split"])
-            rounds_raw = np.array(wall["raw"])
-            both = np.array(wall["ingest"]) + np.array(wall["preprocess"])
+            t_pre, t_split = wall["preprocess"].min(), wall["split"].min()
+            both = wall["ingest"] + wall["preprocess"]  # per round
             line += (f" | ingest+preprocess {n / (t_ingest + t_pre):,.0f} img/s = "
                      f"{t_raw / (t_ingest + t_pre):.0%} of raw (preprocess {t_pre * 1e3:,.0f} ms; median of the "
-                     f"rounds' ratios {np.median(rounds_raw / both):.0%}) | with the split stage between them "
+                     f"rounds' ratios {np.median(wall['raw'] / both):.0%}) | with the split stage between them "
                      f"({t_split * 1e3:,.0f} ms) {t_raw / (t_ingest + t_split + t_pre):.0%} (median "
-                     f"{np.median(rounds_raw / (both + np.array(wall['split']))):.0%})")
+                     f"{np.median(wall['raw'] / (both + wall['split'])):.0%})")
         print(line, flush=True)
 
 

@@ -17,7 +17,6 @@ import zipfile
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
+from medflow.concurrency import ordered_map
 from medflow.data.images import DICOM_SUFFIXES, IMAGE_SUFFIXES
 from medflow.data.manifest import EXTRA
 from medflow.io import npy_header
@@ -304,8 +304,8 @@ def _npz_arrays(npz_path: Path, z: np.lib.npyio.NpzFile, keys: Sequence[str]) ->
     """The arrays ``keys`` of an open ``.npz``, inflated on 2 threads (:func:`_read_npz_member`); a key it
     cannot read that way comes from :func:`_npz_array` (``np.load``, with its errors)."""
     infos = {k: z.zip.getinfo(f"{k}.npy") for k in keys if k in z.files}
-    with ThreadPoolExecutor(2) as pool:
-        fast = dict(zip(infos, pool.map(lambda info: _read_npz_member(npz_path, info), infos.values())))
+    fast = dict(zip(infos, ordered_map(lambda info: _read_npz_member(npz_path, info), infos.values(), 2,
+                                       name="npz")))
     return {k: _npz_array(z, k, npz_path) if fast.get(k) is None else fast[k] for k in keys}
 
 
